@@ -1,0 +1,209 @@
+"""``BaseAttributor``: the scikit-learn contract every attribution method follows.
+
+- ``__init__`` stores its keyword arguments and nothing else.
+- ``fit(X)`` takes a :class:`~sourcekit.Trajectory` or a bound
+  :class:`~sourcekit.trajectory.AttributionTask`, validates the parameters declared in
+  ``_parameter_constraints`` and computes the damping-independent state, which is
+  cached under (class, trajectory fingerprint, the parameters that shape it).
+- ``transform(X)`` takes :class:`~sourcekit.Examples` queries (or a bound task) and
+  returns the (n_queries, n_train) score matrix as a NumPy array: τ[q, m] is the
+  first-order effect of *including* training example m on the measurement of query q,
+  with the 1/N scale included (METHOD.md section 1).
+- Fitted attributes end in ``_``; using an unfitted attributor raises
+  :class:`~sourcekit.exceptions.NotFittedError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from ._validation import InstanceOf, Interval, Options, validate_parameters
+from .exceptions import NonFiniteError, NotFittedError
+from .trajectory import AttributionTask, Examples, Trajectory
+
+__all__ = ["BaseAttributor", "state_cache_info", "clear_state_cache"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Shared constraints that most attributors declare.
+DEVICE = InstanceOf((str, torch.device), "'auto', 'cpu', 'cuda' or a torch.device")
+DTYPE = Options("float32", "float64")
+PROGRESS = InstanceOf((bool,), "a bool")
+POSITIVE_INT = Interval(int, 1, None)
+
+
+class _StateCache:
+    """A small in-process LRU cache of damping-independent fitted state."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+        value = compute()
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = value
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+_STATE_CACHE = _StateCache()
+
+
+def state_cache_info() -> dict[str, int]:
+    """Hits, misses and size of the in-process cache of fitted state."""
+    return {"hits": _STATE_CACHE.hits, "misses": _STATE_CACHE.misses, "entries": len(_STATE_CACHE._entries)}
+
+
+def clear_state_cache() -> None:
+    """Empty the in-process cache of fitted state."""
+    _STATE_CACHE.clear()
+
+
+class BaseAttributor(TransformerMixin, BaseEstimator):
+    """Base class of all attributors (see the module docstring for the contract).
+
+    Subclasses declare ``_parameter_constraints`` and ``_state_parameters`` (the
+    constructor parameters the fitted state depends on) and implement
+    ``_check_trajectory``, ``_fit_state`` and ``_scores``.
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
+    _state_parameters: ClassVar[tuple[str, ...]] = ()
+
+    # --- hooks for subclasses ----------------------------------------------------------
+    def _check_trajectory(self, trajectory: Trajectory) -> None:
+        """Raise if ``trajectory`` lacks what the method needs."""
+
+    def _fit_state(self, trajectory: Trajectory) -> Any:
+        """The expensive, damping-independent state (cached)."""
+        return None
+
+    def _scores(self, queries: Examples) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- the contract ------------------------------------------------------------------
+    def fit(self, X: Trajectory | AttributionTask, y: Any = None) -> BaseAttributor:
+        """Fit the attributor to a recorded run.
+
+        Parameters
+        ----------
+        X : Trajectory or AttributionTask
+            The recorded run (a bound task's queries are ignored by ``fit``).
+        y : ignored
+            Present for scikit-learn compatibility (e.g. LDS targets in a search).
+
+        Returns
+        -------
+        self
+        """
+        validate_parameters(self, self._parameter_constraints)
+        trajectory = _as_trajectory(X, type(self).__name__)
+        self._check_trajectory(trajectory)
+        key = (
+            type(self).__qualname__,
+            trajectory.fingerprint,
+            tuple((name, repr(getattr(self, name))) for name in self._state_parameters),
+        )
+        self.state_ = _STATE_CACHE.get_or_compute(key, lambda: self._fit_state(trajectory))
+        self.trajectory_ = trajectory
+        self.n_train_ = trajectory.n_train
+        self.fingerprint_ = trajectory.fingerprint
+        return self
+
+    def transform(self, X: Examples | AttributionTask) -> np.ndarray:
+        """Score every (query, training example) pair.
+
+        Parameters
+        ----------
+        X : Examples or AttributionTask
+            The queries (an ``AttributionTask`` must be bound to the fitted trajectory).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_queries, n_train)
+            ``scores[q, m]``: first-order effect of including training example m on the
+            measurement of query q (positive: m pushed the measurement up).
+        """
+        self._check_fitted()
+        if isinstance(X, AttributionTask) and X.trajectory.fingerprint != self.fingerprint_:
+            raise ValueError(
+                "The queries are bound to a different trajectory than the one this attributor "
+                "was fitted on. Bind them to the fitted trajectory (attributor.trajectory_.bind) "
+                "or fit again."
+            )
+        if isinstance(X, Trajectory):
+            raise TypeError(
+                f"{type(self).__name__}.transform needs queries, not a Trajectory. Pass "
+                "Examples(inputs, targets) or trajectory.bind(queries)."
+            )
+        queries = self.trajectory_.check_queries(X)
+        if len(queries) == 0:
+            return np.zeros((0, self.n_train_), dtype=self._numpy_dtype())
+        scores = self._scores(queries)
+        if not torch.isfinite(scores).all():
+            raise NonFiniteError(
+                f"{type(self).__name__} produced NaN or infinite scores. The trajectory may hold "
+                "diverged checkpoints; if the method is damped, increase 'damping'."
+            )
+        return scores.detach().cpu().numpy().astype(self._numpy_dtype(), copy=False)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Column names ``train0 .. train{n-1}`` (so ``set_output`` works)."""
+        self._check_fitted()
+        return np.asarray([f"train{i}" for i in range(self.n_train_)], dtype=object)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "state_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call fit(trajectory) "
+                "before transform."
+            )
+
+    def _torch_dtype(self) -> torch.dtype:
+        return _DTYPES[getattr(self, "dtype", "float32")]
+
+    def _numpy_dtype(self) -> type:
+        return np.float64 if getattr(self, "dtype", "float32") == "float64" else np.float32
+
+    def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.non_deterministic = False
+        tags.input_tags.two_d_array = False
+        return tags
+
+
+def _as_trajectory(X: Any, who: str) -> Trajectory:
+    if isinstance(X, Trajectory):
+        return X
+    if isinstance(X, AttributionTask):
+        return X.trajectory
+    raise TypeError(
+        f"{who}.fit needs a Trajectory or trajectory.bind(queries); got {type(X).__name__}. "
+        "Record the run with TrajectoryRecorder or sourcekit.train, or load it with "
+        "Trajectory.load."
+    )

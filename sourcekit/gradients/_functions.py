@@ -1,0 +1,167 @@
+"""Per-example training losses and query measurements.
+
+A user describes a task with two small callables, each mapping the model's outputs and
+the targets of n examples to a tensor of shape (n,):
+
+- the per-example training loss L(z, θ); the objective is its mean;
+- the measurement f(z_q, θ) whose change attribution explains.
+
+Built-in ones are named by strings (so that a saved trajectory can name them); any
+importable function ``module:qualname`` works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOSSES",
+    "MEASUREMENTS",
+    "resolve_function",
+    "function_spec",
+    "cross_entropy",
+    "squared_error",
+    "margin",
+    "absolute_error",
+    "output",
+]
+
+PerExample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _flatten_positions(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    # (n, T, C) logits with (n, T) targets: sequence models; positions are averaged.
+    if outputs.ndim == 3 and targets.ndim == 2:
+        n, t, c = outputs.shape
+        return outputs.reshape(n * t, c), targets.reshape(n * t), t
+    return outputs, targets, 1
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits against integer class targets, one value per example.
+
+    For sequence outputs (n, T, C) with targets (n, T), the mean over positions.
+    """
+    logits, labels, positions = _flatten_positions(outputs, targets)
+    losses = F.cross_entropy(logits, labels.long(), reduction="none")
+    return losses.reshape(-1, positions).mean(dim=1)
+
+
+def _sample_categorical(outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    logits, _, positions = _flatten_positions(outputs, outputs.new_zeros(outputs.shape[:-1]))
+    probs = torch.softmax(logits.detach().double(), dim=-1)
+    draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(outputs.device)
+    return draws.reshape(outputs.shape[:-1]) if positions > 1 else draws
+
+
+cross_entropy.sample_targets = _sample_categorical  # type: ignore[attr-defined]
+
+
+def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Half the squared error, summed over output dimensions: ½‖f(x) − y‖²."""
+    diff = outputs - targets.reshape(outputs.shape).to(outputs.dtype)
+    return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+
+def _sample_gaussian(outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    return (outputs.detach().double().cpu() + noise).to(outputs.device, outputs.dtype)
+
+
+squared_error.sample_targets = _sample_gaussian  # type: ignore[attr-defined]
+
+
+def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Correct-class margin: logit_y − logsumexp over the other classes.
+
+    Positive when the model prefers the correct class; it is the measurement of
+    METHOD.md for classification. Sequence outputs are averaged over positions.
+    """
+    logits, labels, positions = _flatten_positions(outputs, targets)
+    labels = labels.long()
+    correct = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    values = correct - torch.logsumexp(others, dim=1)
+    return values.reshape(-1, positions).mean(dim=1)
+
+
+def absolute_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Absolute error ‖f(x) − y‖₁ (regression measurement)."""
+    diff = outputs - targets.reshape(outputs.shape).to(outputs.dtype)
+    return diff.abs().reshape(diff.shape[0], -1).sum(dim=1)
+
+
+def output(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's scalar output itself (targets are ignored)."""
+    if outputs[0].numel() != 1:
+        raise ValueError(
+            "The 'output' measurement needs a scalar output per example; got outputs of "
+            f"shape {tuple(outputs.shape)}. Use 'margin' for classifiers."
+        )
+    return outputs.reshape(outputs.shape[0])
+
+
+LOSSES: dict[str, PerExample] = {
+    "cross_entropy": cross_entropy,
+    "squared_error": squared_error,
+}
+MEASUREMENTS: dict[str, PerExample] = {
+    "margin": margin,
+    "cross_entropy": cross_entropy,
+    "squared_error": squared_error,
+    "absolute_error": absolute_error,
+    "output": output,
+}
+
+
+def resolve_function(spec: Any, registry: dict[str, PerExample], name: str) -> PerExample:
+    """Turn a built-in name, an importable ``"module:qualname"`` or a callable into a callable."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        if spec in registry:
+            return registry[spec]
+        if ":" in spec:
+            module_name, _, qualname = spec.partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in qualname.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as err:
+                raise ValueError(
+                    f"The {name!r} function {spec!r} cannot be imported ({err}). Make the "
+                    "module importable (installed or on sys.path) or pass the callable."
+                ) from err
+            if not callable(obj):
+                raise ValueError(f"The {name!r} function {spec!r} is not callable.")
+            return obj
+    allowed = ", ".join(repr(k) for k in registry)
+    raise ValueError(
+        f"The {name!r} parameter must be one of {allowed}, an importable 'module:function' "
+        f"string, or a callable (outputs, targets) -> per-example tensor; got {spec!r}."
+    )
+
+
+def function_spec(fn: Any, registry: dict[str, PerExample]) -> str | None:
+    """A string that names ``fn`` in a saved manifest, or None if it has no importable name."""
+    if isinstance(fn, str):
+        return fn
+    for key, value in registry.items():
+        if value is fn:
+            return key
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    spec = f"{module}:{qualname}"
+    try:
+        if resolve_function(spec, registry, "function") is not fn:
+            return None
+    except ValueError:
+        return None
+    return spec

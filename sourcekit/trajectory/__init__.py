@@ -1,0 +1,24 @@
+"""Recorded training runs: the record every attribution method reads."""
+
+from ._architecture import Architecture
+from ._examples import Examples
+from ._optimizer import OptimizerSpec, optimizer_step
+from ._recorder import TrajectoryRecorder
+from ._storage import Checkpoint
+from ._trainer import TrainingStage, learning_rate_schedule, train
+from ._trajectory import AttributionTask, Stage, Trajectory
+
+__all__ = [
+    "Architecture",
+    "AttributionTask",
+    "Checkpoint",
+    "Examples",
+    "OptimizerSpec",
+    "Stage",
+    "TrainingStage",
+    "Trajectory",
+    "TrajectoryRecorder",
+    "learning_rate_schedule",
+    "optimizer_step",
+    "train",
+]

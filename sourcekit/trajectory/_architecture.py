@@ -1,0 +1,156 @@
+"""The model architecture of a recorded run: how to build a fresh module.
+
+A saved trajectory must be able to rebuild its model without unpickling code, so the
+architecture is named by an importable factory, ``"package.module:make_model"``, with
+JSON keyword arguments. In memory, a factory callable or a module used as a template
+(deep-copied, never modified) work as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..exceptions import TrajectoryError
+
+__all__ = ["Architecture"]
+
+
+def _import(spec: str) -> Any:
+    module_name, _, qualname = spec.partition(":")
+    if not module_name or not qualname:
+        raise TrajectoryError(
+            f"The architecture {spec!r} is not of the form 'package.module:factory'. Name an "
+            "importable callable that returns the model."
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise TrajectoryError(
+            f"The architecture factory {spec!r} cannot be imported ({err}). Install or put on "
+            "sys.path the module that defines it, or pass architecture=... to Trajectory.load."
+        ) from err
+    return obj
+
+
+def _importable_name(obj: Any) -> str | None:
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    name = f"{module}:{qualname}"
+    try:
+        return name if _import(name) is obj else None
+    except TrajectoryError:
+        return None
+
+
+class Architecture:
+    """Builds fresh copies of a model.
+
+    Parameters
+    ----------
+    source : str, callable or nn.Module
+        ``"module:factory"`` (saved by name), a factory callable returning an
+        ``nn.Module``, or a module used as a template (deep-copied at each build).
+    kwargs : dict, optional
+        Keyword arguments for the factory; must be JSON-serialisable to be saved.
+    """
+
+    def __init__(self, source: str | Callable[..., nn.Module] | nn.Module, kwargs: dict | None = None) -> None:
+        if isinstance(source, Architecture):
+            source, kwargs = source.source, source.kwargs
+        if not isinstance(source, (str, nn.Module)) and not callable(source):
+            raise TypeError(
+                "The 'architecture' must be a 'module:factory' string, a callable returning an "
+                f"nn.Module, or an nn.Module; got {type(source).__name__}."
+            )
+        if isinstance(source, nn.Module):
+            source = copy.deepcopy(source)
+        self.source = source
+        self.kwargs = dict(kwargs or {})
+
+    def build(self) -> nn.Module:
+        """A new module with the architecture (its initial weights are irrelevant)."""
+        if isinstance(self.source, nn.Module):
+            return copy.deepcopy(self.source)
+        factory = _import(self.source) if isinstance(self.source, str) else self.source
+        model = factory(**self.kwargs)
+        if not isinstance(model, nn.Module):
+            raise TrajectoryError(
+                f"The architecture factory {self.describe()} returned a {type(model).__name__}, "
+                "not an nn.Module. Make it return the model."
+            )
+        return model
+
+    def spec(self) -> dict[str, Any] | None:
+        """A JSON description for a manifest, or None if the architecture has no import name."""
+        if isinstance(self.source, str):
+            name: str | None = self.source
+        elif isinstance(self.source, nn.Module):
+            name = None
+        else:
+            name = _importable_name(self.source)
+        if name is None:
+            return None
+        try:
+            json.dumps(self.kwargs)
+        except TypeError:
+            return None
+        return {"factory": name, "kwargs": self.kwargs}
+
+    def describe(self) -> str:
+        if isinstance(self.source, str):
+            return repr(self.source)
+        if isinstance(self.source, nn.Module):
+            return f"a {type(self.source).__name__} template"
+        return getattr(self.source, "__qualname__", repr(self.source))
+
+    def __repr__(self) -> str:
+        return f"Architecture({self.describe()})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"source": self.source, "kwargs": self.kwargs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.source = state["source"]
+        self.kwargs = state["kwargs"]
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the parameters and buffers of ``model``."""
+    out = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    out.update({name: tuple(b.shape) for name, b in model.named_buffers()})
+    return out
+
+
+def check_fits(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """Raise a ``TrajectoryError`` unless the tensors match the model's parameters and buffers."""
+    expected = state_shapes(model)
+    given = {name: tuple(t.shape) for name, t in {**params, **buffers}.items()}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(given) if expected[n] != given[n])
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}")
+        if wrong:
+            parts.append(
+                "wrong shapes " + ", ".join(f"{n}: {given[n]} vs {expected[n]}" for n in wrong[:5])
+            )
+        raise TrajectoryError(
+            f"The checkpoint {where} does not fit the architecture ({'; '.join(parts)}). "
+            "Check that the trajectory was recorded with this model, or pass the right "
+            "architecture=... to Trajectory.load."
+        )

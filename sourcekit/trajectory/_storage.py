@@ -1,0 +1,164 @@
+"""Checkpoints and the files of a saved trajectory (the only code that touches disk).
+
+A checkpoint is a plain dict of tensors saved with ``torch.save`` and read back with
+``torch.load(weights_only=True)``: loading never runs code from the file. Every file of
+a saved trajectory has its sha256 in the manifest and is verified when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..exceptions import TrajectoryError
+
+__all__ = ["Checkpoint", "MemoryStore", "DirectoryStore", "sha256_file", "load_tensors"]
+
+
+@dataclass
+class Checkpoint:
+    """The state of training just before the update of global step ``step``.
+
+    ``params`` and ``buffers`` map the model's names to tensors; ``optimizer`` holds what
+    the optimiser had accumulated (``"step"``, and for Adam the second moments
+    ``"exp_avg_sq"``, for SGD with momentum ``"momentum_buffer"``).
+    """
+
+    step: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "params": self.params,
+            "buffers": self.buffers,
+            "optimizer": self.optimizer,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Any, where: str) -> Checkpoint:
+        if not isinstance(payload, dict) or not isinstance(payload.get("params"), dict):
+            raise TrajectoryError(
+                f"The checkpoint file {where} does not hold a sourcekit checkpoint (a dict with "
+                "'params'). Save trajectories with Trajectory.save."
+            )
+        return cls(
+            step=int(payload.get("step", -1)),
+            params=dict(payload["params"]),
+            buffers=dict(payload.get("buffers", {})),
+            optimizer=dict(payload.get("optimizer", {})),
+        )
+
+    def digest(self) -> str:
+        """A sha256 of every tensor and value in the checkpoint, in name order."""
+        h = hashlib.sha256()
+        _hash_into(h, self.to_payload())
+        return h.hexdigest()
+
+
+def _hash_into(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            h.update(f"K{key}".encode())
+            _hash_into(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _hash_into(h, item)
+    else:
+        h.update(f"V{value!r}".encode())
+
+
+def hash_value(value: Any) -> str:
+    """sha256 of nested dicts/lists of tensors and plain values."""
+    h = hashlib.sha256()
+    _hash_into(h, value)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_tensors(path: Path, expected_sha256: str | None, what: str) -> Any:
+    """Read a tensor file after checking it exists and matches its manifest hash.
+
+    Refuses files that would need arbitrary objects unpickled.
+    """
+    if not path.is_file():
+        raise TrajectoryError(
+            f"The {what} file {str(path)!r} is missing. The trajectory directory is incomplete: "
+            "copy the whole directory, or record and save the run again."
+        )
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise TrajectoryError(
+                f"The {what} file {str(path)!r} has sha256 {actual[:12]}..., but the manifest "
+                f"records {expected_sha256[:12]}...: the file was modified or corrupted. Restore "
+                "it from the original save, or record the run again."
+            )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+        raise TrajectoryError(
+            f"The {what} file {str(path)!r} was refused: it cannot be read as plain tensors "
+            f"without unpickling arbitrary objects ({type(err).__name__}). sourcekit only loads "
+            "files written by Trajectory.save; never load files from untrusted sources."
+        ) from err
+
+
+class MemoryStore:
+    """Checkpoints held in memory (CPU tensors), as recorded."""
+
+    def __init__(self, checkpoints: dict[int, Checkpoint] | None = None) -> None:
+        self._checkpoints: dict[int, Checkpoint] = dict(checkpoints or {})
+
+    def steps(self) -> list[int]:
+        return sorted(self._checkpoints)
+
+    def put(self, checkpoint: Checkpoint) -> None:
+        self._checkpoints[checkpoint.step] = checkpoint
+
+    def get(self, step: int) -> Checkpoint:
+        return self._checkpoints[step]
+
+    def digest(self, step: int) -> str:
+        return self._checkpoints[step].digest()
+
+
+class DirectoryStore:
+    """Checkpoints in files under a saved trajectory's directory, read one at a time."""
+
+    def __init__(self, root: Path, files: dict[int, tuple[str, str, str]]) -> None:
+        self.root = Path(root)
+        self._files = dict(files)  # step -> (relative path, file sha256, content digest)
+
+    def steps(self) -> list[int]:
+        return sorted(self._files)
+
+    def get(self, step: int) -> Checkpoint:
+        rel, sha, _ = self._files[step]
+        payload = load_tensors(self.root / rel, sha, f"checkpoint (step {step})")
+        checkpoint = Checkpoint.from_payload(payload, repr(str(self.root / rel)))
+        checkpoint.step = step
+        return checkpoint
+
+    def digest(self, step: int) -> str:
+        return self._files[step][2]

@@ -1,0 +1,669 @@
+"""``Trajectory``: the record of how a model was trained.
+
+A trajectory holds everything attribution needs to know about a run: the architecture,
+the training examples, the stages (each with its optimiser, its examples and its range
+of global steps), the learning rate and the example indices of every step, checkpoints
+(parameters, buffers and optimiser state) at chosen steps, the per-example loss and the
+query measurement.
+
+Conventions
+-----------
+- Steps are global and count updates: the checkpoint at step ``k`` holds θ_k, the
+  parameters *before* update ``k``; step 0 is the initial model and step ``T`` the final
+  one. Both are always stored (exact unrolling starts from the first; queries are
+  measured on the last).
+- ``checkpoint_steps`` are the checkpoints that approximate methods use, all in
+  ``[0, T)``. A checkpoint stands for the steps from itself up to the next checkpoint
+  (the first of a stage stands from the stage's start, the last to the stage's end).
+- The columns of every score matrix are the training examples, indexed 0..n_train-1.
+  Each stage trains on a subset of them; batch indices refer to these global indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..exceptions import TrajectoryError
+from ..gradients._functions import LOSSES, MEASUREMENTS, function_spec, resolve_function
+from ._architecture import Architecture, check_fits, state_shapes
+from ._examples import Examples
+from ._optimizer import OptimizerSpec
+from ._storage import Checkpoint, DirectoryStore, MemoryStore, hash_value, load_tensors, sha256_file
+
+__all__ = ["Trajectory", "Stage", "AttributionTask", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One stage of training (e.g. pretraining or fine-tuning).
+
+    Attributes
+    ----------
+    name : str
+    optimizer : OptimizerSpec
+    start, end : int
+        The global steps ``start .. end-1`` belong to this stage.
+    examples : ndarray of int64
+        Global indices of the training examples this stage trains on (sorted, unique).
+    batch_size : int
+        The nominal batch size (a step's batch may be smaller, e.g. at an epoch's end).
+    recipe : dict or None
+        How the built-in trainer produced the stage (epochs, schedule, seed...), so that
+        the stage can be retrained on a subset of its examples; None for runs recorded
+        from a user's own loop.
+    """
+
+    name: str
+    optimizer: OptimizerSpec
+    start: int
+    end: int
+    examples: np.ndarray
+    batch_size: int
+    recipe: dict[str, Any] | None = field(default=None)
+
+    @property
+    def n_steps(self) -> int:
+        return self.end - self.start
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.examples.shape[0])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "optimizer": self.optimizer.to_dict(),
+            "start": self.start,
+            "end": self.end,
+            "batch_size": self.batch_size,
+            "n_examples": self.n_examples,
+            "recipe": self.recipe,
+        }
+
+
+class AttributionTask:
+    """A trajectory bound to queries: the ``X`` that scikit-learn tools slice.
+
+    ``len()`` and ``shape`` count queries; indexing selects queries and keeps the same
+    trajectory object. Create it with :meth:`Trajectory.bind`.
+    """
+
+    def __init__(self, trajectory: Trajectory, queries: Examples) -> None:
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(f"AttributionTask needs a Trajectory; got {type(trajectory).__name__}.")
+        self.trajectory = trajectory
+        self.queries = trajectory.check_queries(queries)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return self.queries.shape
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, key: Any) -> AttributionTask:
+        return AttributionTask(self.trajectory, self.queries[key])
+
+    def __repr__(self) -> str:
+        return f"AttributionTask(n_queries={len(self)}, trajectory={self.trajectory!r})"
+
+
+def _as_index_array(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise TrajectoryError(
+            f"The {name} must be a 1-d array of integer example indices; got an array of "
+            f"dtype {array.dtype} and shape {array.shape}."
+        )
+    return array.astype(np.int64)
+
+
+class Trajectory:
+    """A recorded training run.
+
+    Usually created by :class:`TrajectoryRecorder`, by :func:`sourcekit.train`, or read
+    with :meth:`Trajectory.load`; the constructor checks that the record is complete and
+    consistent and raises :class:`~sourcekit.exceptions.TrajectoryError` otherwise.
+
+    Parameters
+    ----------
+    architecture : str, callable or nn.Module
+        How to build the model (see :class:`~sourcekit.trajectory.Architecture`).
+    train : Examples
+        All training examples of all stages; the score matrix has one column each.
+    stages : sequence of Stage
+        Contiguous stages covering the global steps ``0 .. T-1``.
+    learning_rates : array-like of shape (T,)
+        The learning rate used at every step.
+    batches : sequence of T integer arrays, or None
+        The training-example indices of every step's batch (needed by exact unrolling
+        and by replay).
+    checkpoints : dict of int to Checkpoint, or a store
+        Saved states; must include step 0 and step T.
+    checkpoint_steps : sequence of int
+        The checkpoints, in ``[0, T)``, that approximate methods use.
+    loss, measurement : str or callable
+        Per-example training loss and query measurement, ``(outputs, targets) -> (n,)``.
+    train_mode : bool
+        Whether the model was in training mode during the run.
+
+    Notes
+    -----
+    The trajectory is deliberately opaque to scikit-learn (no ``len``, ``shape`` or
+    indexing); bind it to queries with :meth:`bind` to obtain something scikit-learn
+    can split.
+    """
+
+    def __init__(
+        self,
+        *,
+        architecture: Any,
+        train: Examples,
+        stages: Sequence[Stage],
+        learning_rates: Any,
+        batches: Sequence[Any] | None,
+        checkpoints: dict[int, Checkpoint] | MemoryStore | DirectoryStore,
+        checkpoint_steps: Sequence[int],
+        loss: str | Callable = "cross_entropy",
+        measurement: str | Callable = "margin",
+        train_mode: bool = True,
+        _fingerprint: str | None = None,
+        _param_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.architecture = Architecture(architecture)
+        if not isinstance(train, Examples):
+            raise TypeError(
+                f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
+                "Wrap arrays as Examples(inputs, targets)."
+            )
+        if len(train) == 0:
+            raise TrajectoryError(
+                "The training set is empty (0 examples); a trajectory needs the examples it was "
+                "trained on. Pass the full training set as train=Examples(inputs, targets)."
+            )
+        self.train = train
+        self.loss_spec = loss
+        self.measurement_spec = measurement
+        self.loss = resolve_function(loss, LOSSES, "loss")
+        self.measurement = resolve_function(measurement, MEASUREMENTS, "measurement")
+        self.train_mode = bool(train_mode)
+        self.stages = tuple(self._check_stages(stages))
+        self.n_steps = self.stages[-1].end
+        self.learning_rates = self._check_learning_rates(learning_rates)
+        self.batches = None if batches is None else self._check_batches(batches)
+        if isinstance(checkpoints, dict):
+            checkpoints = MemoryStore(checkpoints)
+        self._store = checkpoints
+        self.checkpoint_steps = self._check_checkpoint_steps(checkpoint_steps)
+        model = self.architecture.build()
+        self._param_shapes = state_shapes(model)
+        if _param_shapes is not None:
+            given = {k: tuple(v) for k, v in _param_shapes.items()}
+            if given != self._param_shapes:
+                raise TrajectoryError(
+                    "The checkpoints of this trajectory do not fit the architecture "
+                    f"{self.architecture.describe()}: the manifest records parameters "
+                    f"{_shape_summary(given)} but the model has {_shape_summary(self._param_shapes)}. "
+                    "Pass the architecture the run was recorded with."
+                )
+        elif isinstance(self._store, MemoryStore):
+            initial = self._store.get(0)
+            check_fits(initial.params, initial.buffers, model, "at step 0")
+        self._fingerprint = _fingerprint
+
+    # --- validation ------------------------------------------------------------------
+    def _check_stages(self, stages: Sequence[Stage]) -> list[Stage]:
+        stages = list(stages)
+        if not stages:
+            raise TrajectoryError("A trajectory needs at least one stage; got none.")
+        expected_start = 0
+        n = len(self.train)
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise TypeError(f"stages[{i}] must be a Stage; got {type(stage).__name__}.")
+            if stage.start != expected_start or stage.end <= stage.start:
+                raise TrajectoryError(
+                    f"Stage {stage.name!r} covers steps {stage.start}..{stage.end - 1}; stages must "
+                    f"be contiguous and non-empty, so it should start at step {expected_start} "
+                    "and end after it."
+                )
+            examples = _as_index_array(stage.examples, f"examples of stage {stage.name!r}")
+            if examples.size == 0:
+                raise TrajectoryError(
+                    f"Stage {stage.name!r} has an empty training set. Give every stage at least one "
+                    "training example."
+                )
+            if examples.min() < 0 or examples.max() >= n:
+                raise TrajectoryError(
+                    f"Stage {stage.name!r} names training examples from {examples.min()} to "
+                    f"{examples.max()}, outside [0, {n}) for the {n} training examples."
+                )
+            unique = np.unique(examples)
+            if unique.size != examples.size:
+                raise TrajectoryError(f"Stage {stage.name!r} lists some training examples twice.")
+            object.__setattr__(stage, "examples", unique)
+            expected_start = stage.end
+        return stages
+
+    def _check_learning_rates(self, learning_rates: Any) -> np.ndarray:
+        lrs = np.asarray(
+            learning_rates.detach().cpu().numpy() if isinstance(learning_rates, torch.Tensor) else learning_rates,
+            dtype=np.float64,
+        )
+        if lrs.shape != (self.n_steps,):
+            raise TrajectoryError(
+                f"The learning_rates list has shape {lrs.shape}, but the stages cover "
+                f"{self.n_steps} steps; record one learning rate per step (shape ({self.n_steps},))."
+            )
+        if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+            bad = int(np.flatnonzero(~np.isfinite(lrs) | (lrs < 0))[0])
+            raise TrajectoryError(
+                f"The learning rate of step {bad} is {lrs[bad]!r}; learning rates must be finite "
+                "and >= 0."
+            )
+        return lrs
+
+    def _check_batches(self, batches: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        if len(batches) != self.n_steps:
+            raise TrajectoryError(
+                f"The batches list has {len(batches)} entries, but the stages cover {self.n_steps} "
+                "steps; record the example indices of every step."
+            )
+        checked = []
+        n = len(self.train)
+        for stage in self.stages:
+            members = np.zeros(n, dtype=bool)
+            members[stage.examples] = True
+            for step in range(stage.start, stage.end):
+                idx = _as_index_array(batches[step], f"batch indices of step {step}")
+                if idx.size == 0:
+                    raise TrajectoryError(f"The batch of step {step} is empty.")
+                if idx.min() < 0 or idx.max() >= n:
+                    raise TrajectoryError(
+                        f"The batch of step {step} holds example indices from {idx.min()} to "
+                        f"{idx.max()}, outside [0, {n}) for the {n} training examples. Record "
+                        "indices into the trajectory's training set."
+                    )
+                if not members[idx].all():
+                    outside = idx[~members[idx]][:5].tolist()
+                    raise TrajectoryError(
+                        f"The batch of step {step} holds examples {outside} that are not in the "
+                        f"training set of stage {stage.name!r}. Record each stage's examples."
+                    )
+                checked.append(idx)
+        return tuple(checked)
+
+    def _check_checkpoint_steps(self, steps: Sequence[int]) -> tuple[int, ...]:
+        stored = set(self._store.steps())
+        for required in (0, self.n_steps):
+            if required not in stored:
+                raise TrajectoryError(
+                    f"The trajectory has no checkpoint at step {required}; the initial (step 0) and "
+                    f"final (step {self.n_steps}) states must always be recorded."
+                )
+        out = sorted({int(s) for s in steps})
+        for s in out:
+            if not 0 <= s < self.n_steps:
+                raise TrajectoryError(
+                    f"The checkpoint step {s} is outside [0, {self.n_steps}); attribution checkpoints "
+                    "stand for the steps that follow them, so they must precede the final step."
+                )
+            if s not in stored:
+                raise TrajectoryError(f"The checkpoint step {s} is listed but no checkpoint is stored for it.")
+        return tuple(out)
+
+    def check_queries(self, queries: Any) -> Examples:
+        """Return ``queries`` as Examples shaped like the training examples, or raise."""
+        if isinstance(queries, AttributionTask):
+            queries = queries.queries
+        if not isinstance(queries, Examples):
+            raise TypeError(
+                f"Queries must be an Examples object; got {type(queries).__name__}. Wrap "
+                "arrays as Examples(inputs, targets) (a tuple would be counted as 2 samples)."
+            )
+        for part in ("inputs", "targets"):
+            got = tuple(getattr(queries, part).shape[1:])
+            want = tuple(getattr(self.train, part).shape[1:])
+            if got != want:
+                raise ValueError(
+                    f"The query {part} have shape (n, {', '.join(map(str, got))}) per example but the "
+                    f"training {part} have (n, {', '.join(map(str, want))}). Pass queries shaped "
+                    "like the training examples."
+                )
+        return queries
+
+    # --- access ----------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        """Number of training examples (columns of every score matrix)."""
+        return len(self.train)
+
+    @property
+    def has_batches(self) -> bool:
+        return self.batches is not None
+
+    @property
+    def stored_steps(self) -> tuple[int, ...]:
+        """Every step with a stored state (includes 0 and T)."""
+        return tuple(self._store.steps())
+
+    def stage_of(self, step: int) -> Stage:
+        """The stage that performs update ``step`` (the last stage for step T)."""
+        for stage in self.stages:
+            if stage.start <= step < stage.end:
+                return stage
+        if step == self.n_steps:
+            return self.stages[-1]
+        raise ValueError(f"Step {step} is outside [0, {self.n_steps}].")
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        """The stored state at ``step``, read from disk when the trajectory was loaded."""
+        if step not in self._store.steps():
+            raise TrajectoryError(
+                f"No checkpoint is stored at step {step}; stored steps are {list(self.stored_steps)}."
+            )
+        checkpoint = self._store.get(step)
+        if isinstance(self._store, DirectoryStore):
+            given = {k: tuple(v.shape) for k, v in {**checkpoint.params, **checkpoint.buffers}.items()}
+            if given != self._param_shapes:
+                raise TrajectoryError(
+                    f"The checkpoint at step {step} does not fit the architecture "
+                    f"{self.architecture.describe()}: it holds {_shape_summary(given)} but the model "
+                    f"has {_shape_summary(self._param_shapes)}. The directory mixes files of "
+                    "different runs; record and save the run again."
+                )
+        return checkpoint
+
+    def build_model(self, step: int | None = None) -> nn.Module:
+        """A new model with the architecture, loaded with the state at ``step`` (default: final).
+
+        The module is the caller's to keep; the trajectory is not changed.
+        """
+        model = self.architecture.build()
+        state = self.checkpoint(self.n_steps if step is None else step)
+        model.load_state_dict({**state.params, **state.buffers}, strict=True)
+        return model
+
+    def bind(self, queries: Examples) -> AttributionTask:
+        """Bind queries to this trajectory: the sample axis scikit-learn tools split.
+
+        Examples
+        --------
+        >>> import sourcekit
+        >>> task = sourcekit.datasets.load_digits_task()
+        >>> trajectory = task.record("early", progress=False)
+        >>> X = trajectory.bind(task.test[:10])
+        >>> X.shape, X[2:5].trajectory is trajectory
+        ((10,), True)
+        """
+        return AttributionTask(self, queries)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the run's content (data, schedule, batches, checkpoints, functions).
+
+        Computed once per object; equal for a trajectory and its saved-and-loaded copy.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        header = {
+            "architecture": self.architecture.spec() or self.architecture.describe(),
+            "param_shapes": {k: list(v) for k, v in sorted(self._param_shapes.items())},
+            "loss": function_spec(self.loss_spec, LOSSES) or repr(self.loss),
+            "measurement": function_spec(self.measurement_spec, MEASUREMENTS) or repr(self.measurement),
+            "train_mode": self.train_mode,
+            "stages": [s.describe() for s in self.stages],
+            "checkpoint_steps": list(self.checkpoint_steps),
+        }
+        h.update(json.dumps(header, sort_keys=True, default=str).encode())
+        h.update(self.train.fingerprint().encode())
+        h.update(hash_value(self._schedule_payload()).encode())
+        for step in self.stored_steps:
+            h.update(f"{step}:{self._store.digest(step)}".encode())
+        return h.hexdigest()
+
+    def _schedule_payload(self) -> dict[str, torch.Tensor]:
+        payload = {"learning_rates": torch.from_numpy(self.learning_rates.copy())}
+        for i, stage in enumerate(self.stages):
+            payload[f"stage_examples.{i}"] = torch.from_numpy(stage.examples.copy())
+        if self.batches is not None:
+            lengths = np.array([b.size for b in self.batches], dtype=np.int64)
+            payload["batch_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+            payload["batch_indices"] = torch.from_numpy(np.concatenate(self.batches))
+        return payload
+
+    # --- saving and loading ------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the trajectory to ``directory``: a JSON manifest and tensor files.
+
+        Every file's sha256 is recorded in the manifest. An existing non-empty directory
+        is never replaced unless ``overwrite=True``; the new content is written beside it
+        first, so a failed save leaves the old one intact.
+
+        Returns the directory path.
+        """
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            raise FileExistsError(
+                f"The directory {str(target)!r} already exists and is not empty; Trajectory.save "
+                "never replaces it silently. Choose a new directory or pass overwrite=True."
+            )
+        architecture = self.architecture.spec()
+        if architecture is None:
+            raise TrajectoryError(
+                f"This trajectory cannot be saved: its architecture ({self.architecture.describe()}) "
+                "has no importable name. Record it with architecture='package.module:factory' "
+                "(a function returning the model, with JSON keyword arguments)."
+            )
+        functions = {}
+        for what, spec, registry in (
+            ("loss", self.loss_spec, LOSSES),
+            ("measurement", self.measurement_spec, MEASUREMENTS),
+        ):
+            functions[what] = function_spec(spec, registry)
+            if functions[what] is None:
+                raise TrajectoryError(
+                    f"This trajectory cannot be saved: its {what} function has no importable name. "
+                    f"Use a built-in name or a module-level function for {what}=..."
+                )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            files: dict[str, dict[str, str]] = {}
+            for name, payload in (
+                ("data", {"inputs": self.train.inputs, "targets": self.train.targets}),
+                ("schedule", self._schedule_payload()),
+            ):
+                path = staging / f"{name}.pt"
+                torch.save(payload, path)
+                files[name] = {"file": path.name, "sha256": sha256_file(path)}
+            (staging / "checkpoints").mkdir()
+            checkpoints = []
+            for step in self.stored_steps:
+                state = self.checkpoint(step)
+                rel = f"checkpoints/step_{step:08d}.pt"
+                torch.save(state.to_payload(), staging / rel)
+                checkpoints.append(
+                    {
+                        "step": step,
+                        "file": rel,
+                        "sha256": sha256_file(staging / rel),
+                        "digest": self._store.digest(step),
+                    }
+                )
+            manifest = {
+                "format": "sourcekit.trajectory",
+                "version": FORMAT_VERSION,
+                "architecture": architecture,
+                "param_shapes": {k: list(v) for k, v in self._param_shapes.items()},
+                "loss": functions["loss"],
+                "measurement": functions["measurement"],
+                "train_mode": self.train_mode,
+                "n_train": self.n_train,
+                "n_steps": self.n_steps,
+                "has_batches": self.has_batches,
+                "stages": [s.describe() for s in self.stages],
+                "checkpoint_steps": list(self.checkpoint_steps),
+                "checkpoints": checkpoints,
+                "files": files,
+                "fingerprint": self.fingerprint,
+            }
+            (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if target.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                backup.rmdir()
+                target.rename(backup)
+                staging.rename(target)
+                shutil.rmtree(backup)
+            else:
+                staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if isinstance(self._store, DirectoryStore) and self._store.root.resolve() == target.resolve():
+            self._store = DirectoryStore(target, {c["step"]: (c["file"], c["sha256"], c["digest"]) for c in checkpoints})
+        return target
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        architecture: Any = None,
+        loss: str | Callable | None = None,
+        measurement: str | Callable | None = None,
+    ) -> Trajectory:
+        """Read a trajectory saved with :meth:`save`.
+
+        The manifest, the training data and the schedule are read and verified now;
+        checkpoints are read (and their sha256 verified) one at a time when used.
+        ``architecture``, ``loss`` and ``measurement`` override what the manifest names.
+        """
+        root = Path(directory)
+        manifest_path = root / _MANIFEST
+        if not root.is_dir():
+            raise TrajectoryError(
+                f"The trajectory directory {str(root)!r} does not exist. Pass the directory given "
+                "to Trajectory.save (it holds manifest.json)."
+            )
+        if not manifest_path.is_file():
+            raise TrajectoryError(
+                f"The directory {str(root)!r} has no manifest.json, so it is not a saved trajectory "
+                "(or it is incomplete). Pass the directory given to Trajectory.save."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TrajectoryError(
+                f"The manifest {str(manifest_path)!r} is not valid JSON ({err}); the directory is "
+                "corrupt. Restore it from the original save."
+            ) from err
+        if not isinstance(manifest, dict) or manifest.get("format") != "sourcekit.trajectory":
+            raise TrajectoryError(f"The manifest {str(manifest_path)!r} is not a sourcekit trajectory manifest.")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise TrajectoryError(
+                f"The trajectory at {str(root)!r} has format version {manifest.get('version')!r}; "
+                f"this sourcekit reads version {FORMAT_VERSION}."
+            )
+        try:
+            files = manifest["files"]
+            data = load_tensors(root / files["data"]["file"], files["data"]["sha256"], "training data")
+            schedule = load_tensors(root / files["schedule"]["file"], files["schedule"]["sha256"], "schedule")
+            stages = []
+            for i, desc in enumerate(manifest["stages"]):
+                stages.append(
+                    Stage(
+                        name=desc["name"],
+                        optimizer=OptimizerSpec.from_dict(desc["optimizer"]),
+                        start=int(desc["start"]),
+                        end=int(desc["end"]),
+                        examples=schedule[f"stage_examples.{i}"].numpy(),
+                        batch_size=int(desc["batch_size"]),
+                        recipe=desc.get("recipe"),
+                    )
+                )
+            batches = None
+            if manifest.get("has_batches"):
+                offsets = schedule["batch_offsets"].numpy()
+                indices = schedule["batch_indices"].numpy()
+                batches = [indices[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+            store = DirectoryStore(
+                root, {int(c["step"]): (c["file"], c["sha256"], c["digest"]) for c in manifest["checkpoints"]}
+            )
+            arch = architecture
+            if arch is None:
+                arch = Architecture(manifest["architecture"]["factory"], manifest["architecture"]["kwargs"])
+            return cls(
+                architecture=arch,
+                train=Examples(data["inputs"], data["targets"]),
+                stages=stages,
+                learning_rates=schedule["learning_rates"].numpy(),
+                batches=batches,
+                checkpoints=store,
+                checkpoint_steps=manifest["checkpoint_steps"],
+                loss=manifest["loss"] if loss is None else loss,
+                measurement=manifest["measurement"] if measurement is None else measurement,
+                train_mode=manifest.get("train_mode", True),
+                _fingerprint=manifest["fingerprint"] if architecture is None and loss is None and measurement is None else None,
+                _param_shapes=manifest["param_shapes"],
+            )
+        except (KeyError, TypeError) as err:
+            raise TrajectoryError(
+                f"The manifest {str(manifest_path)!r} is incomplete or malformed (missing {err}). "
+                "Restore the directory from the original save."
+            ) from err
+
+    # --- description -------------------------------------------------------------------
+    def summary(self) -> str:
+        """A few lines describing the run (stages, steps, checkpoints)."""
+        lines = [
+            f"Trajectory: {self.n_train} training examples, {self.n_steps} steps, "
+            f"{len(self.stages)} stage(s), architecture {self.architecture.describe()}",
+            f"  loss {function_spec(self.loss_spec, LOSSES) or self.loss!r}, measurement "
+            f"{function_spec(self.measurement_spec, MEASUREMENTS) or self.measurement!r}, "
+            f"batches {'recorded' if self.has_batches else 'not recorded'}",
+        ]
+        for stage in self.stages:
+            opt = stage.optimizer
+            extra = f"momentum {opt.momentum:g}" if opt.kind == "sgd" else f"betas {opt.betas}"
+            lrs = self.learning_rates[stage.start : stage.end]
+            lines.append(
+                f"  stage {stage.name!r}: steps {stage.start}..{stage.end - 1}, {stage.n_examples} "
+                f"examples, batch {stage.batch_size}, {opt.kind} ({extra}, weight decay "
+                f"{opt.weight_decay:g}), lr {lrs.min():.3g}..{lrs.max():.3g}"
+            )
+        lines.append(f"  checkpoints for attribution at steps {list(self.checkpoint_steps)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"Trajectory(n_train={self.n_train}, n_steps={self.n_steps}, stages="
+            f"{[s.name for s in self.stages]}, checkpoint_steps={list(self.checkpoint_steps)})"
+        )
+
+
+def _shape_summary(shapes: dict[str, tuple[int, ...]]) -> str:
+    items = sorted(shapes.items())
+    text = ", ".join(f"{k}{list(v)}" for k, v in items[:4])
+    return "{" + text + (", ..." if len(items) > 4 else "") + "}"
