@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "InstanceOf",
     "Interval",
     "Options",
-    "InstanceOf",
-    "validate_parameters",
     "bad_value",
+    "validate_parameters",
 ]
 
 
-def bad_value(name: str, value: Any, allowed: str, fix: str | None = None, *, owner: str = "") -> str:
+def bad_value(
+    name: str, value: Any, allowed: str, fix: str | None = None, *, owner: str = ""
+) -> str:
     """Return the standard message for a value outside what is allowed."""
     where = f" of {owner}" if owner else ""
     shown = repr(value)
@@ -120,7 +122,9 @@ def validate_parameters(estimator: Any, constraints: dict[str, Iterable[Any]]) -
     for name, options in constraints.items():
         value = params[name]
         options = list(options)
-        if any((c is None and value is None) or (c is not None and c.accepts(value)) for c in options):
+        if any(
+            (c is None and value is None) or (c is not None and c.accepts(value)) for c in options
+        ):
             continue
         allowed = " or ".join(_describe(c) for c in options)
         raise ValueError(

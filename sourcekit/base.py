@@ -28,7 +28,7 @@ from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
 
-__all__ = ["BaseAttributor", "state_cache_info", "clear_state_cache"]
+__all__ = ["BaseAttributor", "clear_state_cache", "state_cache_info"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -74,7 +74,11 @@ _STATE_CACHE = _StateCache()
 
 def state_cache_info() -> dict[str, int]:
     """Hits, misses and size of the in-process cache of fitted state."""
-    return {"hits": _STATE_CACHE.hits, "misses": _STATE_CACHE.misses, "entries": len(_STATE_CACHE._entries)}
+    return {
+        "hits": _STATE_CACHE.hits,
+        "misses": _STATE_CACHE.misses,
+        "entries": len(_STATE_CACHE._entries),
+    }
 
 
 def clear_state_cache() -> None:

@@ -26,7 +26,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .estimators import UnrolledAttributor
 
     if args.recipe not in RECIPES:
-        print(f"sourcekit demo: unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}.", file=sys.stderr)
+        print(
+            f"sourcekit demo: unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}.",
+            file=sys.stderr,
+        )
         return 2
     task = load_digits_task()
     progress = not args.quiet
@@ -45,8 +48,10 @@ def _demo(args: argparse.Namespace) -> int:
     )
     for q in range(len(queries)):
         true = int(queries.targets[q])
-        print(f"\nTest digit {q}: label {true}, predicted {predictions[q]}, margin change from all training "
-              f"examples {scores[q].sum():+.4f}")
+        print(
+            f"\nTest digit {q}: label {true}, predicted {predictions[q]}, margin change from all training "
+            f"examples {scores[q].sum():+.4f}"
+        )
         proponents, opponents = _top_rows(scores[q], args.top)
         for title, rows in (("proponents", proponents), ("opponents", opponents)):
             items = ", ".join(f"#{m} (label {labels[m]}) {scores[q, m]:+.2e}" for m in rows)
@@ -70,9 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
             "the training digits, computed exactly by differentiating through the recorded run."
         ),
     )
-    demo.add_argument("--recipe", default="standard", help="training recipe: standard, early or two_stage (default: standard)")
-    demo.add_argument("--queries", type=int, default=3, help="number of test digits to attribute (default: 3)")
-    demo.add_argument("--top", type=int, default=5, help="proponents and opponents to list per query (default: 5)")
+    demo.add_argument(
+        "--recipe",
+        default="standard",
+        help="training recipe: standard, early or two_stage (default: standard)",
+    )
+    demo.add_argument(
+        "--queries", type=int, default=3, help="number of test digits to attribute (default: 3)"
+    )
+    demo.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="proponents and opponents to list per query (default: 5)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the training run (default: 0)")
     demo.add_argument("--quiet", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_demo)

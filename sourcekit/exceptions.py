@@ -9,10 +9,10 @@ from __future__ import annotations
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 __all__ = [
+    "NonFiniteError",
     "NotFittedError",
     "TrajectoryError",
     "UnsupportedModuleError",
-    "NonFiniteError",
 ]
 
 

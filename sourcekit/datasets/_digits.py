@@ -25,12 +25,14 @@ from torch import nn
 
 from ..trajectory import Examples, OptimizerSpec, TrainingStage, Trajectory, train
 
-__all__ = ["DigitsTask", "load_digits_task", "make_digits_mlp", "RECIPES"]
+__all__ = ["RECIPES", "DigitsTask", "load_digits_task", "make_digits_mlp"]
 
 RECIPES = ("standard", "early", "two_stage")
 
 
-def make_digits_mlp(hidden: tuple[int, ...] | list[int] = (32, 32), n_inputs: int = 64, n_classes: int = 10) -> nn.Sequential:
+def make_digits_mlp(
+    hidden: tuple[int, ...] | list[int] = (32, 32), n_inputs: int = 64, n_classes: int = 10
+) -> nn.Sequential:
     """The digits classifier: an MLP with ReLU activations (Linear layers only)."""
     layers: list[nn.Module] = []
     width = n_inputs
@@ -84,20 +86,36 @@ class DigitsTask:
             return [TrainingStage(sgd, epochs=32, batch_size=64, n_checkpoints=6)]
         if recipe == "early":
             steps = 32 * math.ceil(n / 64)
-            return [TrainingStage(sgd, epochs=32, batch_size=64, max_steps=steps // 4, n_checkpoints=6)]
+            return [
+                TrainingStage(sgd, epochs=32, batch_size=64, max_steps=steps // 4, n_checkpoints=6)
+            ]
         if recipe == "two_stage":
             order = np.random.default_rng(random_state).permutation(n)
             half = n // 2
             finetune = OptimizerSpec("sgd", lr=0.003, momentum=0.9, weight_decay=1e-3)
             return [
-                TrainingStage(sgd, epochs=32, batch_size=64, name="pretrain", examples=np.sort(order[:half]), n_checkpoints=3),
-                TrainingStage(finetune, epochs=10, batch_size=64, name="finetune", examples=np.sort(order[half:]), n_checkpoints=3),
+                TrainingStage(
+                    sgd,
+                    epochs=32,
+                    batch_size=64,
+                    name="pretrain",
+                    examples=np.sort(order[:half]),
+                    n_checkpoints=3,
+                ),
+                TrainingStage(
+                    finetune,
+                    epochs=10,
+                    batch_size=64,
+                    name="finetune",
+                    examples=np.sort(order[half:]),
+                    n_checkpoints=3,
+                ),
             ]
-        raise ValueError(
-            f"The 'recipe' parameter must be one of {RECIPES}; got {recipe!r}."
-        )
+        raise ValueError(f"The 'recipe' parameter must be one of {RECIPES}; got {recipe!r}.")
 
-    def record(self, recipe: str = "standard", *, random_state: int = 0, progress: bool = True) -> Trajectory:
+    def record(
+        self, recipe: str = "standard", *, random_state: int = 0, progress: bool = True
+    ) -> Trajectory:
         """Train the classifier with ``recipe`` and return its recorded :class:`Trajectory`.
 
         Deterministic given ``random_state``.
@@ -122,7 +140,13 @@ class DigitsTask:
         )
 
 
-def load_digits_task(*, test_size: float = 0.2, label_noise: float = 0.0, hidden: tuple[int, ...] = (32, 32), random_state: int = 0) -> DigitsTask:
+def load_digits_task(
+    *,
+    test_size: float = 0.2,
+    label_noise: float = 0.0,
+    hidden: tuple[int, ...] = (32, 32),
+    random_state: int = 0,
+) -> DigitsTask:
     """Load the embedded digits task.
 
     Parameters
@@ -145,9 +169,13 @@ def load_digits_task(*, test_size: float = 0.2, label_noise: float = 0.0, hidden
     (1437, 360, 64)
     """
     if not 0 < test_size < 1:
-        raise ValueError(f"The 'test_size' parameter must be a float in (0, 1); got {test_size!r}.")
+        raise ValueError(
+            f"The 'test_size' parameter must be a float in (0, 1); got {test_size!r}."
+        )
     if not 0 <= label_noise < 1:
-        raise ValueError(f"The 'label_noise' parameter must be a float in [0, 1); got {label_noise!r}.")
+        raise ValueError(
+            f"The 'label_noise' parameter must be a float in [0, 1); got {label_noise!r}."
+        )
     digits = load_digits()
     images = digits.images.astype(np.float32)
     labels = digits.target.astype(np.int64)
@@ -163,13 +191,17 @@ def load_digits_task(*, test_size: float = 0.2, label_noise: float = 0.0, hidden
     flipped = np.zeros(len(idx_train), dtype=bool)
     if label_noise > 0:
         rng = np.random.default_rng([random_state, 1])
-        chosen = rng.choice(len(idx_train), size=int(round(label_noise * len(idx_train))), replace=False)
+        chosen = rng.choice(
+            len(idx_train), size=round(label_noise * len(idx_train)), replace=False
+        )
         shift = rng.integers(1, 10, size=chosen.size)
         y_train[chosen] = (y_train[chosen] + shift) % 10
         flipped[chosen] = True
     return DigitsTask(
         train=Examples(torch.from_numpy(standardised[idx_train]), torch.from_numpy(y_train)),
-        test=Examples(torch.from_numpy(standardised[idx_test]), torch.from_numpy(labels[idx_test])),
+        test=Examples(
+            torch.from_numpy(standardised[idx_test]), torch.from_numpy(labels[idx_test])
+        ),
         train_images=images[idx_train],
         test_images=images[idx_test],
         flipped=flipped,

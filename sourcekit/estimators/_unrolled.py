@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -60,7 +60,7 @@ class UnrolledAttributor(BaseAttributor):
     (2, 1437)
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "dtype": [DTYPE],
         "device": [DEVICE],
         "query_batch_size": [POSITIVE_INT],

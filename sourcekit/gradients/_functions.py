@@ -22,19 +22,21 @@ import torch.nn.functional as F
 __all__ = [
     "LOSSES",
     "MEASUREMENTS",
-    "resolve_function",
-    "function_spec",
-    "cross_entropy",
-    "squared_error",
-    "margin",
     "absolute_error",
+    "cross_entropy",
+    "function_spec",
+    "margin",
     "output",
+    "resolve_function",
+    "squared_error",
 ]
 
 PerExample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _flatten_positions(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _flatten_positions(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     # (n, T, C) logits with (n, T) targets: sequence models; positions are averaged.
     if outputs.ndim == 3 and targets.ndim == 2:
         n, t, c = outputs.shape

@@ -42,15 +42,24 @@ def unrolled_scores(
     device = resolve_device(device)
     weights = torch.ones(trajectory.n_train, dtype=dtype, device=device, requires_grad=True)
     params, buffers = replay(
-        trajectory, weights=weights, create_graph=True, dtype=dtype, device=device, progress=progress
+        trajectory,
+        weights=weights,
+        create_graph=True,
+        dtype=dtype,
+        device=device,
+        progress=progress,
     )
     model = trajectory.architecture.build().to(device=device, dtype=dtype)
     model.eval()
     q = queries.to(device, dtype)
-    values = trajectory.measurement(functional_call(model, {**params, **buffers}, (q.inputs,)), q.targets)
+    values = trajectory.measurement(
+        functional_call(model, {**params, **buffers}, (q.inputs,)), q.targets
+    )
     n_queries = len(queries)
     rows = torch.empty(n_queries, trajectory.n_train, dtype=dtype)
-    bar = tqdm(total=n_queries, desc="unrolling queries", disable=not progress, unit="query", leave=False)
+    bar = tqdm(
+        total=n_queries, desc="unrolling queries", disable=not progress, unit="query", leave=False
+    )
     batched = True
     for start in range(0, n_queries, query_batch_size):
         stop = min(start + query_batch_size, n_queries)

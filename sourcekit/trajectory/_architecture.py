@@ -65,7 +65,9 @@ class Architecture:
         Keyword arguments for the factory; must be JSON-serialisable to be saved.
     """
 
-    def __init__(self, source: str | Callable[..., nn.Module] | nn.Module, kwargs: dict | None = None) -> None:
+    def __init__(
+        self, source: str | Callable[..., nn.Module] | nn.Module, kwargs: dict | None = None
+    ) -> None:
         if isinstance(source, Architecture):
             source, kwargs = source.source, source.kwargs
         if not isinstance(source, (str, nn.Module)) and not callable(source):
@@ -132,7 +134,9 @@ def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_fits(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+def check_fits(
+    params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model: nn.Module, where: str
+) -> None:
     """Raise a ``TrajectoryError`` unless the tensors match the model's parameters and buffers."""
     expected = state_shapes(model)
     given = {name: tuple(t.shape) for name, t in {**params, **buffers}.items()}

@@ -130,7 +130,9 @@ class Examples:
         return Examples(self.inputs[key], self.targets[key])
 
     # --- conveniences ----------------------------------------------------------------
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Examples:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Examples:
         """Return a copy on ``device``; ``dtype`` applies to floating-point tensors only."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -145,9 +147,7 @@ class Examples:
         """Concatenate several ``Examples`` along the examples axis."""
         if not parts:
             raise ValueError("Examples.concat needs at least one Examples object.")
-        return cls(
-            torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts])
-        )
+        return cls(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
 
     def fingerprint(self) -> str:
         """A sha256 of the inputs and targets (values, shapes and dtypes)."""

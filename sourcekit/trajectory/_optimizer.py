@@ -15,7 +15,7 @@ import torch
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["OptimizerSpec", "optimizer_step", "initial_state"]
+__all__ = ["OptimizerSpec", "initial_state", "optimizer_step"]
 
 _KINDS = ("sgd", "adam", "adamw")
 
@@ -66,8 +66,12 @@ class OptimizerSpec:
             ("dampening", self.dampening, 0 <= self.dampening < 1, "a float in [0, 1)"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "a float >= 0"),
             ("eps", self.eps, self.eps >= 0, "a float >= 0"),
-            ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             "two floats in [0, 1)"),
+            (
+                "betas",
+                self.betas,
+                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "two floats in [0, 1)",
+            ),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

@@ -51,7 +51,9 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None, step: i
                     elif key == "step":
                         opt_state["step"] = int(value)
                     elif isinstance(value, torch.Tensor):
-                        per_name.setdefault(key, {})[names[id(p)]] = value.detach().to("cpu", copy=True)
+                        per_name.setdefault(key, {})[names[id(p)]] = value.detach().to(
+                            "cpu", copy=True
+                        )
         opt_state.update(per_name)
     return Checkpoint(step=step, params=params, buffers=buffers, optimizer=opt_state)
 
@@ -132,7 +134,9 @@ class TrajectoryRecorder:
                 "the initial and final states, enough for exact unrolling)."
             )
         if checkpoint_every is not None and (
-            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, (int, np.integer))
+            or checkpoint_every < 1
         ):
             raise ValueError(
                 f"The 'checkpoint_every' parameter must be an int >= 1; got {checkpoint_every!r}."
@@ -143,7 +147,9 @@ class TrajectoryRecorder:
         self._measurement = measurement
         self._architecture = architecture if architecture is not None else model
         self._architecture_kwargs = architecture_kwargs
-        self._explicit_steps = None if checkpoint_steps is None else sorted({int(s) for s in checkpoint_steps})
+        self._explicit_steps = (
+            None if checkpoint_steps is None else sorted({int(s) for s in checkpoint_steps})
+        )
         self._every = checkpoint_every
         if self._explicit_steps and self._explicit_steps[0] < 0:
             raise ValueError(f"Checkpoint steps must be >= 0; got {self._explicit_steps[0]}.")
@@ -272,7 +278,9 @@ class TrajectoryRecorder:
         """
         record = self._open
         if record is None:
-            raise TrajectoryError("recorder.step() was called outside a stage; wrap the loop in `with recorder.stage(optimizer):`.")
+            raise TrajectoryError(
+                "recorder.step() was called outside a stage; wrap the loop in `with recorder.stage(optimizer):`."
+            )
         if record["pending_lr"] is None:
             raise TrajectoryError(
                 "recorder.step() was called without a preceding optimizer.step(); call it once "
@@ -283,7 +291,9 @@ class TrajectoryRecorder:
         if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
             raise TrajectoryError(
                 f"The batch indices of step {self._step} must be non-empty and lie in [0, {n}); got "
-                f"{idx.size} indices" + (f" from {idx.min()} to {idx.max()}" if idx.size else "") + "."
+                f"{idx.size} indices"
+                + (f" from {idx.min()} to {idx.max()}" if idx.size else "")
+                + "."
             )
         self._learning_rates.append(record["pending_lr"])
         record["pending_lr"] = None
@@ -297,7 +307,9 @@ class TrajectoryRecorder:
         if self._open is not None:
             raise TrajectoryError("Close the open stage (leave its `with` block) before finish().")
         if not self._stages:
-            raise TrajectoryError("Nothing was recorded: open a stage and record at least one step.")
+            raise TrajectoryError(
+                "Nothing was recorded: open a stage and record at least one step."
+            )
         total = self._step
         if self._explicit_steps and self._explicit_steps[-1] > total:
             raise TrajectoryError(
@@ -309,7 +321,9 @@ class TrajectoryRecorder:
         steps = [s for s in self._checkpoints if s < total and self._wants_checkpoint(s)]
         self._finished = True
         return Trajectory(
-            architecture=self._architecture if self._architecture_kwargs is None else _with_kwargs(self._architecture, self._architecture_kwargs),
+            architecture=self._architecture
+            if self._architecture_kwargs is None
+            else _with_kwargs(self._architecture, self._architecture_kwargs),
             train=self._train,
             stages=self._stages,
             learning_rates=np.asarray(self._learning_rates),

@@ -85,7 +85,9 @@ def replay(
             f"{tuple(weights.shape)}."
         )
     assert trajectory.batches is not None
-    bar = tqdm(total=trajectory.n_steps, desc="replaying", disable=not progress, unit="step", leave=False)
+    bar = tqdm(
+        total=trajectory.n_steps, desc="replaying", disable=not progress, unit="step", leave=False
+    )
     with torch.enable_grad():
         for stage in trajectory.stages:
             state = initial_state(stage.optimizer)
@@ -95,7 +97,9 @@ def replay(
                 per_example = trajectory.loss(outputs, data.targets[idx])
                 batch_loss = (weights[idx] * per_example).mean()
                 names = list(params)
-                grads = torch.autograd.grad(batch_loss, [params[n] for n in names], create_graph=create_graph)
+                grads = torch.autograd.grad(
+                    batch_loss, [params[n] for n in names], create_graph=create_graph
+                )
                 if not create_graph:
                     grads = tuple(g.detach() for g in grads)
                     params = {n: p.detach() for n, p in params.items()}

@@ -17,7 +17,7 @@ import torch
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["Checkpoint", "MemoryStore", "DirectoryStore", "sha256_file", "load_tensors"]
+__all__ = ["Checkpoint", "DirectoryStore", "MemoryStore", "load_tensors", "sha256_file"]
 
 
 @dataclass

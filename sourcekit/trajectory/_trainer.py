@@ -25,7 +25,7 @@ from ._optimizer import OptimizerSpec
 from ._recorder import TrajectoryRecorder
 from ._trajectory import Trajectory
 
-__all__ = ["TrainingStage", "train", "learning_rate_schedule"]
+__all__ = ["TrainingStage", "learning_rate_schedule", "train"]
 
 _SCHEDULES = ("constant", "linear", "cosine")
 
@@ -67,7 +67,11 @@ class TrainingStage:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "n_checkpoints" else 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or value < (0 if name == "n_checkpoints" else 1)
+            ):
                 raise ValueError(
                     f"The {name!r} parameter of TrainingStage must be an int >= "
                     f"{0 if name == 'n_checkpoints' else 1}; got {value!r}."
@@ -76,8 +80,12 @@ class TrainingStage:
             raise ValueError(
                 f"The 'schedule' parameter of TrainingStage must be one of {_SCHEDULES}; got {self.schedule!r}."
             )
-        if self.max_steps is not None and (not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1):
-            raise ValueError(f"The 'max_steps' parameter of TrainingStage must be an int >= 1 or None; got {self.max_steps!r}.")
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1
+        ):
+            raise ValueError(
+                f"The 'max_steps' parameter of TrainingStage must be an int >= 1 or None; got {self.max_steps!r}."
+            )
         if not isinstance(self.optimizer, OptimizerSpec):
             raise TypeError(
                 f"The 'optimizer' of TrainingStage must be an OptimizerSpec; got {type(self.optimizer).__name__}."
@@ -121,7 +129,9 @@ def _stage_seed(random_state: int, stage_index: int) -> int:
 def _checkpoint_steps(start: int, n_steps: int, n_checkpoints: int) -> list[int]:
     if n_checkpoints == 0:
         return []
-    return sorted({start + int(math.floor((j + 0.5) * n_steps / n_checkpoints)) for j in range(n_checkpoints)})
+    return sorted(
+        {start + math.floor((j + 0.5) * n_steps / n_checkpoints) for j in range(n_checkpoints)}
+    )
 
 
 def _init_model(architecture: Architecture, seed: int) -> nn.Module:
@@ -173,8 +183,12 @@ def train(
     n = len(train)
     plan = []
     start = 0
-    for i, stage in enumerate(stages):
-        examples = np.arange(n, dtype=np.int64) if stage.examples is None else np.unique(np.asarray(stage.examples, dtype=np.int64))
+    for stage in stages:
+        examples = (
+            np.arange(n, dtype=np.int64)
+            if stage.examples is None
+            else np.unique(np.asarray(stage.examples, dtype=np.int64))
+        )
         if examples.size == 0:
             raise ValueError(f"TrainingStage {stage.name!r} has no training examples.")
         per_epoch = math.ceil(examples.size / stage.batch_size)
@@ -182,7 +196,11 @@ def train(
         steps = total if stage.max_steps is None else min(total, stage.max_steps)
         plan.append((stage, examples, per_epoch, total, steps, start))
         start += steps
-    checkpoint_steps = [s for (stage, _, _, _, steps, begin) in plan for s in _checkpoint_steps(begin, steps, stage.n_checkpoints)]
+    checkpoint_steps = [
+        s
+        for (stage, _, _, _, steps, begin) in plan
+        for s in _checkpoint_steps(begin, steps, stage.n_checkpoints)
+    ]
     recorder = TrajectoryRecorder(
         model,
         train,
@@ -203,7 +221,13 @@ def train(
             if i == 0:
                 recipe["init_seed"] = int(random_state)
             done = 0
-            with recorder.stage(optimizer, name=stage.name, examples=examples, batch_size=stage.batch_size, recipe=recipe):
+            with recorder.stage(
+                optimizer,
+                name=stage.name,
+                examples=examples,
+                batch_size=stage.batch_size,
+                recipe=recipe,
+            ):
                 while done < steps:
                     order = examples[torch.randperm(examples.size, generator=generator).numpy()]
                     for b in range(per_epoch):
@@ -223,4 +247,3 @@ def train(
     finally:
         bar.close()
     return recorder.finish()
-

@@ -40,9 +40,16 @@ from ..gradients._functions import LOSSES, MEASUREMENTS, function_spec, resolve_
 from ._architecture import Architecture, check_fits, state_shapes
 from ._examples import Examples
 from ._optimizer import OptimizerSpec
-from ._storage import Checkpoint, DirectoryStore, MemoryStore, hash_value, load_tensors, sha256_file
+from ._storage import (
+    Checkpoint,
+    DirectoryStore,
+    MemoryStore,
+    hash_value,
+    load_tensors,
+    sha256_file,
+)
 
-__all__ = ["Trajectory", "Stage", "AttributionTask", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "AttributionTask", "Stage", "Trajectory"]
 
 FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
@@ -105,7 +112,9 @@ class AttributionTask:
 
     def __init__(self, trajectory: Trajectory, queries: Examples) -> None:
         if not isinstance(trajectory, Trajectory):
-            raise TypeError(f"AttributionTask needs a Trajectory; got {type(trajectory).__name__}.")
+            raise TypeError(
+                f"AttributionTask needs a Trajectory; got {type(trajectory).__name__}."
+            )
         self.trajectory = trajectory
         self.queries = trajectory.check_queries(queries)
 
@@ -264,7 +273,9 @@ class Trajectory:
 
     def _check_learning_rates(self, learning_rates: Any) -> np.ndarray:
         lrs = np.asarray(
-            learning_rates.detach().cpu().numpy() if isinstance(learning_rates, torch.Tensor) else learning_rates,
+            learning_rates.detach().cpu().numpy()
+            if isinstance(learning_rates, torch.Tensor)
+            else learning_rates,
             dtype=np.float64,
         )
         if lrs.shape != (self.n_steps,):
@@ -326,7 +337,9 @@ class Trajectory:
                     "stand for the steps that follow them, so they must precede the final step."
                 )
             if s not in stored:
-                raise TrajectoryError(f"The checkpoint step {s} is listed but no checkpoint is stored for it.")
+                raise TrajectoryError(
+                    f"The checkpoint step {s} is listed but no checkpoint is stored for it."
+                )
         return tuple(out)
 
     def check_queries(self, queries: Any) -> Examples:
@@ -381,7 +394,9 @@ class Trajectory:
             )
         checkpoint = self._store.get(step)
         if isinstance(self._store, DirectoryStore):
-            given = {k: tuple(v.shape) for k, v in {**checkpoint.params, **checkpoint.buffers}.items()}
+            given = {
+                k: tuple(v.shape) for k, v in {**checkpoint.params, **checkpoint.buffers}.items()
+            }
             if given != self._param_shapes:
                 raise TrajectoryError(
                     f"The checkpoint at step {step} does not fit the architecture "
@@ -431,7 +446,8 @@ class Trajectory:
             "architecture": self.architecture.spec() or self.architecture.describe(),
             "param_shapes": {k: list(v) for k, v in sorted(self._param_shapes.items())},
             "loss": function_spec(self.loss_spec, LOSSES) or repr(self.loss),
-            "measurement": function_spec(self.measurement_spec, MEASUREMENTS) or repr(self.measurement),
+            "measurement": function_spec(self.measurement_spec, MEASUREMENTS)
+            or repr(self.measurement),
             "train_mode": self.train_mode,
             "stages": [s.describe() for s in self.stages],
             "checkpoint_steps": list(self.checkpoint_steps),
@@ -541,8 +557,13 @@ class Trajectory:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if isinstance(self._store, DirectoryStore) and self._store.root.resolve() == target.resolve():
-            self._store = DirectoryStore(target, {c["step"]: (c["file"], c["sha256"], c["digest"]) for c in checkpoints})
+        if (
+            isinstance(self._store, DirectoryStore)
+            and self._store.root.resolve() == target.resolve()
+        ):
+            self._store = DirectoryStore(
+                target, {c["step"]: (c["file"], c["sha256"], c["digest"]) for c in checkpoints}
+            )
         return target
 
     @classmethod
@@ -580,7 +601,9 @@ class Trajectory:
                 "corrupt. Restore it from the original save."
             ) from err
         if not isinstance(manifest, dict) or manifest.get("format") != "sourcekit.trajectory":
-            raise TrajectoryError(f"The manifest {str(manifest_path)!r} is not a sourcekit trajectory manifest.")
+            raise TrajectoryError(
+                f"The manifest {str(manifest_path)!r} is not a sourcekit trajectory manifest."
+            )
         if manifest.get("version") != FORMAT_VERSION:
             raise TrajectoryError(
                 f"The trajectory at {str(root)!r} has format version {manifest.get('version')!r}; "
@@ -588,8 +611,12 @@ class Trajectory:
             )
         try:
             files = manifest["files"]
-            data = load_tensors(root / files["data"]["file"], files["data"]["sha256"], "training data")
-            schedule = load_tensors(root / files["schedule"]["file"], files["schedule"]["sha256"], "schedule")
+            data = load_tensors(
+                root / files["data"]["file"], files["data"]["sha256"], "training data"
+            )
+            schedule = load_tensors(
+                root / files["schedule"]["file"], files["schedule"]["sha256"], "schedule"
+            )
             stages = []
             for i, desc in enumerate(manifest["stages"]):
                 stages.append(
@@ -609,11 +636,17 @@ class Trajectory:
                 indices = schedule["batch_indices"].numpy()
                 batches = [indices[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
             store = DirectoryStore(
-                root, {int(c["step"]): (c["file"], c["sha256"], c["digest"]) for c in manifest["checkpoints"]}
+                root,
+                {
+                    int(c["step"]): (c["file"], c["sha256"], c["digest"])
+                    for c in manifest["checkpoints"]
+                },
             )
             arch = architecture
             if arch is None:
-                arch = Architecture(manifest["architecture"]["factory"], manifest["architecture"]["kwargs"])
+                arch = Architecture(
+                    manifest["architecture"]["factory"], manifest["architecture"]["kwargs"]
+                )
             return cls(
                 architecture=arch,
                 train=Examples(data["inputs"], data["targets"]),
@@ -625,7 +658,9 @@ class Trajectory:
                 loss=manifest["loss"] if loss is None else loss,
                 measurement=manifest["measurement"] if measurement is None else measurement,
                 train_mode=manifest.get("train_mode", True),
-                _fingerprint=manifest["fingerprint"] if architecture is None and loss is None and measurement is None else None,
+                _fingerprint=manifest["fingerprint"]
+                if architecture is None and loss is None and measurement is None
+                else None,
                 _param_shapes=manifest["param_shapes"],
             )
         except (KeyError, TypeError) as err:
