@@ -12,7 +12,7 @@ measurement of query q (positive: m pushed it up), with the 1/N scale included.
 
 from . import datasets, exceptions
 from .base import BaseAttributor
-from .estimators import UnrolledAttributor
+from .estimators import InfluenceAttributor, SourceAttributor, UnrolledAttributor
 from .trajectory import (
     AttributionTask,
     Examples,
@@ -29,7 +29,9 @@ __all__ = [
     "AttributionTask",
     "BaseAttributor",
     "Examples",
+    "InfluenceAttributor",
     "OptimizerSpec",
+    "SourceAttributor",
     "TrainingStage",
     "Trajectory",
     "TrajectoryRecorder",

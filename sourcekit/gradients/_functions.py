@@ -7,7 +7,12 @@ the targets of n examples to a tensor of shape (n,):
 - the measurement f(z_q, θ) whose change attribution explains.
 
 Built-in ones are named by strings (so that a saved trajectory can name them); any
-importable function ``module:qualname`` works too.
+importable function ``module:qualname`` works too. A loss that defines
+``loss.sample_targets(outputs, uniforms)`` (targets drawn from the model's predictive
+distribution, given uniform noise shaped like the outputs) supports the true Fisher;
+the built-in losses do. ``loss.output_hessian_sqrt(outputs)`` (a factor M with
+M Mᵀ = ∇²_outputs L, shape (..., C, C)) gives the exact expected Fisher (the
+Gauss-Newton matrix).
 """
 
 from __future__ import annotations
@@ -54,14 +59,21 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return losses.reshape(-1, positions).mean(dim=1)
 
 
-def _sample_categorical(outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    logits, _, positions = _flatten_positions(outputs, outputs.new_zeros(outputs.shape[:-1]))
-    probs = torch.softmax(logits.detach().double(), dim=-1)
-    draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(outputs.device)
-    return draws.reshape(outputs.shape[:-1]) if positions > 1 else draws
+def _sample_categorical(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
+    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
+    return (outputs.detach().double() + gumbel.double()).argmax(dim=-1)
+
+
+def _softmax_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
+    # ∇²_z CE = diag(p) − ppᵀ = M Mᵀ with M = diag(√p) − p √pᵀ (since Σp = 1).
+    p = torch.softmax(outputs.detach().double(), dim=-1)
+    root = p.sqrt()
+    return torch.diag_embed(root) - p[..., :, None] * root[..., None, :]
 
 
 cross_entropy.sample_targets = _sample_categorical  # type: ignore[attr-defined]
+cross_entropy.output_hessian_sqrt = _softmax_hessian_sqrt  # type: ignore[attr-defined]
 
 
 def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -70,12 +82,19 @@ def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
 
-def _sample_gaussian(outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
-    return (outputs.detach().double().cpu() + noise).to(outputs.device, outputs.dtype)
+def _sample_gaussian(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    # y ~ N(f(x), I): the predictive distribution of the squared-error loss.
+    normal = torch.special.ndtri(uniforms.double().clamp(1e-12, 1 - 1e-12))
+    return (outputs.detach().double() + normal).to(outputs.dtype)
+
+
+def _identity_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(outputs.shape[-1], dtype=torch.float64, device=outputs.device)
+    return eye.expand(*outputs.shape, outputs.shape[-1])
 
 
 squared_error.sample_targets = _sample_gaussian  # type: ignore[attr-defined]
+squared_error.output_hessian_sqrt = _identity_hessian_sqrt  # type: ignore[attr-defined]
 
 
 def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from ._architecture import Architecture
 from ._examples import Examples
 from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
+from ._segments import Segment
 from ._storage import Checkpoint
 from ._trainer import TrainingStage, learning_rate_schedule, train
 from ._trajectory import AttributionTask, Stage, Trajectory
@@ -14,6 +15,7 @@ __all__ = [
     "Checkpoint",
     "Examples",
     "OptimizerSpec",
+    "Segment",
     "Stage",
     "TrainingStage",
     "Trajectory",

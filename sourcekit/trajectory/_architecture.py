@@ -81,11 +81,16 @@ class Architecture:
         self.kwargs = dict(kwargs or {})
 
     def build(self) -> nn.Module:
-        """A new module with the architecture (its initial weights are irrelevant)."""
+        """A new module with the architecture (its initial weights are irrelevant).
+
+        Building draws the factory's initial weights from torch's random state but leaves
+        the caller's global random state as it was.
+        """
         if isinstance(self.source, nn.Module):
             return copy.deepcopy(self.source)
         factory = _import(self.source) if isinstance(self.source, str) else self.source
-        model = factory(**self.kwargs)
+        with torch.random.fork_rng(devices=[]):
+            model = factory(**self.kwargs)
         if not isinstance(model, nn.Module):
             raise TrajectoryError(
                 f"The architecture factory {self.describe()} returned a {type(model).__name__}, "

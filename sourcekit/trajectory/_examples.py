@@ -55,6 +55,9 @@ def _normalise_key(key: Any, n: int) -> Any:
             raise IndexError(f"Example index {index} is out of range for {n} examples.")
         return slice(index % n, index % n + 1)
     if isinstance(key, slice):
+        if key.step is not None and key.step < 0:
+            # torch tensors do not take negative slice steps; index with positions.
+            return torch.arange(*key.indices(n), dtype=torch.long)
         return key
     if isinstance(key, torch.Tensor):
         key = key.cpu().numpy()

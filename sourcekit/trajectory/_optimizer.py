@@ -133,7 +133,8 @@ class OptimizerSpec:
                     f"The optimizer uses {flag}=True, which sourcekit cannot replay. "
                     f"Train with {name}({flag}=False)."
                 )
-        lr = float(group["lr"])
+        # The base learning rate: a scheduler's starting value (a warm-up may start at 0).
+        lr = float(group.get("initial_lr", group["lr"]))
         if isinstance(optimizer, torch.optim.SGD):
             return cls(
                 "sgd",

@@ -34,6 +34,8 @@ from ._trajectory import Stage, Trajectory, _as_index_array
 
 __all__ = ["TrajectoryRecorder"]
 
+_FIXED_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
+
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> Checkpoint:
     params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
@@ -243,8 +245,23 @@ class TrajectoryRecorder:
                     "optimizer.step() was called twice without recorder.step(indices) in between; "
                     "call recorder.step once after every optimizer step."
                 )
+            changed = [
+                f"{key} {settings[key]!r} -> {group.get(key)!r}"
+                for group in opt.param_groups
+                for key in settings
+                if group.get(key) != settings[key]
+            ]
+            if changed:
+                raise TrajectoryError(
+                    f"The optimizer's hyperparameters changed during stage {record['name']!r} "
+                    f"({', '.join(changed[:3])}); sourcekit records one setting per stage and only the "
+                    "learning rate may follow a schedule. Keep them fixed (e.g. "
+                    "OneCycleLR(..., cycle_momentum=False)) or start a new stage."
+                )
             record["pending_lr"] = lrs.pop()
 
+        # Everything replay follows but the learning rate must stay as it was at the start.
+        settings = {k: v for k, v in optimizer.param_groups[0].items() if k in _FIXED_SETTINGS}
         handle = optimizer.register_step_pre_hook(pre_hook)
         self._open = record
         try:
@@ -257,7 +274,10 @@ class TrajectoryRecorder:
                 "The last optimizer step of the stage was not followed by recorder.step(indices)."
             )
         if self._step == record["start"]:
-            raise TrajectoryError(f"Stage {record['name']!r} recorded no steps.")
+            raise TrajectoryError(
+                f"Stage {record['name']!r} recorded no steps; call recorder.step(indices) after "
+                "every optimizer step inside the stage."
+            )
         sizes = [b.size for b in self._batches[record["start"] :]]
         self._stages.append(
             Stage(

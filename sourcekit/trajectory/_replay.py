@@ -69,11 +69,17 @@ def replay(
     model = trajectory.architecture.build().to(device=device, dtype=dtype)
     model.train(trajectory.train_mode)
     initial = trajectory.checkpoint(0)
+    # Copies: requires_grad_ must not flag the stored checkpoint's own tensors.
     params = {
-        k: v.to(device=device, dtype=dtype).requires_grad_(True) for k, v in initial.params.items()
+        k: v.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+        for k, v in initial.params.items()
     }
+    # Copies: modules update buffers in place (batch-norm statistics), and the stored
+    # checkpoint must not change.
     buffers = {
-        k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        k: v.to(device=device, dtype=dtype, copy=True)
+        if v.is_floating_point()
+        else v.to(device, copy=True)
         for k, v in initial.buffers.items()
     }
     data = trajectory.train.to(device, dtype)

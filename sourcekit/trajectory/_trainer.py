@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..exceptions import TrajectoryError
 from ..gradients._functions import LOSSES, resolve_function
 from ._architecture import Architecture
 from ._examples import Examples
@@ -173,6 +174,10 @@ def train(
             f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
             "Wrap arrays as Examples(inputs, targets)."
         )
+    if len(train) == 0:
+        raise TrajectoryError(
+            "The training set is empty (0 examples). Pass the examples the model trains on."
+        )
     stages = list(stages)
     if not stages:
         raise ValueError("train() needs at least one TrainingStage.")
@@ -190,7 +195,10 @@ def train(
             else np.unique(np.asarray(stage.examples, dtype=np.int64))
         )
         if examples.size == 0:
-            raise ValueError(f"TrainingStage {stage.name!r} has no training examples.")
+            raise ValueError(
+                f"TrainingStage {stage.name!r} has no training examples. Pass examples=None "
+                "(all training examples) or a non-empty array of indices."
+            )
         per_epoch = math.ceil(examples.size / stage.batch_size)
         total = stage.epochs * per_epoch
         steps = total if stage.max_steps is None else min(total, stage.max_steps)

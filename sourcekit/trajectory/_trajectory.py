@@ -13,8 +13,10 @@ Conventions
   one. Both are always stored (exact unrolling starts from the first; queries are
   measured on the last).
 - ``checkpoint_steps`` are the checkpoints that approximate methods use, all in
-  ``[0, T)``. A checkpoint stands for the steps from itself up to the next checkpoint
-  (the first of a stage stands from the stage's start, the last to the stage's end).
+  ``[0, T)``. A checkpoint stands for the steps of its stage nearer to it than to its
+  neighbouring checkpoints (ties go to the later one; the first of a stage stands from
+  the stage's start, the last to the stage's end); with a checkpoint at every step,
+  checkpoint k stands for step k alone.
 - The columns of every score matrix are the training examples, indexed 0..n_train-1.
   Each stage trains on a subset of them; batch indices refer to these global indices.
 """
@@ -27,7 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from ..gradients._functions import LOSSES, MEASUREMENTS, function_spec, resolve_
 from ._architecture import Architecture, check_fits, state_shapes
 from ._examples import Examples
 from ._optimizer import OptimizerSpec
+from ._segments import Segment, split_segments
 from ._storage import (
     Checkpoint,
     DirectoryStore,
@@ -244,6 +247,7 @@ class Trajectory:
             raise TrajectoryError("A trajectory needs at least one stage; got none.")
         expected_start = 0
         n = len(self.train)
+        checked = []
         for i, stage in enumerate(stages):
             if not isinstance(stage, Stage):
                 raise TypeError(f"stages[{i}] must be a Stage; got {type(stage).__name__}.")
@@ -262,14 +266,19 @@ class Trajectory:
             if examples.min() < 0 or examples.max() >= n:
                 raise TrajectoryError(
                     f"Stage {stage.name!r} names training examples from {examples.min()} to "
-                    f"{examples.max()}, outside [0, {n}) for the {n} training examples."
+                    f"{examples.max()}, outside [0, {n}) for the {n} training examples. Use "
+                    "indices into the trajectory's training set."
                 )
             unique = np.unique(examples)
             if unique.size != examples.size:
-                raise TrajectoryError(f"Stage {stage.name!r} lists some training examples twice.")
-            object.__setattr__(stage, "examples", unique)
+                raise TrajectoryError(
+                    f"Stage {stage.name!r} lists some training examples twice; list each example "
+                    "of the stage once."
+                )
+            # A new Stage: the caller's objects are never modified.
+            checked.append(replace(stage, examples=unique))
             expected_start = stage.end
-        return stages
+        return checked
 
     def _check_learning_rates(self, learning_rates: Any) -> np.ndarray:
         lrs = np.asarray(
@@ -286,7 +295,7 @@ class Trajectory:
         if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
             bad = int(np.flatnonzero(~np.isfinite(lrs) | (lrs < 0))[0])
             raise TrajectoryError(
-                f"The learning rate of step {bad} is {lrs[bad]!r}; learning rates must be finite "
+                f"The learning rate of step {bad} is {float(lrs[bad])!r}; learning rates must be finite "
                 "and >= 0."
             )
         return lrs
@@ -305,7 +314,10 @@ class Trajectory:
             for step in range(stage.start, stage.end):
                 idx = _as_index_array(batches[step], f"batch indices of step {step}")
                 if idx.size == 0:
-                    raise TrajectoryError(f"The batch of step {step} is empty.")
+                    raise TrajectoryError(
+                        f"The batch of step {step} is empty; record the indices of the examples "
+                        "each step trained on."
+                    )
                 if idx.min() < 0 or idx.max() >= n:
                     raise TrajectoryError(
                         f"The batch of step {step} holds example indices from {idx.min()} to "
@@ -415,6 +427,17 @@ class Trajectory:
         state = self.checkpoint(self.n_steps if step is None else step)
         model.load_state_dict({**state.params, **state.buffers}, strict=True)
         return model
+
+    def segments(
+        self, n_segments: int | None = None, boundaries: Sequence[int] | None = None
+    ) -> list[Segment]:
+        """Split the run into segments (see :mod:`sourcekit.trajectory._segments`).
+
+        ``n_segments`` equal groups of consecutive checkpoints (default: one per stage),
+        always cut at stage boundaries; or explicit ``boundaries`` (steps where a segment
+        starts).
+        """
+        return split_segments(self, n_segments, boundaries)
 
     def bind(self, queries: Examples) -> AttributionTask:
         """Bind queries to this trajectory: the sample axis scikit-learn tools split.
@@ -551,7 +574,10 @@ class Trajectory:
                 backup.rmdir()
                 target.rename(backup)
                 staging.rename(target)
-                shutil.rmtree(backup)
+                if backup.is_dir():
+                    shutil.rmtree(backup)
+                else:  # overwrite=True replaces a file as well
+                    backup.unlink()
             else:
                 staging.rename(target)
         except BaseException:

@@ -1,0 +1,384 @@
+"""Fitting curvature over the checkpoints of a segment (METHOD.md section 5).
+
+For EK-FAC, at every checkpoint c of the segment, over the stage's training examples:
+
+1. A_c = E[a aᵀ] (layer inputs, bias as an input of 1, averaged over positions) and
+   S_c = E[Σ_t s_t s_tᵀ] (output gradients for Fisher targets);
+2. A = mean_c A_c and S = mean_c S_c are eigendecomposed in float64 (one basis per
+   segment): A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ;
+3. Λ_c = E[(Q_Sᵀ G Q_A)^∘2] over per-example gradients G at checkpoint c, in that basis;
+   the eigenvalues are Λ = mean_c Λ_c.
+
+K-FAC stops after step 2 with Λ = Λ_S ⊗ Λ_A; "diagonal" is Λ = mean_c E[G^∘2] in
+parameter coordinates; "identity" is Λ = 1; "exact" is the dense Gauss-Newton matrix
+mean_c E[Jᵀ ∇²_z L J], and "hessian" the dense Hessian of the mean training loss.
+
+The layer inputs and output gradients of a pass are kept in memory, within a byte
+budget, so that the eigenvalue correction (and later the scoring of training examples)
+does not need another pass over the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, hessian
+
+from ..exceptions import NonFiniteError
+from ..gradients._layers import LayerBlock
+from ..gradients._per_example import BatchFactors, FisherNoise, checkpoint_batches, model_at
+from ..trajectory import Trajectory
+from ._objects import DenseCurvature, EigenbasisCurvature, KroneckerFactors
+
+__all__ = ["CURVATURES", "CacheBudget", "FitSettings", "fisher_seed", "fit_curvature"]
+
+CURVATURES = ("ekfac", "kfac", "diagonal", "identity", "exact", "hessian")
+
+
+def fisher_seed(random_state: int | None, step: int) -> int:
+    """Seed of the Fisher targets sampled at checkpoint ``step``."""
+    base = 0 if random_state is None else int(random_state)
+    return int(np.random.SeedSequence([base, int(step), 7]).generate_state(1)[0])
+
+
+class CacheBudget:
+    """Bytes that cached layer inputs and output gradients may occupy."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
+
+
+@dataclass
+class FitSettings:
+    """How passes over the training data are run."""
+
+    fisher: str = "true"
+    random_state: int | None = 0
+    batch_size: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class LossCache:
+    """Per checkpoint, the batches of (indices, layer inputs, training-loss output gradients)."""
+
+    batches: dict[int, list[BatchFactors]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for batches in self.batches.values() for b in batches)
+
+
+def _check(matrix: torch.Tensor, what: str, name: str) -> None:
+    if not torch.isfinite(matrix).all():
+        raise NonFiniteError(
+            f"NaN or infinity in the {what} of layer {name!r}. The checkpoints of this segment may "
+            "have diverged; choose other checkpoints or check the recorded data."
+        )
+
+
+def _eigh(matrix: torch.Tensor, what: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(matrix, what, name)
+    sym = 0.5 * (matrix + matrix.T)
+    values, vectors = torch.linalg.eigh(sym.double())
+    return values.clamp_min(0.0), vectors
+
+
+def _sum_fisher(
+    blocks: Sequence[LayerBlock], batch: BatchFactors, a_sums: dict, s_sums: dict, counts: dict
+) -> None:
+    for block in blocks:
+        a = batch.a[block.name].double()
+        a_sums[block.name] += torch.einsum("nti,ntj->ij", a, a)
+        counts[block.name][0] += a.shape[0] * a.shape[1]
+        for variant in batch.fisher:
+            s = variant[block.name].double()
+            s_sums[block.name] += torch.einsum("nti,ntj->ij", s, s)
+        counts[block.name][1] += a.shape[0]
+
+
+def _squared_rotated(
+    block: LayerBlock, batch: BatchFactors, q_s: torch.Tensor | None, q_a: torch.Tensor | None
+) -> torch.Tensor:
+    """Σ over examples (and Fisher variants) of (Q_Sᵀ G Q_A)^∘2, without forming G when T = 1."""
+    a = batch.a[block.name].double()
+    if q_a is not None:
+        a = a @ q_a
+    total = torch.zeros(block.d_out, block.d_in, dtype=torch.float64, device=a.device)
+    for variant in batch.fisher:
+        s = variant[block.name].double()
+        if q_s is not None:
+            s = s @ q_s
+        if a.shape[1] == 1:
+            total += (s[:, 0] ** 2).T @ (a[:, 0] ** 2)
+        else:
+            g = torch.einsum("nto,nti->noi", s, a)
+            total += (g * g).sum(dim=0)
+    return total
+
+
+def fit_curvature(
+    kind: str,
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    steps: Sequence[int],
+    indices: np.ndarray,
+    settings: FitSettings,
+    *,
+    budget: CacheBudget | None = None,
+    loss_cache: LossCache | None = None,
+) -> EigenbasisCurvature | DenseCurvature:
+    """Fit one curvature over the checkpoints ``steps`` using the examples ``indices``.
+
+    When ``loss_cache`` is given, the layer inputs and training-loss output gradients of
+    every batch are stored in it while the budget allows (they are what scoring needs).
+    """
+    if kind in ("exact", "hessian"):
+        return _fit_dense(kind, trajectory, blocks, steps, indices, settings)
+    if kind == "identity":
+        factors = {
+            b.name: KroneckerFactors(
+                None,
+                None,
+                torch.ones(b.d_out, b.d_in, dtype=torch.float64, device=settings.device),
+            )
+            for b in blocks
+        }
+        return EigenbasisCurvature(kind, blocks, factors)
+    budget = budget or CacheBudget(0)
+    dev = settings.device
+    a_mean = {b.name: torch.zeros(b.d_in, b.d_in, dtype=torch.float64, device=dev) for b in blocks}
+    s_mean = {
+        b.name: torch.zeros(b.d_out, b.d_out, dtype=torch.float64, device=dev) for b in blocks
+    }
+    diag_mean = {
+        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in blocks
+    }
+    fisher_cache: dict[int, list[BatchFactors] | None] = {}
+    for step in steps:
+        model = model_at(trajectory, step, blocks, device=dev, dtype=settings.dtype)
+        a_sum = {b.name: torch.zeros_like(a_mean[b.name]) for b in blocks}
+        s_sum = {b.name: torch.zeros_like(s_mean[b.name]) for b in blocks}
+        diag_sum = {b.name: torch.zeros_like(diag_mean[b.name]) for b in blocks}
+        counts = {b.name: [0, 0] for b in blocks}
+        kept: list[BatchFactors] | None = [] if kind == "ekfac" else None
+        keep_loss = loss_cache is not None
+        loss_batches: list[BatchFactors] = []
+        for batch in checkpoint_batches(
+            model,
+            blocks,
+            trajectory.train,
+            indices,
+            trajectory.loss,
+            fisher=settings.fisher,
+            want_loss=keep_loss,
+            noise=FisherNoise(fisher_seed(settings.random_state, step)),
+            batch_size=settings.batch_size,
+            device=dev,
+            dtype=settings.dtype,
+            step=step,
+        ):
+            if kind == "diagonal":
+                for b in blocks:
+                    diag_sum[b.name] += _squared_rotated(b, batch, None, None)
+                    counts[b.name][1] += len(batch.indices)
+            else:
+                _sum_fisher(blocks, batch, a_sum, s_sum, counts)
+            if keep_loss:
+                entry = BatchFactors(batch.indices, batch.a, [], batch.loss)
+                if budget.take(entry.nbytes()):
+                    loss_batches.append(entry)
+                else:
+                    keep_loss = False
+                    budget.give_back(sum(e.nbytes() for e in loss_batches))
+                    loss_batches = []
+            if kept is not None:
+                entry = BatchFactors(batch.indices, batch.a, batch.fisher, None)
+                if budget.take(entry.nbytes()):
+                    kept.append(entry)
+                else:
+                    budget.give_back(sum(e.nbytes() for e in kept))
+                    kept = None
+        if loss_cache is not None and keep_loss:
+            loss_cache.batches[step] = loss_batches
+        fisher_cache[step] = kept
+        for b in blocks:
+            n_positions, n_examples = counts[b.name]
+            if kind == "diagonal":
+                diag_mean[b.name] += diag_sum[b.name] / (n_examples * len(steps))
+            else:
+                a_mean[b.name] += a_sum[b.name] / (n_positions * len(steps))
+                s_mean[b.name] += s_sum[b.name] / (n_examples * len(steps))
+    if kind == "diagonal":
+        for b in blocks:
+            _check(diag_mean[b.name], "diagonal curvature", b.name)
+        return EigenbasisCurvature(
+            kind, blocks, {b.name: KroneckerFactors(None, None, diag_mean[b.name]) for b in blocks}
+        )
+    bases = {}
+    for b in blocks:
+        lam_a, q_a = _eigh(a_mean[b.name], "input covariance", b.name)
+        lam_s, q_s = _eigh(s_mean[b.name], "output-gradient covariance", b.name)
+        bases[b.name] = (lam_s, q_s, lam_a, q_a)
+    if kind == "kfac":
+        factors = {
+            n: KroneckerFactors(q_s, q_a, torch.outer(lam_s, lam_a))
+            for n, (lam_s, q_s, lam_a, q_a) in bases.items()
+        }
+        return EigenbasisCurvature(kind, blocks, factors)
+    corrected = {
+        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in blocks
+    }
+    for step in steps:
+        batches = fisher_cache.pop(step)
+        if batches is None:
+            model = model_at(trajectory, step, blocks, device=dev, dtype=settings.dtype)
+            batches_iter = checkpoint_batches(
+                model,
+                blocks,
+                trajectory.train,
+                indices,
+                trajectory.loss,
+                fisher=settings.fisher,
+                want_loss=False,
+                noise=FisherNoise(fisher_seed(settings.random_state, step)),
+                batch_size=settings.batch_size,
+                device=dev,
+                dtype=settings.dtype,
+                step=step,
+            )
+        else:
+            batches_iter = iter(batches)
+        total = {b.name: torch.zeros_like(corrected[b.name]) for b in blocks}
+        n = 0
+        for batch in batches_iter:
+            n += len(batch.indices)
+            for b in blocks:
+                _, q_s, _, q_a = bases[b.name]
+                total[b.name] += _squared_rotated(b, batch, q_s, q_a)
+        if batches is not None:
+            budget.give_back(sum(e.nbytes() for e in batches))
+        for b in blocks:
+            corrected[b.name] += total[b.name] / (n * len(steps))
+    factors = {}
+    for b in blocks:
+        _check(corrected[b.name], "corrected eigenvalues", b.name)
+        _, q_s, _, q_a = bases[b.name]
+        factors[b.name] = KroneckerFactors(q_s, q_a, corrected[b.name])
+    return EigenbasisCurvature(kind, blocks, factors)
+
+
+def _block_params(model: torch.nn.Module, blocks: Sequence[LayerBlock]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name] for b in blocks for name in (b.weight, b.bias) if name is not None}
+
+
+def _flat_block_vector(
+    blocks: Sequence[LayerBlock], tensors: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    return torch.cat([b.matrix(tensors).reshape(-1) for b in blocks])
+
+
+def _unflat_block_vector(
+    blocks: Sequence[LayerBlock], flat: torch.Tensor, shapes: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    out = {}
+    start = 0
+    for b in blocks:
+        out.update(b.split(flat[start : start + b.n_params].reshape(b.d_out, b.d_in), shapes))
+        start += b.n_params
+    return out
+
+
+def _gauss_newton_sum(
+    model, blocks, trajectory, indices, batch_size, device, step
+) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Σ_m J_mᵀ ∇²_z L J_m over the examples: the expected Fisher, one backward per output."""
+    n_params = sum(b.n_params for b in blocks)
+    total = torch.zeros(n_params, n_params, dtype=torch.float64, device=device)
+    for batch in checkpoint_batches(
+        model,
+        blocks,
+        trajectory.train,
+        indices,
+        trajectory.loss,
+        fisher="expected",
+        want_loss=False,
+        noise=None,
+        batch_size=batch_size,
+        device=device,
+        dtype=torch.float64,
+        step=step,
+    ):
+        for variant in batch.fisher:
+            rows = [
+                torch.einsum("nto,nti->noi", variant[b.name], batch.a[b.name]).reshape(
+                    len(batch.indices), -1
+                )
+                for b in blocks
+            ]
+            j = torch.cat(rows, dim=1)
+            total += j.T @ j
+    return total
+
+
+def _hessian_sum(model, blocks, trajectory, indices, batch_size, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Σ_m ∇²_θ L(z_m, θ) restricted to the blocks' parameters."""
+    params = _block_params(model, blocks)
+    shapes = {k: v.shape for k, v in params.items()}
+    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+    fixed.update(dict(model.named_buffers()))
+    flat0 = _flat_block_vector(blocks, {k: v.detach() for k, v in params.items()})
+    data = trajectory.train.to(device, torch.float64)
+
+    def batch_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tensors = {**fixed, **_unflat_block_vector(blocks, flat, shapes)}
+        return trajectory.loss(functional_call(model, tensors, (x,)), y).sum()
+
+    total = torch.zeros(flat0.numel(), flat0.numel(), dtype=torch.float64, device=device)
+    for start in range(0, len(indices), batch_size):
+        idx = torch.from_numpy(indices[start : start + batch_size]).to(device)
+        total += hessian(batch_loss)(flat0, data.inputs[idx], data.targets[idx])
+    return total
+
+
+def _fit_dense(
+    kind: str,
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    steps: Sequence[int],
+    indices: np.ndarray,
+    settings: FitSettings,
+) -> DenseCurvature:
+    n_params = sum(b.n_params for b in blocks)
+    if n_params > 20_000:
+        raise ValueError(
+            f"curvature={kind!r} builds a dense {n_params} x {n_params} matrix; it is meant for tiny "
+            "models (tests and teaching). Use curvature='ekfac' for this model."
+        )
+    dev = settings.device
+    total = torch.zeros(n_params, n_params, dtype=torch.float64, device=dev)
+    for step in steps:
+        model = model_at(trajectory, step, blocks, device=dev, dtype=torch.float64)
+        if kind == "exact":
+            part = _gauss_newton_sum(
+                model, blocks, trajectory, indices, settings.batch_size, dev, step
+            )
+        else:
+            part = _hessian_sum(model, blocks, trajectory, indices, settings.batch_size, dev)
+        total += part / (len(indices) * len(steps))
+    _check(total, "dense curvature", "all blocks")
+    return DenseCurvature(kind, blocks, total)

@@ -1,0 +1,185 @@
+"""Curvature approximations as small objects with one interface.
+
+Every curvature holds, for a set of layer blocks, an eigendecomposition of (an
+approximation of) the Gauss-Newton matrix H̄ and offers:
+
+- ``apply(fn, grads, shift)``: F(H̄ + shift·I) V for per-block matrices V of shape
+  (n, d_out, d_in), where F is a spectral function (``sourcekit.curvature._spectral``)
+  and ``shift`` (damping plus weight decay) is a float or a per-block dict;
+- ``diagonal()``: the diagonal of H̄ in parameter coordinates, per block (d_out, d_in);
+- ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension).
+
+``EigenbasisCurvature`` covers EK-FAC, K-FAC, the diagonal and the identity: per block
+an eigenbasis Q_S ⊗ Q_A (the identity for the diagonal forms) and eigenvalues Λ of shape
+(d_out, d_in), so that F(H̄)V = Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ. ``DenseCurvature`` is the
+exact matrix over all blocks jointly (tiny models only: tests and teaching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..gradients._layers import LayerBlock
+
+__all__ = ["DenseCurvature", "EigenbasisCurvature", "KroneckerFactors"]
+
+Shift = float | dict[str, float]
+
+
+def _shift_of(shift: Shift, name: str) -> float:
+    return float(shift[name]) if isinstance(shift, dict) else float(shift)
+
+
+@dataclass
+class KroneckerFactors:
+    """One block's eigenbasis and eigenvalues (float64)."""
+
+    q_s: torch.Tensor | None  # (d_out, d_out), None for the identity
+    q_a: torch.Tensor | None  # (d_in, d_in), None for the identity
+    eigenvalues: torch.Tensor  # (d_out, d_in)
+
+    def rotate(self, v: torch.Tensor) -> torch.Tensor:
+        if self.q_s is not None:
+            v = self.q_s.T @ v
+        if self.q_a is not None:
+            v = v @ self.q_a
+        return v
+
+    def unrotate(self, w: torch.Tensor) -> torch.Tensor:
+        if self.q_a is not None:
+            w = w @ self.q_a.T
+        if self.q_s is not None:
+            w = self.q_s @ w
+        return w
+
+
+class EigenbasisCurvature:
+    """Block-diagonal curvature with a Kronecker-factored eigenbasis per block.
+
+    Parameters
+    ----------
+    kind : str
+        "ekfac", "kfac", "diagonal" or "identity" (for reporting).
+    blocks : sequence of LayerBlock
+    factors : dict of block name to KroneckerFactors
+    """
+
+    def __init__(
+        self, kind: str, blocks: Sequence[LayerBlock], factors: dict[str, KroneckerFactors]
+    ) -> None:
+        self.kind = kind
+        self.blocks = list(blocks)
+        self.factors = factors
+
+    def to(self, device: torch.device) -> EigenbasisCurvature:
+        moved = {}
+        for name, f in self.factors.items():
+            moved[name] = KroneckerFactors(
+                None if f.q_s is None else f.q_s.to(device),
+                None if f.q_a is None else f.q_a.to(device),
+                f.eigenvalues.to(device),
+            )
+        return EigenbasisCurvature(self.kind, self.blocks, moved)
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        for block in self.blocks:
+            f = self.factors[block.name]
+            v = grads[block.name].to(f.eigenvalues.dtype)
+            values = fn(f.eigenvalues + _shift_of(shift, block.name))
+            out[block.name] = f.unrotate(values * f.rotate(v))
+        return out
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for block in self.blocks:
+            f = self.factors[block.name]
+            lam = f.eigenvalues
+            if f.q_s is not None:
+                lam = (f.q_s * f.q_s) @ lam
+            if f.q_a is not None:
+                lam = lam @ (f.q_a * f.q_a).T
+            out[block.name] = lam
+        return out
+
+    def mean_eigenvalues(self) -> dict[str, float]:
+        return {b.name: float(self.factors[b.name].eigenvalues.mean()) for b in self.blocks}
+
+    def __repr__(self) -> str:
+        return f"EigenbasisCurvature(kind={self.kind!r}, blocks={[b.name for b in self.blocks]})"
+
+
+class DenseCurvature:
+    """The exact (dense) curvature matrix over all blocks, eigendecomposed in float64.
+
+    Parameters are ordered block by block, each block's (d_out, d_in) matrix row-major.
+    """
+
+    def __init__(self, kind: str, blocks: Sequence[LayerBlock], matrix: torch.Tensor) -> None:
+        self.kind = kind
+        self.blocks = list(blocks)
+        self.matrix = 0.5 * (matrix + matrix.T)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.matrix)
+        self._slices = {}
+        start = 0
+        for b in self.blocks:
+            self._slices[b.name] = slice(start, start + b.n_params)
+            start += b.n_params
+
+    def to(self, device: torch.device) -> DenseCurvature:
+        return DenseCurvature(self.kind, self.blocks, self.matrix.to(device))
+
+    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat(
+            [grads[b.name].reshape(grads[b.name].shape[0], -1) for b in self.blocks], dim=1
+        )
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            b.name: flat[:, self._slices[b.name]].reshape(-1, b.d_out, b.d_in) for b in self.blocks
+        }
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        v = self.flatten(grads).to(self.matrix.dtype)
+        if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
+            diag = torch.cat(
+                [
+                    torch.full(
+                        (b.n_params,),
+                        float(shift[b.name]),
+                        dtype=self.matrix.dtype,
+                        device=self.matrix.device,
+                    )
+                    for b in self.blocks
+                ]
+            )
+            lam, q = torch.linalg.eigh(self.matrix + torch.diag(diag))
+        else:
+            lam = self.eigenvalues + _shift_of(shift, self.blocks[0].name)
+            q = self.eigenvectors
+        w = (v @ q) * fn(lam)
+        return self.unflatten(w @ q.T)
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        d = torch.diagonal(self.matrix)
+        return {b.name: d[self._slices[b.name]].reshape(b.d_out, b.d_in) for b in self.blocks}
+
+    def mean_eigenvalues(self) -> dict[str, float]:
+        d = torch.diagonal(self.matrix)
+        return {b.name: float(d[self._slices[b.name]].mean()) for b in self.blocks}
+
+    def __repr__(self) -> str:
+        return f"DenseCurvature(kind={self.kind!r}, n_params={self.matrix.shape[0]})"

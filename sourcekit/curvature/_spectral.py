@@ -1,0 +1,103 @@
+"""Spectral functions: scalar functions applied to the eigenvalues of a curvature.
+
+SOURCE needs, for a segment with learning-rate sum s (METHOD.md section 4),
+
+    decay     F_S(σ) = exp(−sσ)                          (how later training fades an effect)
+    residual  F_r(σ) = (1 − exp(−sσ))/σ, with F_r(0) = s   (what the segment contributes)
+
+and their finite-product ("discrete") forms over the segment's learning rates η_k,
+
+    Π_k (1 − η_k σ)    and    Σ_k η_k Π_{k'>k} (1 − η_{k'} σ),
+
+which equal exact unrolling when curvature and gradients are constant in the segment.
+Influence functions need the inverse 1/σ. Each function is a small object: calling it
+on a tensor of (already damped) eigenvalues returns the tensor of function values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Decay", "DiscreteDecay", "DiscreteResidual", "Inverse", "Residual"]
+
+# Below this |sσ| the residual uses its Taylor series s(1 − x/2 + x²/6 − x³/24): the
+# next term is x⁴/120 ≤ 1e-18, far below float64 resolution.
+_SERIES_BELOW = 1e-3
+
+
+class Decay:
+    """σ ↦ exp(−sσ)."""
+
+    def __init__(self, s: float) -> None:
+        self.s = float(s)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.s * sigma)
+
+    def __repr__(self) -> str:
+        return f"Decay(s={self.s:g})"
+
+
+class Residual:
+    """σ ↦ (1 − exp(−sσ))/σ = s·(−expm1(−sσ))/(sσ), equal to s at σ = 0.
+
+    Computed with ``expm1`` (no cancellation for small sσ) and a Taylor series near 0.
+    """
+
+    def __init__(self, s: float) -> None:
+        self.s = float(s)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        x = self.s * sigma
+        small = x.abs() < _SERIES_BELOW
+        safe_sigma = torch.where(small, torch.ones_like(sigma), sigma)
+        direct = -torch.expm1(-x) / safe_sigma
+        series = self.s * (1 - x / 2 + x * x / 6 - x * x * x / 24)
+        return torch.where(small, series, direct)
+
+    def __repr__(self) -> str:
+        return f"Residual(s={self.s:g})"
+
+
+class DiscreteDecay:
+    """σ ↦ Π_k (1 − η_k σ) over the learning rates of a segment."""
+
+    def __init__(self, learning_rates: Sequence[float]) -> None:
+        self.learning_rates = [float(x) for x in learning_rates]
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(sigma)
+        for eta in self.learning_rates:
+            out = out * (1 - eta * sigma)
+        return out
+
+    def __repr__(self) -> str:
+        return f"DiscreteDecay({len(self.learning_rates)} steps)"
+
+
+class DiscreteResidual:
+    """σ ↦ Σ_k η_k Π_{k'>k} (1 − η_{k'} σ): a constant gradient fed through the segment's steps."""
+
+    def __init__(self, learning_rates: Sequence[float]) -> None:
+        self.learning_rates = [float(x) for x in learning_rates]
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(sigma)
+        for eta in self.learning_rates:
+            out = out * (1 - eta * sigma) + eta
+        return out
+
+    def __repr__(self) -> str:
+        return f"DiscreteResidual({len(self.learning_rates)} steps)"
+
+
+class Inverse:
+    """σ ↦ 1/σ (influence functions; σ must be damped away from 0)."""
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1.0 / sigma
+
+    def __repr__(self) -> str:
+        return "Inverse()"

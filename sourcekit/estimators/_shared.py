@@ -1,0 +1,68 @@
+"""Pieces shared by the curvature-based attributors (SOURCE, influence functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._validation import InstanceOf, Interval, Options
+from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS
+from ..curvature._fit import CURVATURES
+from ..gradients._layers import LayerBlock
+from ..gradients._per_example import FISHER, measurement_gradients, model_at
+from ..trajectory import Examples, Trajectory
+
+__all__ = ["CURVATURE_CONSTRAINTS", "query_gradients", "query_slices"]
+
+
+def _module_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
+    "curvature": [Options(*CURVATURES)],
+    "fisher": [Options(*FISHER)],
+    "modules": [None, InstanceOf((list, tuple), "a list of module names", _module_list)],
+    "random_state": [None, Interval(int, 0, None)],
+    "batch_size": [POSITIVE_INT],
+    "memory_limit": [Interval(int, 1, None)],
+    "device": [DEVICE],
+    "dtype": [DTYPE],
+    "progress": [PROGRESS],
+}
+
+
+def query_gradients(
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    queries: Examples,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """∇f(z_q, θ_T) per block for all queries, at the final checkpoint."""
+    model = model_at(trajectory, trajectory.n_steps, blocks, device=device, dtype=dtype)
+    return measurement_gradients(
+        model,
+        blocks,
+        queries,
+        trajectory.measurement,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        step=trajectory.n_steps,
+    )
+
+
+def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int) -> list[slice]:
+    """Blocks of queries whose preconditioned gradients fit in half of ``memory_limit``.
+
+    Each query holds about three float64 vectors of the attributed parameters at once
+    (v, u and the v carried to the previous segment).
+    """
+    per_query = 3 * 8 * sum(b.n_params for b in blocks)
+    size = max(1, (memory_limit // 2) // per_query)
+    return [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]

@@ -1,0 +1,266 @@
+"""Per-example gradients of the training loss and of the query measurement.
+
+Everything here works on a model of the trajectory's architecture loaded with one
+checkpoint (:func:`model_at`), in evaluation mode, with hooks from
+:func:`~sourcekit.gradients._layers.collect`. The training set is streamed in batches;
+results are per block matrices of shape (n, d_out, d_in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..exceptions import NonFiniteError
+from ..trajectory import Examples, Trajectory
+from ._layers import LayerBlock, block_gradients, collect
+
+__all__ = [
+    "FISHER",
+    "BatchFactors",
+    "FisherNoise",
+    "TrainingGradients",
+    "checkpoint_batches",
+    "measurement_gradients",
+    "model_at",
+]
+
+FISHER = ("true", "empirical", "expected")
+
+
+def model_at(
+    trajectory: Trajectory,
+    step: int,
+    blocks: Sequence[LayerBlock],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """A fresh model with the checkpoint at ``step``, in eval mode, on ``device``.
+
+    Only the parameters of ``blocks`` require gradients.
+    """
+    model = trajectory.build_model(step).to(device=device, dtype=dtype)
+    model.eval()
+    wanted = {b.weight for b in blocks} | {b.bias for b in blocks if b.bias}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+    return model
+
+
+class FisherNoise:
+    """Uniform noise for sampling Fisher targets, fixed per example.
+
+    The noise of example i depends only on (seed, i), never on how the examples are
+    batched, so curvature estimated with sampled labels does not change with the batch
+    size. Noise is generated in fixed chunks of examples.
+    """
+
+    def __init__(self, seed: int, chunk: int = 256) -> None:
+        self.seed = int(seed)
+        self.chunk = chunk
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def uniforms(self, indices: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        chunks = np.unique(indices // self.chunk)
+        for c in list(self._cache):
+            if c not in chunks:
+                del self._cache[c]
+        for c in chunks:
+            if c not in self._cache or tuple(self._cache[c].shape[1:]) != shape:
+                g = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, int(c)]).generate_state(1)[0])
+                )
+                self._cache[c] = torch.rand((self.chunk, *shape), generator=g, dtype=torch.float64)
+        rows = [self._cache[int(i // self.chunk)][int(i % self.chunk)] for i in indices]
+        return torch.stack(rows)
+
+
+def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(
+            f"NaN or infinity in the {what} at checkpoint step {step}. The run may have diverged "
+            "there; choose other checkpoints (checkpoint_steps) or check the recorded data."
+        )
+
+
+@dataclass
+class BatchFactors:
+    """Layer inputs and output gradients of one batch of training examples.
+
+    ``fisher`` holds one or more sets of output gradients whose outer products average to
+    the Fisher (one set of sampled or recorded targets; C sets for the expected Fisher);
+    ``loss`` holds the gradients of each example's own training loss (recorded targets).
+    """
+
+    indices: np.ndarray
+    a: dict[str, torch.Tensor]
+    fisher: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    loss: dict[str, torch.Tensor] | None = None
+
+    def nbytes(self) -> int:
+        tensors = list(self.a.values()) + [t for d in self.fisher for t in d.values()]
+        tensors += list(self.loss.values()) if self.loss is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def checkpoint_batches(
+    model: nn.Module,
+    blocks: Sequence[LayerBlock],
+    data: Examples,
+    indices: np.ndarray,
+    loss: Callable,
+    *,
+    fisher: str | None,
+    want_loss: bool,
+    noise: FisherNoise | None,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    step: int,
+) -> Iterator[BatchFactors]:
+    """Stream ``data[indices]`` in batches: one forward pass, then the backward passes asked for.
+
+    ``fisher`` chooses the targets of the curvature's output gradients: ``"true"`` samples
+    them from the model's predictive distribution (needs ``loss.sample_targets``),
+    ``"empirical"`` uses the recorded targets, ``"expected"`` backpropagates the columns of
+    a square root of the loss's output Hessian (the exact Gauss-Newton matrix; one
+    backward pass per output), None skips them. ``want_loss`` adds the gradients of each
+    example's training loss. All gradients are per example (of a sum, not a mean).
+    """
+    if fisher == "true" and getattr(loss, "sample_targets", None) is None:
+        raise ValueError(
+            "fisher='true' samples targets from the model's predictive distribution, but the "
+            "trajectory's loss has no sample_targets method. Use fisher='empirical', or a built-in "
+            "loss ('cross_entropy', 'squared_error')."
+        )
+    if fisher == "expected" and getattr(loss, "output_hessian_sqrt", None) is None:
+        raise ValueError(
+            "fisher='expected' needs the loss's output Hessian (loss.output_hessian_sqrt); the "
+            "trajectory's loss has none. Use fisher='true' or 'empirical'."
+        )
+    with collect(model, blocks) as capture:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            batch = data[idx].to(device, dtype)
+            result = BatchFactors(idx, {})
+            with torch.enable_grad():
+                outputs = model(batch.inputs)
+                passes: list[tuple[str, torch.Tensor]] = []
+                if want_loss or fisher == "empirical":
+                    values = loss(outputs, batch.targets)
+                    _check_finite(values.detach(), "training losses", step)
+                    passes.append(("loss", values.sum()))
+                if fisher == "true":
+                    u = noise.uniforms(idx, tuple(outputs.shape[1:])).to(device)  # type: ignore[union-attr]
+                    sampled = loss.sample_targets(outputs, u)  # type: ignore[attr-defined]
+                    passes.append(("fisher", loss(outputs, sampled).sum()))
+                elif fisher == "expected":
+                    if outputs.ndim != 2:
+                        raise ValueError(
+                            "fisher='expected' supports outputs of shape (n, C); got "
+                            f"{tuple(outputs.shape)}. Use fisher='true'."
+                        )
+                    root = loss.output_hessian_sqrt(outputs).to(outputs.dtype)  # type: ignore[attr-defined]
+                    for c in range(outputs.shape[1]):
+                        passes.append(("fisher", (outputs * root[:, :, c]).sum()))
+                for i, (kind, total) in enumerate(passes):
+                    keep_graph = i < len(passes) - 1
+                    capture.backward(total, retain_graph=keep_graph)
+                    grads = dict(capture.s)
+                    if kind == "loss":
+                        result.loss = grads if want_loss else None
+                        if fisher == "empirical":
+                            result.fisher.append(grads)
+                    else:
+                        result.fisher.append(grads)
+                result.a = dict(capture.a)
+            capture.a.clear()
+            capture.s.clear()
+            capture.outputs.clear()
+            yield result
+
+
+def measurement_gradients(
+    model: nn.Module,
+    blocks: Sequence[LayerBlock],
+    queries: Examples,
+    measurement: Callable,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """∇_θ f(z_q, θ) for every query, per block: {name: (n_queries, d_out, d_in)}."""
+    parts: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    with collect(model, blocks) as capture:
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start : start + batch_size].to(device, dtype)
+            with torch.enable_grad():
+                values = measurement(model(batch.inputs), batch.targets)
+                capture.backward(values.sum())
+            for name, g in block_gradients(capture.a, capture.s, blocks).items():
+                _check_finite(g, "query measurement gradients", step)
+                parts[name].append(g)
+            capture.a.clear()
+            capture.s.clear()
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+class TrainingGradients:
+    """Per-example training-loss gradients at a checkpoint, from a cache or streamed.
+
+    ``source(step, indices)`` yields ``(batch_indices, {block: (n, d_out, d_in)})`` for
+    every example of ``indices`` once. Batches cached while fitting (layer inputs and
+    output gradients) are reused; otherwise the model is loaded at ``step`` and the
+    examples streamed in batches of ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        trajectory: Trajectory,
+        blocks: Sequence[LayerBlock],
+        cache: dict[int, list[BatchFactors]] | None,
+        *,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.trajectory = trajectory
+        self.blocks = blocks
+        self.cache = cache or {}
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+
+    def __call__(
+        self, step: int, indices: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        cached = self.cache.get(step)
+        if cached is not None and sum(len(b.indices) for b in cached) == len(indices):
+            for batch in cached:
+                assert batch.loss is not None
+                yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)
+            return
+        model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
+        for batch in checkpoint_batches(
+            model,
+            self.blocks,
+            self.trajectory.train,
+            indices,
+            self.trajectory.loss,
+            fisher=None,
+            want_loss=True,
+            noise=None,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            step=step,
+        ):
+            assert batch.loss is not None
+            yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)

@@ -1,0 +1,234 @@
+"""The SOURCE score (METHOD.md section 4), computed query side first.
+
+For segments ℓ = 1..L with curvature H̄_ℓ, learning-rate sum s_ℓ, averaged training
+gradients ḡ_ℓ(m) over the segment's checkpoints and N_ℓ examples in its stage,
+
+    S̄_ℓ = exp(−s_ℓ H̄_ℓ),   r̄_ℓ(m) = (1/N_ℓ) (I − exp(−s_ℓ H̄_ℓ)) H̄_ℓ⁻¹ ḡ_ℓ(m),
+    τ[q, m] = −∇f(z_q, θ_T)ᵀ Σ_ℓ S̄_L ⋯ S̄_{ℓ+1} r̄_ℓ(m).
+
+Every S̄ is symmetric, so for each query v ← ∇f(z_q, θ_T) and, for ℓ = L..1,
+u_ℓ = F_r,ℓ(H̄_ℓ) v; τ[q, m] −= (1/N_ℓ) mean_{c∈ℓ} u_ℓᵀ ∇L(z_m, θ_c); v ← F_S,ℓ(H̄_ℓ) v.
+Each segment applies its functions in its own eigenbasis.
+
+Adam and AdamW segments use a diagonal preconditioner P̄ (from the recorded second
+moments) and the diagonal D of H̄ in the exponent, and the full curvature in the inverse:
+S̄ = exp(−s(P̄(D + λ) + λ_w)), r̄ = (I − S̄)(H̄ + λ + λ_w/P̄)⁻¹ ḡ / N_ℓ, where λ is the
+damping plus coupled weight decay and λ_w AdamW's decoupled decay (whose 1/P̄ is
+replaced by its mean over each block, the one approximation beyond METHOD.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
+from ..exceptions import TrajectoryError
+from ..gradients._layers import LayerBlock
+from ..trajectory import Segment, Trajectory
+
+__all__ = ["SegmentModel", "adam_preconditioner", "segment_models", "source_scores"]
+
+TrainingGradients = Callable[
+    [int, np.ndarray], Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]]
+]
+
+
+@dataclass
+class SegmentModel:
+    """Everything SOURCE needs about one segment, independent of the damping.
+
+    Attributes
+    ----------
+    segment : Segment
+    curvature : EigenbasisCurvature or DenseCurvature
+        H̄_ℓ (without damping or weight decay).
+    learning_rates : ndarray
+        Effective learning rate of each step (η_k, times 1/(1−β) under momentum).
+    n_examples : int
+        N_ℓ, the number of training examples of the segment's stage.
+    weight_decay : float
+        Coupled L2 coefficient (SGD, Adam), added to the eigenvalues.
+    decoupled_decay : float
+        AdamW's decoupled coefficient (0 otherwise).
+    preconditioner : dict of block name to tensor, or None
+        Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates.
+    """
+
+    segment: Segment
+    curvature: object
+    learning_rates: np.ndarray
+    n_examples: int
+    weight_decay: float = 0.0
+    decoupled_decay: float = 0.0
+    preconditioner: dict[str, torch.Tensor] | None = None
+
+    @property
+    def lr_sum(self) -> float:
+        return float(self.learning_rates.sum())
+
+
+def adam_preconditioner(
+    trajectory: Trajectory, segment: Segment, blocks: Sequence[LayerBlock]
+) -> dict[str, torch.Tensor]:
+    """P̄ = mean over the segment's checkpoints of 1/(√v̂ + ε), v̂ the bias-corrected second moment.
+
+    A checkpoint at a stage's first step holds the previous stage's optimiser state (or
+    none), so only checkpoints after the stage's first update count.
+    """
+    stage = trajectory.stages[segment.stage]
+    beta2, eps = stage.optimizer.betas[1], stage.optimizer.eps
+    total: dict[str, torch.Tensor] = {}
+    used = 0
+    for step in segment.checkpoints:
+        if step <= stage.start:
+            continue
+        state = trajectory.checkpoint(step).optimizer
+        if "exp_avg_sq" not in state or "step" not in state:
+            continue
+        v_hat = {
+            k: v.double() / (1 - beta2 ** state["step"]) for k, v in state["exp_avg_sq"].items()
+        }
+        for block in blocks:
+            p = 1.0 / (block.matrix(v_hat).sqrt() + eps)
+            total[block.name] = total.get(block.name, 0) + p
+        used += 1
+    if used == 0:
+        raise TrajectoryError(
+            f"Segment {segment.index} (steps {segment.start}..{segment.end - 1}) trains with "
+            f"{stage.optimizer.kind}, but none of its checkpoints {list(segment.checkpoints)} holds "
+            "second moments from this stage. SOURCE needs a checkpoint after the stage's first step: "
+            "record checkpoints with TrajectoryRecorder or sourcekit.train."
+        )
+    return {k: v / used for k, v in total.items()}
+
+
+def segment_models(
+    trajectory: Trajectory,
+    segments: Sequence[Segment],
+    blocks: Sequence[LayerBlock],
+    curvatures: Sequence[object],
+) -> list[SegmentModel]:
+    """Combine segments, their curvature and the recorded optimiser into SegmentModels."""
+    models = []
+    for segment, curvature in zip(segments, curvatures, strict=True):
+        stage = trajectory.stages[segment.stage]
+        opt = stage.optimizer
+        lrs = trajectory.learning_rates[segment.start : segment.end] * opt.effective_lr_factor
+        models.append(
+            SegmentModel(
+                segment=segment,
+                curvature=curvature,
+                learning_rates=lrs,
+                n_examples=stage.n_examples,
+                weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
+                decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
+                preconditioner=adam_preconditioner(trajectory, segment, blocks)
+                if opt.is_adaptive
+                else None,
+            )
+        )
+    return models
+
+
+def _multiply(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] * b[k].to(a[k].dtype) for k in a}
+
+
+def _diagonal_decay(
+    model: SegmentModel, damping: float, matrix_function: str
+) -> dict[str, torch.Tensor]:
+    """exp(−s(P̄(D + λ) + λ_w)) per parameter (or its finite-product form)."""
+    assert model.preconditioner is not None
+    diag = model.curvature.diagonal()  # type: ignore[attr-defined]
+    out = {}
+    for name, d in diag.items():
+        rate = (
+            model.preconditioner[name].to(d) * (d + damping + model.weight_decay)
+            + model.decoupled_decay
+        )
+        if matrix_function == "exp":
+            out[name] = torch.exp(-model.lr_sum * rate)
+        else:
+            out[name] = DiscreteDecay(model.learning_rates)(rate)
+    return out
+
+
+def precondition(
+    model: SegmentModel, v: dict[str, torch.Tensor], damping: float, matrix_function: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(u, v_next): the vector scoring this segment's gradients, and v carried to the previous segment."""
+    curvature = model.curvature
+    shift = damping + model.weight_decay
+    if model.preconditioner is None:
+        if matrix_function == "exp":
+            residual, decay = Residual(model.lr_sum), Decay(model.lr_sum)
+        else:
+            residual, decay = (
+                DiscreteResidual(model.learning_rates),
+                DiscreteDecay(model.learning_rates),
+            )
+        u = curvature.apply(residual, v, shift)  # type: ignore[attr-defined]
+        v_next = curvature.apply(decay, v, shift)  # type: ignore[attr-defined]
+        return u, v_next
+    decay_diag = _diagonal_decay(model, damping, matrix_function)
+    complement = {k: 1.0 - e for k, e in decay_diag.items()}
+    if model.decoupled_decay:
+        inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
+        shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
+    u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
+    return u, _multiply(decay_diag, v)
+
+
+def source_scores(
+    query_gradients: dict[str, torch.Tensor],
+    segments: Sequence[SegmentModel],
+    training_gradients: TrainingGradients,
+    stage_examples: Sequence[np.ndarray],
+    *,
+    n_train: int,
+    damping: float,
+    matrix_function: str = "exp",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """SOURCE scores of shape (n_queries, n_train).
+
+    Parameters
+    ----------
+    query_gradients : dict of block name to tensor (n_queries, d_out, d_in)
+        ∇f(z_q, θ_T) per block.
+    segments : sequence of SegmentModel
+        In training order.
+    training_gradients : callable
+        ``training_gradients(step, examples)`` yields ``(indices, {block: (n, d_out, d_in)})``
+        with the gradients ∇L(z_m, θ_step) of the given examples (each example once).
+    stage_examples : sequence of int arrays
+        The examples of each stage (examples outside a segment's stage score 0 there).
+    """
+    n_queries = next(iter(query_gradients.values())).shape[0]
+    device = next(iter(query_gradients.values())).device
+    scores = torch.zeros(n_queries, n_train, dtype=dtype, device=device)
+    v = {k: g.double() for k, g in query_gradients.items()}
+    for model in reversed(list(segments)):
+        u, v = precondition(model, v, damping, matrix_function)
+        flat_u = torch.cat([u[k].reshape(n_queries, -1) for k in u], dim=1).to(dtype)
+        weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
+        seen = np.zeros(n_train, dtype=np.int64)
+        for step in model.segment.checkpoints:
+            for indices, grads in training_gradients(step, stage_examples[model.segment.stage]):
+                flat_g = torch.cat([grads[k].reshape(len(indices), -1) for k in u], dim=1).to(
+                    dtype
+                )
+                idx = torch.from_numpy(indices).to(device)
+                scores.index_add_(1, idx, -weight * (flat_u @ flat_g.T))
+                seen[indices] += 1
+        expected = np.zeros(n_train, dtype=np.int64)
+        expected[stage_examples[model.segment.stage]] = len(model.segment.checkpoints)
+        if not np.array_equal(seen, expected):
+            raise RuntimeError(
+                "SOURCE scored a training example more or less than once per checkpoint."
+            )
+    return scores
