@@ -114,8 +114,8 @@ def _describe(constraint: Any) -> str:
 def validate_parameters(estimator: Any, constraints: dict[str, Iterable[Any]]) -> None:
     """Check every constructor parameter of ``estimator`` against ``constraints``.
 
-    Raises ``ValueError`` (``TypeError`` when no constraint matches the type) naming
-    the estimator, the parameter, the value and everything that is allowed.
+    Raises ``ValueError`` naming the estimator, the parameter, the value and everything
+    that is allowed.
     """
     owner = type(estimator).__name__
     params = estimator.get_params(deep=False)

@@ -97,16 +97,21 @@ def _eigh(matrix: torch.Tensor, what: str, name: str) -> tuple[torch.Tensor, tor
     return values.clamp_min(0.0), vectors
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ over examples and positions of x xᵀ, in the input's precision, returned in float64."""
+    flat = x.reshape(-1, x.shape[-1])
+    return (flat.T @ flat).double()
+
+
 def _sum_fisher(
     blocks: Sequence[LayerBlock], batch: BatchFactors, a_sums: dict, s_sums: dict, counts: dict
 ) -> None:
     for block in blocks:
-        a = batch.a[block.name].double()
-        a_sums[block.name] += torch.einsum("nti,ntj->ij", a, a)
+        a = batch.a[block.name]
+        a_sums[block.name] += _gram(a)
         counts[block.name][0] += a.shape[0] * a.shape[1]
         for variant in batch.fisher:
-            s = variant[block.name].double()
-            s_sums[block.name] += torch.einsum("nti,ntj->ij", s, s)
+            s_sums[block.name] += _gram(variant[block.name])
         counts[block.name][1] += a.shape[0]
 
 

@@ -6,6 +6,7 @@ approximation of) the Gauss-Newton matrix H̄ and offers:
 - ``apply(fn, grads, shift)``: F(H̄ + shift·I) V for per-block matrices V of shape
   (n, d_out, d_in), where F is a spectral function (``sourcekit.curvature._spectral``)
   and ``shift`` (damping plus weight decay) is a float or a per-block dict;
+  ``apply_many(fns, grads, shift)`` does the same for several functions at once;
 - ``diagonal()``: the diagonal of H̄ in parameter coordinates, per block (d_out, d_in);
 - ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension).
 
@@ -90,13 +91,23 @@ class EigenbasisCurvature:
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
     ) -> dict[str, torch.Tensor]:
-        out = {}
+        return self.apply_many((fn,), grads, shift)[0]
+
+    def apply_many(
+        self,
+        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> list[dict[str, torch.Tensor]]:
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once."""
+        outs: list[dict[str, torch.Tensor]] = [{} for _ in fns]
         for block in self.blocks:
             f = self.factors[block.name]
-            v = grads[block.name].to(f.eigenvalues.dtype)
-            values = fn(f.eigenvalues + _shift_of(shift, block.name))
-            out[block.name] = f.unrotate(values * f.rotate(v))
-        return out
+            rotated = f.rotate(grads[block.name].to(f.eigenvalues.dtype))
+            sigma = f.eigenvalues + _shift_of(shift, block.name)
+            for out, fn in zip(outs, fns, strict=True):
+                out[block.name] = f.unrotate(fn(sigma) * rotated)
+        return outs
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -153,6 +164,15 @@ class DenseCurvature:
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
     ) -> dict[str, torch.Tensor]:
+        return self.apply_many((fn,), grads, shift)[0]
+
+    def apply_many(
+        self,
+        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> list[dict[str, torch.Tensor]]:
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once."""
         v = self.flatten(grads).to(self.matrix.dtype)
         if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
             diag = torch.cat(
@@ -170,8 +190,8 @@ class DenseCurvature:
         else:
             lam = self.eigenvalues + _shift_of(shift, self.blocks[0].name)
             q = self.eigenvectors
-        w = (v @ q) * fn(lam)
-        return self.unflatten(w @ q.T)
+        rotated = v @ q
+        return [self.unflatten((rotated * fn(lam)) @ q.T) for fn in fns]
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         d = torch.diagonal(self.matrix)

@@ -182,7 +182,7 @@ def load_digits_task(
     idx_train, idx_test = train_test_split(
         np.arange(len(labels)), test_size=test_size, random_state=random_state, stratify=labels
     )
-    flat = images.reshape(len(images), -1)
+    flat = images.reshape(len(images), -1).astype(np.float64)  # exact standardisation
     mean = flat[idx_train].mean(axis=0)
     std = flat[idx_train].std(axis=0)
     std[std == 0] = 1.0

@@ -66,18 +66,23 @@ class FisherNoise:
         self._cache: dict[int, torch.Tensor] = {}
 
     def uniforms(self, indices: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        chunks = np.unique(indices // self.chunk)
+        """Noise of shape (len(indices), *shape) for the given example indices."""
+        chunk_ids = indices // self.chunk
+        wanted = set(np.unique(chunk_ids).tolist())
         for c in list(self._cache):
-            if c not in chunks:
+            if c not in wanted or tuple(self._cache[c].shape[1:]) != shape:
                 del self._cache[c]
-        for c in chunks:
-            if c not in self._cache or tuple(self._cache[c].shape[1:]) != shape:
-                g = torch.Generator().manual_seed(
-                    int(np.random.SeedSequence([self.seed, int(c)]).generate_state(1)[0])
-                )
+        out = torch.empty((len(indices), *shape), dtype=torch.float64)
+        for c in wanted:
+            if c not in self._cache:
+                seed = int(np.random.SeedSequence([self.seed, int(c)]).generate_state(1)[0])
+                g = torch.Generator().manual_seed(seed)
                 self._cache[c] = torch.rand((self.chunk, *shape), generator=g, dtype=torch.float64)
-        rows = [self._cache[int(i // self.chunk)][int(i % self.chunk)] for i in indices]
-        return torch.stack(rows)
+            rows = np.flatnonzero(chunk_ids == c)
+            out[torch.from_numpy(rows)] = self._cache[c][
+                torch.from_numpy(indices[rows] % self.chunk)
+            ]
+        return out
 
 
 def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:

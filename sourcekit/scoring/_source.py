@@ -171,8 +171,7 @@ def precondition(
                 DiscreteResidual(model.learning_rates),
                 DiscreteDecay(model.learning_rates),
             )
-        u = curvature.apply(residual, v, shift)  # type: ignore[attr-defined]
-        v_next = curvature.apply(decay, v, shift)  # type: ignore[attr-defined]
+        u, v_next = curvature.apply_many((residual, decay), v, shift)  # type: ignore[attr-defined]
         return u, v_next
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
@@ -214,16 +213,17 @@ def source_scores(
     v = {k: g.double() for k, g in query_gradients.items()}
     for model in reversed(list(segments)):
         u, v = precondition(model, v, damping, matrix_function)
-        flat_u = torch.cat([u[k].reshape(n_queries, -1) for k in u], dim=1).to(dtype)
+        flat_u = {k: u_k.reshape(n_queries, -1).to(dtype) for k, u_k in u.items()}
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)
         for step in model.segment.checkpoints:
             for indices, grads in training_gradients(step, stage_examples[model.segment.stage]):
-                flat_g = torch.cat([grads[k].reshape(len(indices), -1) for k in u], dim=1).to(
-                    dtype
+                block_scores = sum(
+                    flat_u[k] @ grads[k].reshape(len(indices), -1).to(dtype).T for k in flat_u
                 )
-                idx = torch.from_numpy(indices).to(device)
-                scores.index_add_(1, idx, -weight * (flat_u @ flat_g.T))
+                scores.index_add_(
+                    1, torch.from_numpy(indices).to(device), block_scores, alpha=-weight
+                )
                 seen[indices] += 1
         expected = np.zeros(n_train, dtype=np.int64)
         expected[stage_examples[model.segment.stage]] = len(model.segment.checkpoints)

@@ -82,9 +82,9 @@ class Stage:
     optimizer: OptimizerSpec
     start: int
     end: int
-    examples: np.ndarray
+    examples: np.ndarray = field(repr=False)
     batch_size: int
-    recipe: dict[str, Any] | None = field(default=None)
+    recipe: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def n_steps(self) -> int:

@@ -54,7 +54,9 @@ def regression64(n: int, d: int, seed: int) -> Examples:
     return Examples(x, y)
 
 
-def full_batch_run(data: Examples, factory, stages_spec, *, loss="squared_error", measurement="output"):  # type: ignore[no-untyped-def]
+def full_batch_run(
+    data: Examples, factory, stages_spec, *, loss="squared_error", measurement="output"
+):  # type: ignore[no-untyped-def]
     """Full-batch gradient descent with a checkpoint at every step of every stage."""
     stages = []
     for name, examples, lr, steps, wd in stages_spec:
@@ -69,7 +71,9 @@ def full_batch_run(data: Examples, factory, stages_spec, *, loss="squared_error"
                 n_checkpoints=steps,
             )
         )
-    return sourcekit.train(factory, data, stages, loss=loss, measurement=measurement, progress=False)
+    return sourcekit.train(
+        factory, data, stages, loss=loss, measurement=measurement, progress=False
+    )
 
 
 def source(**kwargs) -> SourceAttributor:  # type: ignore[no-untyped-def]
@@ -86,12 +90,16 @@ def source(**kwargs) -> SourceAttributor:  # type: ignore[no-untyped-def]
     weight_decay=st.sampled_from([0.0, 0.1]),
     seed=st.integers(0, 10_000),
 )
-def test_discrete_source_equals_unrolling_for_quadratic_losses(n, d, steps, lr_fraction, weight_decay, seed):
+def test_discrete_source_equals_unrolling_for_quadratic_losses(
+    n, d, steps, lr_fraction, weight_decay, seed
+):
     data = regression64(n, d, seed)
     x = torch.cat([data.inputs, torch.ones(n, 1, dtype=torch.float64)], dim=1)
     lam_max = float(torch.linalg.eigvalsh(x.T @ x / n).max()) + weight_decay
     lr = lr_fraction / lam_max
-    run = full_batch_run(data, lambda: make_linear64(d), [("train", None, lr, steps, weight_decay)])
+    run = full_batch_run(
+        data, lambda: make_linear64(d), [("train", None, lr, steps, weight_decay)]
+    )
     queries = regression64(3, d, seed + 1)
     exact = UnrolledAttributor(device="cpu").fit(run).transform(queries)
     approx = source(n_segments=steps, matrix_function="discrete").fit(run).transform(queries)
@@ -106,11 +114,21 @@ def test_discrete_source_with_hessian_equals_unrolling_for_a_nonlinear_model():
     # Hessian form is exact for any smooth model under full-batch gradient descent.
     data = _cases.classification_data(10, 3)
     data = Examples(data.inputs.double(), data.targets)
-    run = full_batch_run(data, make_tanh_mlp64, [("train", None, 0.5, 5, 0.0)], loss="cross_entropy", measurement="margin")
+    run = full_batch_run(
+        data,
+        make_tanh_mlp64,
+        [("train", None, 0.5, 5, 0.0)],
+        loss="cross_entropy",
+        measurement="margin",
+    )
     queries = _cases.classification_data(4, 4)
     queries = Examples(queries.inputs.double(), queries.targets)
     exact = UnrolledAttributor(device="cpu").fit(run).transform(queries)
-    approx = source(n_segments=5, curvature="hessian", matrix_function="discrete").fit(run).transform(queries)
+    approx = (
+        source(n_segments=5, curvature="hessian", matrix_function="discrete")
+        .fit(run)
+        .transform(queries)
+    )
     # 5 chained products in float64 of 31-parameter matrices: a few hundred eps of scale.
     np.testing.assert_allclose(approx, exact, rtol=0, atol=1e3 * EPS64 * np.abs(exact).max())
 
@@ -161,7 +179,7 @@ def test_exponential_source_is_within_the_second_order_bound(n, d, steps, lr_fra
     for k in range(steps):
         theta = run.checkpoint(k).params
         w = torch.cat([theta["weight"].reshape(-1), theta["bias"].reshape(-1)])
-        g_norm = ((x @ w - data.targets[:, 0]).abs() * x.norm(dim=1))  # ‖(θᵀx̃ − y) x̃‖
+        g_norm = (x @ w - data.targets[:, 0]).abs() * x.norm(dim=1)  # ‖(θᵀx̃ − y) x̃‖
         factor = lr * (xs[k] / 2 + sum(v * v / 2 for v in xs[k + 1 :]))
         bound += factor * xq.norm(dim=1)[:, None] * g_norm[None, :] / n
     slack = 64 * steps * EPS64 * np.abs(exact).max()  # float64 rounding of both sides
@@ -175,8 +193,14 @@ def test_one_long_segment_approaches_the_undamped_influence_function(steps):
     train = data
     model = make_linear64(2)
     torch.manual_seed(0)
-    recorder = TrajectoryRecorder(model, train, loss="squared_error", measurement="output",
-                                  architecture=lambda: make_linear64(2), checkpoint_steps=[steps - 1])
+    recorder = TrajectoryRecorder(
+        model,
+        train,
+        loss="squared_error",
+        measurement="output",
+        architecture=lambda: make_linear64(2),
+        checkpoint_steps=[steps - 1],
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     with recorder.stage(optimizer, batch_size=12):
         for _ in range(steps):
@@ -187,7 +211,11 @@ def test_one_long_segment_approaches_the_undamped_influence_function(steps):
     run = recorder.finish()
     queries = regression64(3, 2, 6)
     s_scores = source(n_segments=1).fit(run).transform(queries)
-    if_scores = InfluenceAttributor(damping=0.0, curvature="exact", dtype="float64", device="cpu").fit(run).transform(queries)
+    if_scores = (
+        InfluenceAttributor(damping=0.0, curvature="exact", dtype="float64", device="cpu")
+        .fit(run)
+        .transform(queries)
+    )
     # SOURCE: −(1/n)∇fᵀ(I − e^{−sH})H⁻¹ g_c; IF: −(1/n)∇fᵀH⁻¹g_T. Their difference is
     # −(1/n)∇fᵀ[H⁻¹(g_c − g_T) − e^{−sH}H⁻¹g_c], bounded by
     # (1/n)‖∇f‖(‖g_c − g_T‖ + e^{−sσ_min}‖g_c‖)/σ_min.
@@ -202,9 +230,11 @@ def test_one_long_segment_approaches_the_undamped_influence_function(steps):
         return (x @ w - train.targets[:, 0])[:, None] * x
 
     g_c, g_t = grads(steps - 1), grads(steps)
-    bound = (xq.norm(dim=1)[:, None] / 12) * (
-        (g_c - g_t).norm(dim=1) + np.exp(-s * sigma_min) * g_c.norm(dim=1)
-    )[None, :] / sigma_min
+    bound = (
+        (xq.norm(dim=1)[:, None] / 12)
+        * ((g_c - g_t).norm(dim=1) + np.exp(-s * sigma_min) * g_c.norm(dim=1))[None, :]
+        / sigma_min
+    )
     slack = 1e3 * EPS64 * np.abs(if_scores).max()
     assert np.all(np.abs(s_scores - if_scores) <= bound.numpy() + slack)
     if steps == 400:  # converged: the two agree to many digits
@@ -220,8 +250,14 @@ def momentum_run():
 @pytest.mark.parametrize("batch_size", [1, 5, 1000])
 def test_scores_do_not_depend_on_the_training_batch_size(momentum_run, batch_size):
     queries = _cases.queries("mlp_momentum")
-    reference = source(curvature="ekfac", damping=1e-3, batch_size=4).fit(momentum_run).transform(queries)
-    scores = source(curvature="ekfac", damping=1e-3, batch_size=batch_size).fit(momentum_run).transform(queries)
+    reference = (
+        source(curvature="ekfac", damping=1e-3, batch_size=4).fit(momentum_run).transform(queries)
+    )
+    scores = (
+        source(curvature="ekfac", damping=1e-3, batch_size=batch_size)
+        .fit(momentum_run)
+        .transform(queries)
+    )
     # The Fisher noise is drawn per example, so only the summation order changes: float64
     # rounding of sums over 12 examples and ~40 parameters.
     np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-12)
@@ -231,7 +267,11 @@ def test_scores_do_not_depend_on_query_blocks(momentum_run):
     queries = _cases.queries("mlp_momentum", 7)
     whole = source(curvature="ekfac", damping=1e-3).fit(momentum_run).transform(queries)
     # A memory limit this small leaves room for one query's vectors at a time.
-    blocked = source(curvature="ekfac", damping=1e-3, memory_limit=2_000).fit(momentum_run).transform(queries)
+    blocked = (
+        source(curvature="ekfac", damping=1e-3, memory_limit=2_000)
+        .fit(momentum_run)
+        .transform(queries)
+    )
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-15)
 
 
@@ -259,8 +299,15 @@ def _abs_product_bound(attributor: SourceAttributor, queries: Examples) -> np.nd
     device = resolve_device("cpu")
     from sourcekit.estimators._shared import query_gradients
 
-    v = {k: g.double() for k, g in query_gradients(trajectory, blocks, queries, batch_size=64, device=device, dtype=torch.float64).items()}
-    training = TrainingGradients(trajectory, blocks, None, batch_size=64, device=device, dtype=torch.float64)
+    v = {
+        k: g.double()
+        for k, g in query_gradients(
+            trajectory, blocks, queries, batch_size=64, device=device, dtype=torch.float64
+        ).items()
+    }
+    training = TrainingGradients(
+        trajectory, blocks, None, batch_size=64, device=device, dtype=torch.float64
+    )
     bound = torch.zeros(len(queries), trajectory.n_train, dtype=torch.float64)
     for model in reversed(attributor.state_["segments"]):
         u, v = precondition(model, v, 0.0, "exp")
@@ -304,7 +351,9 @@ def test_each_segment_scores_gradients_of_its_own_checkpoints(monkeypatch):
     attributor = SourceAttributor(n_segments=3, device="cpu").fit(run)
     attributor.transform(_cases.queries("mlp_two_stage"))
     expected = {
-        (c, tuple(run.stages[seg.stage].examples.tolist())) for seg in attributor.segments_ for c in seg.checkpoints
+        (c, tuple(run.stages[seg.stage].examples.tolist()))
+        for seg in attributor.segments_
+        for c in seg.checkpoints
     }
     assert set(requested) == expected
     assert len(requested) == len(expected)  # each checkpoint's gradients once, for all queries
@@ -317,10 +366,14 @@ def test_source_beats_influence_far_from_convergence(seed):
     data = _cases.classification_data(40, seed)
     queries = _cases.classification_data(10, 100 + seed)
     stage = TrainingStage(OptimizerSpec("sgd", lr=0.3), epochs=6, batch_size=8, n_checkpoints=6)
-    run = sourcekit.train("tests._cases:make_tanh_mlp", data, [stage], random_state=seed, progress=False)
+    run = sourcekit.train(
+        "tests._cases:make_tanh_mlp", data, [stage], random_state=seed, progress=False
+    )
     exact = UnrolledAttributor(device="cpu").fit(run).transform(queries).ravel()
     for curvature in ("ekfac", "exact"):
-        src = SourceAttributor(n_segments=3, damping=1e-3, curvature=curvature, dtype="float64", device="cpu")
+        src = SourceAttributor(
+            n_segments=3, damping=1e-3, curvature=curvature, dtype="float64", device="cpu"
+        )
         inf = InfluenceAttributor(damping=1e-3, curvature=curvature, dtype="float64", device="cpu")
         r_source = np.corrcoef(src.fit(run).transform(queries).ravel(), exact)[0, 1]
         r_influence = np.corrcoef(inf.fit(run).transform(queries).ravel(), exact)[0, 1]
@@ -330,7 +383,9 @@ def test_source_beats_influence_far_from_convergence(seed):
 def test_unrolling_and_source_leave_the_trajectory_unchanged():
     run = _cases.record("mlp_adam")
     before = run.fingerprint
-    saved = {s: {k: v.clone() for k, v in run.checkpoint(s).params.items()} for s in run.stored_steps}
+    saved = {
+        s: {k: v.clone() for k, v in run.checkpoint(s).params.items()} for s in run.stored_steps
+    }
     queries = _cases.queries("mlp_adam")
     UnrolledAttributor(device="cpu").fit(run).transform(queries)
     SourceAttributor(device="cpu").fit(run).transform(queries)

@@ -1,0 +1,228 @@
+"""SourceAttributor and InfluenceAttributor as estimators: parameters, state and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sourcekit
+from sourcekit import Examples, InfluenceAttributor, OptimizerSpec, SourceAttributor, TrainingStage
+from sourcekit.base import state_cache_info
+from sourcekit.exceptions import NonFiniteError, TrajectoryError, UnsupportedModuleError
+
+from .. import _cases
+
+CPU = {"device": "cpu"}
+
+
+def make_layernorm_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+
+
+@pytest.fixture(scope="module")
+def run():
+    return _cases.trajectory("mlp_momentum")
+
+
+@pytest.mark.parametrize("cls", [SourceAttributor, InfluenceAttributor])
+def test_damping_is_read_at_transform_without_refitting(run, cls):
+    queries = _cases.queries("mlp_momentum")
+    attributor = cls(damping=1e-3, **CPU).fit(run)
+    misses = state_cache_info()["misses"]
+    changed = attributor.set_params(damping=0.1).transform(queries)
+    assert state_cache_info()["misses"] == misses  # nothing was recomputed
+    fresh = cls(damping=0.1, **CPU).fit(run).transform(queries)
+    np.testing.assert_array_equal(changed, fresh)
+    assert not np.allclose(changed, cls(damping=1e-3, **CPU).fit(run).transform(queries))
+
+
+def test_the_expensive_state_is_computed_once_per_setting(run):
+    SourceAttributor(damping=1e-3, **CPU).fit(run)
+    SourceAttributor(damping=0.5, **CPU).fit(run)  # damping does not shape the state
+    assert state_cache_info()["misses"] == 1
+    SourceAttributor(damping=1e-3, n_segments=2, **CPU).fit(run)
+    assert state_cache_info()["misses"] == 2
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (
+            {"damping": -1.0},
+            r"'damping' parameter of SourceAttributor must be a float in \[0, inf\); got -1.0",
+        ),
+        ({"n_segments": 0}, r"'n_segments' parameter .* must be an int in \[1, inf\)"),
+        ({"curvature": "full"}, r"'curvature' .* one of 'ekfac', 'kfac'"),
+        ({"matrix_function": "taylor"}, r"'matrix_function' .* one of 'exp', 'discrete'"),
+        ({"fisher": "sampled"}, r"'fisher' .* one of 'true', 'empirical', 'expected'"),
+        ({"modules": "0"}, r"'modules' .* None or a list of module names"),
+    ],
+)
+def test_bad_parameters_name_the_parameter_the_value_and_what_is_allowed(run, params, match):
+    with pytest.raises(ValueError, match=match):
+        SourceAttributor(**params, **CPU).fit(run)
+
+
+def test_negative_damping_is_refused_by_influence_too(run):
+    with pytest.raises(ValueError, match=r"'damping' parameter of InfluenceAttributor"):
+        InfluenceAttributor(damping=-0.1, **CPU).fit(run)
+
+
+def test_more_segments_than_checkpoints_is_a_clear_error(run):
+    with pytest.raises(
+        ValueError,
+        match=r"n_segments' parameter is 4, but the trajectory has only 3 attribution checkpoints",
+    ):
+        SourceAttributor(n_segments=4, **CPU).fit(run)
+
+
+def test_fewer_segments_than_stages_is_a_clear_error():
+    two_stage = _cases.trajectory("mlp_two_stage")
+    with pytest.raises(ValueError, match=r"has 2 stages .* Use n_segments >= 2"):
+        SourceAttributor(n_segments=1, **CPU).fit(two_stage)
+
+
+def test_explicit_boundaries_define_the_segments(run):
+    attributor = SourceAttributor(boundaries=[5], **CPU).fit(run)
+    assert [(s.start, s.end, s.checkpoints) for s in attributor.segments_] == [
+        (0, 5, (1, 4)),
+        (5, 9, (7,)),
+    ]
+    with pytest.raises(ValueError, match=r"holds no checkpoint"):
+        SourceAttributor(boundaries=[2, 3], **CPU).fit(run)
+
+
+def test_segments_never_cross_stages():
+    two_stage = _cases.trajectory("mlp_two_stage")
+    segments = SourceAttributor(n_segments=3, **CPU).fit(two_stage).segments_
+    stage_ends = {s.end for s in two_stage.stages}
+    for segment in segments:
+        stage = two_stage.stages[segment.stage]
+        assert stage.start <= segment.start < segment.end <= stage.end
+    assert {s.end for s in segments} >= stage_ends
+
+
+def test_momentum_scales_the_learning_rate_sum(run):
+    attributor = SourceAttributor(n_segments=3, **CPU).fit(run)
+    beta = run.stages[0].optimizer.momentum
+    for model in attributor.state_["segments"]:
+        recorded = run.learning_rates[model.segment.start : model.segment.end].sum()
+        assert model.lr_sum == pytest.approx(recorded / (1 - beta), rel=1e-12)
+        assert model.weight_decay == run.stages[0].optimizer.weight_decay
+
+
+def test_adam_preconditioner_comes_from_the_recorded_second_moments():
+    adam = _cases.trajectory("mlp_adam")
+    attributor = SourceAttributor(n_segments=3, **CPU).fit(adam)
+    beta2, eps = adam.stages[0].optimizer.betas[1], adam.stages[0].optimizer.eps
+    for model in attributor.state_["segments"]:
+        (step,) = model.segment.checkpoints
+        state = adam.checkpoint(step).optimizer
+        v = state["exp_avg_sq"]["0.weight"].double() / (1 - beta2 ** state["step"])
+        expected = 1.0 / (v.sqrt() + eps)
+        np.testing.assert_allclose(
+            model.preconditioner["0"][:, :-1].numpy(), expected.numpy(), rtol=1e-12
+        )
+
+
+def test_adamw_separates_decoupled_decay():
+    adamw = _cases.trajectory("mlp_adamw")
+    attributor = SourceAttributor(n_segments=3, **CPU).fit(adamw)
+    for model in attributor.state_["segments"]:
+        assert model.weight_decay == 0.0
+        assert model.decoupled_decay == adamw.stages[0].optimizer.weight_decay
+
+
+def test_adam_without_second_moments_in_a_segment_is_a_clear_error():
+    adam = _cases.trajectory("mlp_adam")
+    # a single checkpoint at the stage's first step carries no second moments of the stage
+    early = _cases.rebuild(adam, checkpoint_steps=[0])
+    with pytest.raises(
+        TrajectoryError, match=r"none of its checkpoints \[0\] holds second moments"
+    ):
+        SourceAttributor(n_segments=1, **CPU).fit(early)
+
+
+def test_unsupported_layers_are_named_and_can_be_excluded():
+    data = _cases.classification_data(12, 0)
+    stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=4, n_checkpoints=2)
+    run = sourcekit.train(make_layernorm_mlp, data, [stage], progress=False)
+    with pytest.raises(
+        UnsupportedModuleError, match=r"'1' \(LayerNorm\) has parameters .* modules=\[\.\.\.\]"
+    ):
+        SourceAttributor(n_segments=2, **CPU).fit(run)
+    scores = (
+        SourceAttributor(n_segments=2, modules=["0", "3"], **CPU)
+        .fit(run)
+        .transform(_cases.queries("mlp_sgd"))
+    )
+    assert scores.shape == (4, 12) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match=r"names \['9'\], which the model does not have"):
+        InfluenceAttributor(modules=["9"], **CPU).fit(run)
+
+
+def test_nan_in_a_checkpoint_raises_non_finite_error(run):
+    checkpoints = {s: run.checkpoint(s) for s in run.stored_steps}
+    broken = checkpoints[4]
+    poisoned = {k: v.clone() for k, v in broken.params.items()}
+    poisoned["0.weight"][0, 0] = float("nan")
+    checkpoints[4] = type(broken)(4, poisoned, broken.buffers, broken.optimizer)
+    bad = _cases.rebuild(run, checkpoints=checkpoints)
+    with pytest.raises(NonFiniteError, match=r"checkpoint step 4"):
+        SourceAttributor(n_segments=3, **CPU).fit(bad)
+
+
+def test_queries_of_the_wrong_shape_are_refused(run):
+    attributor = SourceAttributor(**CPU).fit(run)
+    with pytest.raises(
+        ValueError,
+        match=r"query inputs have shape \(n, 4\) per example but the training inputs have \(n, 3\)",
+    ):
+        attributor.transform(Examples(torch.randn(2, 4), torch.tensor([0, 1])))
+    with pytest.raises(TypeError, match=r"Queries must be an Examples object; got tuple"):
+        attributor.transform((torch.randn(2, 3), torch.tensor([0, 1])))
+
+
+def test_true_fisher_needs_a_sampler(run):
+    def plain_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    custom = _cases.rebuild(run, loss=plain_loss)
+    with pytest.raises(
+        ValueError, match=r"fisher='true' samples targets .* Use fisher='empirical'"
+    ):
+        SourceAttributor(**CPU).fit(custom)
+    scores = (
+        SourceAttributor(fisher="empirical", **CPU)
+        .fit(custom)
+        .transform(_cases.queries("mlp_momentum"))
+    )
+    assert np.isfinite(scores).all()
+
+
+def test_influence_default_damping_is_a_tenth_of_the_mean_eigenvalue(run):
+    attributor = InfluenceAttributor(damping=None, **CPU).fit(run)
+    means = attributor.state_["curvature"].mean_eigenvalues()
+    wd = run.stages[-1].optimizer.weight_decay
+    assert attributor.damping_ == pytest.approx({k: 0.1 * (v + wd) for k, v in means.items()})
+    assert InfluenceAttributor(damping=0.3, **CPU).fit(run).damping_ == 0.3
+
+
+def test_influence_equals_the_closed_form_for_linear_regression():
+    run = _cases.trajectory("linear_gd")
+    queries = _cases.queries("linear_gd")
+    scores = (
+        InfluenceAttributor(damping=0.05, curvature="exact", dtype="float64", **CPU)
+        .fit(run)
+        .transform(queries)
+    )
+    final = run.checkpoint(run.n_steps).params
+    w = torch.cat([final["weight"].reshape(-1), final["bias"].reshape(-1)]).double()
+    x = torch.cat([run.train.inputs, torch.ones(run.n_train, 1)], dim=1).double()
+    xq = torch.cat([queries.inputs, torch.ones(len(queries), 1)], dim=1).double()
+    grads = (x @ w - run.train.targets[:, 0].double())[:, None] * x  # ∇ ½(θᵀx̃ − y)²
+    h = x.T @ x / run.n_train + 0.05 * torch.eye(x.shape[1], dtype=torch.float64)
+    expected = -(xq @ torch.linalg.solve(h, grads.T)) / run.n_train
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-10, atol=1e-14)
