@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -87,7 +88,9 @@ def child(method: str, recipe: str, n_queries: int, repeats: int, out: str) -> N
         def run() -> np.ndarray:
             clear_state_cache()
             if method == "source":
-                attributor = sourcekit.SourceAttributor(n_segments=3, damping=DAMPING, device="cpu")
+                attributor = sourcekit.SourceAttributor(
+                    n_segments=3, damping=DAMPING, device="cpu"
+                )
             else:
                 attributor = sourcekit.InfluenceAttributor(
                     damping=DAMPING, curvature="ekfac", fisher="empirical", device="cpu"
@@ -105,6 +108,7 @@ def child(method: str, recipe: str, n_queries: int, repeats: int, out: str) -> N
         from kronfluence.task import Task
 
         logging.disable(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
         wd = trajectory.stages[-1].optimizer.weight_decay
 
         class DigitsTask(Task):
@@ -120,21 +124,37 @@ def child(method: str, recipe: str, n_queries: int, repeats: int, out: str) -> N
                 inputs, targets = batch
                 return sourcekit.gradients.margin(model(inputs), targets).sum()
 
-        train_set = torch.utils.data.TensorDataset(trajectory.train.inputs, trajectory.train.targets)
+        train_set = torch.utils.data.TensorDataset(
+            trajectory.train.inputs, trajectory.train.targets
+        )
         query_set = torch.utils.data.TensorDataset(queries.inputs, queries.targets)
         workdir = tempfile.mkdtemp(prefix="kronfluence-")
 
         def run() -> np.ndarray:
             model = prepare_model(trajectory.build_model().eval(), DigitsTask())
-            analyzer = Analyzer("digits", model, DigitsTask(), cpu=True, disable_tqdm=True, output_dir=workdir)
+            analyzer = Analyzer(
+                "digits", model, DigitsTask(), cpu=True, disable_tqdm=True, output_dir=workdir
+            )
             factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-            analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=256, factor_args=factor_args, overwrite_output_dir=True)
+            analyzer.fit_all_factors(
+                "ekfac",
+                train_set,
+                per_device_batch_size=256,
+                factor_args=factor_args,
+                overwrite_output_dir=True,
+            )
             # sourcekit adds the recorded weight decay to the eigenvalues; give kronfluence
             # the same total shift.
             score_args = ScoreArguments(damping_factor=DAMPING + wd)
             analyzer.compute_pairwise_scores(
-                "scores", "ekfac", query_set, train_set, per_device_query_batch_size=n_queries,
-                per_device_train_batch_size=256, score_args=score_args, overwrite_output_dir=True,
+                "scores",
+                "ekfac",
+                query_set,
+                train_set,
+                per_device_query_batch_size=n_queries,
+                per_device_train_batch_size=256,
+                score_args=score_args,
+                overwrite_output_dir=True,
             )
             scores = analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
             return -scores / trajectory.n_train  # to sourcekit's sign and scale
@@ -149,9 +169,22 @@ def child(method: str, recipe: str, n_queries: int, repeats: int, out: str) -> N
 
 def measure(method: str, recipe: str, args: argparse.Namespace, workdir: str) -> dict:
     out = os.path.join(workdir, f"{method}-{recipe}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     subprocess.run(
-        [sys.executable, __file__, "--child", method, recipe, str(args.queries), str(args.repeats), out],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            recipe,
+            str(args.queries),
+            str(args.repeats),
+            out,
+        ],
         check=True,
         env=env,
     )
@@ -163,10 +196,14 @@ def measure(method: str, recipe: str, args: argparse.Namespace, workdir: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every process (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in every process (default 1)"
+    )
     parser.add_argument("--recipes", nargs="+", default=["standard", "early"])
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,11 +224,17 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="sourcekit-bench-")
     rows = []
     for recipe in args.recipes:
-        results = {m: measure(m, recipe, args, workdir) for m in ["floor", "source", "influence", *peers]}
+        results = {
+            m: measure(m, recipe, args, workdir) for m in ["floor", "source", "influence", *peers]
+        }
         rows.append((recipe, results))
-    print(f"digits task, {args.queries} queries, torch threads {args.threads}, median of {args.repeats} runs\n")
+    print(
+        f"digits task, {args.queries} queries, torch threads {args.threads}, median of {args.repeats} runs\n"
+    )
     print("(i) SOURCE (n_segments=3, EK-FAC, true Fisher) against its floor")
-    print(f"{'recipe':<10}{'C':>3}{'floor s':>10}{'+contract s':>13}{'SOURCE s':>10}{'/floor':>8}{'/(floor+contract)':>19}")
+    print(
+        f"{'recipe':<10}{'C':>3}{'floor s':>10}{'+contract s':>13}{'SOURCE s':>10}{'/floor':>8}{'/(floor+contract)':>19}"
+    )
     for recipe, r in rows:
         floor, source = r["floor"], r["source"]
         both = floor["seconds"] + floor["contraction_seconds"]
@@ -200,8 +243,12 @@ def main() -> None:
             f"{source['seconds']:>10.4f}{source['seconds'] / floor['seconds']:>8.1f}{source['seconds'] / both:>19.2f}"
         )
     if peers:
-        print("\n(ii) EK-FAC influence (empirical Fisher, damping 1e-3 + weight decay): sourcekit vs kronfluence")
-        print(f"{'recipe':<10}{'sourcekit s':>12}{'kronfluence s':>15}{'time ratio':>12}{'Pearson':>9}")
+        print(
+            "\n(ii) EK-FAC influence (empirical Fisher, damping 1e-3 + weight decay): sourcekit vs kronfluence"
+        )
+        print(
+            f"{'recipe':<10}{'sourcekit s':>12}{'kronfluence s':>15}{'time ratio':>12}{'Pearson':>9}"
+        )
         for recipe, r in rows:
             ours, peer = r["influence"], r["kronfluence"]
             pearson = np.corrcoef(ours["scores"].ravel(), peer["scores"].ravel())[0, 1]
@@ -209,11 +256,19 @@ def main() -> None:
                 f"{recipe:<10}{ours['seconds']:>12.4f}{peer['seconds']:>15.4f}"
                 f"{ours['seconds'] / peer['seconds']:>12.2f}{pearson:>9.4f}"
             )
-    print("\n(iii) peak resident memory of the measuring process, MB (baseline: after loading and recording)")
+    print(
+        "\n(iii) peak resident memory of the measuring process, MB (baseline: after loading and recording)"
+    )
     methods = ["floor", "source", "influence", *peers]
     print(f"{'recipe':<10}" + "".join(f"{m:>14}" for m in methods))
     for recipe, r in rows:
-        print(f"{recipe:<10}" + "".join(f"{r[m]['peak_mb']:>8.0f} ({r[m]['peak_mb'] - r[m]['baseline_mb']:+.0f})" for m in methods))
+        print(
+            f"{recipe:<10}"
+            + "".join(
+                f"{r[m]['peak_mb']:>8.0f} ({r[m]['peak_mb'] - r[m]['baseline_mb']:+.0f})"
+                for m in methods
+            )
+        )
 
 
 if __name__ == "__main__":

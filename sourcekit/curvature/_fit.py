@@ -3,7 +3,8 @@
 For EK-FAC, at every checkpoint c of the segment, over the stage's training examples:
 
 1. A_c = E[a aᵀ] (layer inputs, bias as an input of 1, averaged over positions) and
-   S_c = E[Σ_t s_t s_tᵀ] (output gradients for Fisher targets);
+   S_c = E[Σ_t s_t s_tᵀ] (output gradients for Fisher targets); each batch's sum is
+   formed in the working precision and accumulated across batches in float64;
 2. A = mean_c A_c and S = mean_c S_c are eigendecomposed in float64 (one basis per
    segment): A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ;
 3. Λ_c = E[(Q_Sᵀ G Q_A)^∘2] over per-example gradients G at checkpoint c, in that basis;
@@ -29,7 +30,13 @@ from torch.func import functional_call, hessian
 
 from ..exceptions import NonFiniteError
 from ..gradients._layers import LayerBlock
-from ..gradients._per_example import BatchFactors, FisherNoise, checkpoint_batches, model_at
+from ..gradients._per_example import (
+    FISHER,
+    BatchFactors,
+    FisherNoise,
+    checkpoint_batches,
+    model_at,
+)
 from ..trajectory import Trajectory
 from ._objects import DenseCurvature, EigenbasisCurvature, KroneckerFactors
 
@@ -151,6 +158,10 @@ def fit_curvature(
     When ``loss_cache`` is given, the layer inputs and training-loss output gradients of
     every batch are stored in it while the budget allows (they are what scoring needs).
     """
+    if kind not in CURVATURES:
+        raise ValueError(f"The curvature kind must be one of {CURVATURES}; got {kind!r}.")
+    if settings.fisher not in FISHER:
+        raise ValueError(f"The 'fisher' setting must be one of {FISHER}; got {settings.fisher!r}.")
     if kind in ("exact", "hessian"):
         return _fit_dense(kind, trajectory, blocks, steps, indices, settings)
     if kind == "identity":
@@ -221,6 +232,12 @@ def fit_curvature(
             loss_cache.batches[step] = loss_batches
         fisher_cache[step] = kept
         for b in blocks:
+            for what, matrix in (
+                ("input covariance", a_sum[b.name]),
+                ("output-gradient covariance", s_sum[b.name]),
+                ("diagonal curvature", diag_sum[b.name]),
+            ):
+                _check(matrix, f"{what} at checkpoint step {step}", b.name)
             n_positions, n_examples = counts[b.name]
             if kind == "diagonal":
                 diag_mean[b.name] += diag_sum[b.name] / (n_examples * len(steps))
@@ -384,6 +401,10 @@ def _fit_dense(
             )
         else:
             part = _hessian_sum(model, blocks, trajectory, indices, settings.batch_size, dev)
+        if not torch.isfinite(part).all():
+            raise NonFiniteError(
+                f"NaN or infinity in the dense {kind} curvature at checkpoint step {step}. The run "
+                "may have diverged there; choose other checkpoints or check the recorded data."
+            )
         total += part / (len(indices) * len(steps))
-    _check(total, "dense curvature", "all blocks")
     return DenseCurvature(kind, blocks, total)

@@ -10,13 +10,13 @@ import torch
 
 from .._validation import Interval
 from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, FitSettings, LossCache, fit_curvature
+from ..curvature._fit import CacheBudget, LossCache, fit_curvature
 from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import CURVATURE_CONSTRAINTS, query_gradients, query_slices
+from ._shared import CURVATURE_CONSTRAINTS, fit_settings, query_gradients, query_slices
 
 __all__ = ["InfluenceAttributor"]
 
@@ -96,13 +96,7 @@ class InfluenceAttributor(BaseAttributor):
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
-        settings = FitSettings(
-            self.fisher,
-            self.random_state,
-            self.batch_size,
-            resolve_device(self.device),
-            self._torch_dtype(),
-        )
+        settings = fit_settings(self)
         cache = LossCache()
         examples = np.arange(trajectory.n_train, dtype=np.int64)
         curvature = fit_curvature(

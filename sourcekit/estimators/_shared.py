@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS
-from ..curvature._fit import CURVATURES
+from ..curvature._fit import CURVATURES, FitSettings
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import FISHER, measurement_gradients, model_at
 from ..trajectory import Examples, Trajectory
+from ..trajectory._replay import resolve_device
 
-__all__ = ["CURVATURE_CONSTRAINTS", "query_gradients", "query_slices"]
+__all__ = ["CURVATURE_CONSTRAINTS", "fit_settings", "query_gradients", "query_slices"]
 
 
 def _module_list(value: Any) -> bool:
@@ -32,6 +34,23 @@ CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
     "dtype": [DTYPE],
     "progress": [PROGRESS],
 }
+
+
+def fit_settings(attributor: Any) -> FitSettings:
+    """The pass settings of a curvature attributor.
+
+    ``random_state=None`` follows scikit-learn: fresh randomness at every fit.
+    """
+    seed = attributor.random_state
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    return FitSettings(
+        attributor.fisher,
+        seed,
+        attributor.batch_size,
+        resolve_device(attributor.device),
+        attributor._torch_dtype(),
+    )
 
 
 def query_gradients(

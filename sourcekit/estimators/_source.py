@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from .._validation import InstanceOf, Interval, Options
 from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, FitSettings, LossCache, fit_curvature
+from ..curvature._fit import CacheBudget, LossCache, fit_curvature
 from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import CURVATURE_CONSTRAINTS, query_gradients, query_slices
+from ._shared import CURVATURE_CONSTRAINTS, fit_settings, query_gradients, query_slices
 
 __all__ = ["SourceAttributor"]
 
@@ -66,7 +66,7 @@ class SourceAttributor(BaseAttributor):
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside nn.Linear / nn.Conv2d layers.
     random_state : int or None, default=0
-        Seed of the sampled Fisher targets.
+        Seed of the sampled Fisher targets; None draws fresh ones at every fit.
     batch_size : int, default=256
         Training examples per batch while streaming the data.
     memory_limit : int, default=2**30
@@ -151,13 +151,7 @@ class SourceAttributor(BaseAttributor):
         segments = trajectory.segments(
             None if self.boundaries is not None else self.n_segments, self.boundaries
         )
-        settings = FitSettings(
-            self.fisher,
-            self.random_state,
-            self.batch_size,
-            resolve_device(self.device),
-            self._torch_dtype(),
-        )
+        settings = fit_settings(self)
         budget = CacheBudget(self.memory_limit // 2)
         cache = LossCache()
         curvatures = []

@@ -61,7 +61,8 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _sample_categorical(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
-    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
+    tiny = torch.finfo(torch.float64).tiny
+    gumbel = -torch.log(-torch.log(uniforms.double().clamp(tiny, 1 - 2**-53)))
     return (outputs.detach().double() + gumbel.double()).argmax(dim=-1)
 
 

@@ -81,6 +81,11 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
                 f"Modules with parameters: {available[:12]}."
             )
         selected = list(dict.fromkeys(modules))
+        if not selected:
+            raise ValueError(
+                "The 'modules' parameter is an empty list; name at least one nn.Linear or "
+                "nn.Conv2d layer, or pass modules=None to attribute through all of them."
+            )
     else:
         selected = [n for n, m in named.items() if list(m.parameters(recurse=False))]
     blocks = []
@@ -121,6 +126,11 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
                     d_in + (bias is not None),
                 )
             )
+        elif not list(module.parameters(recurse=False)):
+            raise ValueError(
+                f"The 'modules' parameter names {name!r}, a {type(module).__name__} without "
+                "parameters of its own. Name the nn.Linear or nn.Conv2d layers to attribute through."
+            )
         else:
             raise UnsupportedModuleError(
                 f"The layer {name or '<root>'!r} ({type(module).__name__}) has parameters but sourcekit "
@@ -138,12 +148,27 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
 
 @dataclass
 class Capture:
-    """Layer inputs ``a[name]`` (n, T, d_in) and output gradients ``s[name]`` (n, T, d_out)."""
+    """Layer inputs ``a[name]`` (n, T, d_in) and output gradients ``s[name]`` (n, T, d_out).
+
+    A layer called several times in one forward pass (shared weights) contributes all
+    its calls: their positions are concatenated, so that G = Σ over calls and positions
+    of s aᵀ, the gradient of the shared parameters.
+    """
 
     blocks: Sequence[LayerBlock]
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     s: dict[str, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add_call(self, name: str, a: torch.Tensor, output: torch.Tensor | None) -> None:
+        self.a[name] = a if name not in self.a else torch.cat([self.a[name], a], dim=1)
+        if output is not None:
+            self.outputs.setdefault(name, []).append(output)
+
+    def clear(self) -> None:
+        self.a.clear()
+        self.s.clear()
+        self.outputs.clear()
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
         """Fill ``s`` with the gradients of the scalar ``total`` w.r.t. each block's outputs.
@@ -152,16 +177,18 @@ class Capture:
         gradients (no 1/n factor). Parameter gradients are never formed.
         """
         names = [b.name for b in self.blocks if b.name in self.outputs]
-        grads = torch.autograd.grad(
-            total, [self.outputs[n] for n in names], allow_unused=True, retain_graph=retain_graph
+        flat = [out for n in names for out in self.outputs[n]]
+        grads = iter(
+            torch.autograd.grad(total, flat, allow_unused=True, retain_graph=retain_graph)
         )
-        for block in self.blocks:
-            if block.name not in self.outputs:
-                continue
-            g = grads[names.index(block.name)]
-            if g is None:
-                g = torch.zeros_like(self.outputs[block.name])
-            self.s[block.name] = _outputs_matrix(block, g.detach())
+        by_block = {b.name: b for b in self.blocks}
+        for name in names:
+            parts = []
+            for out in self.outputs[name]:
+                g = next(grads)
+                g = torch.zeros_like(out) if g is None else g.detach()
+                parts.append(_outputs_matrix(by_block[name], g))
+            self.s[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if not retain_graph:
             self.outputs.clear()
 
@@ -203,9 +230,8 @@ def collect(model: nn.Module, blocks: Sequence[LayerBlock]) -> Iterator[Capture]
 
     def make_hook(block: LayerBlock):  # type: ignore[no-untyped-def]
         def forward_hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            capture.a[block.name] = _inputs_matrix(mod, block, inputs[0].detach())
-            if output.requires_grad:
-                capture.outputs[block.name] = output
+            a = _inputs_matrix(mod, block, inputs[0].detach())
+            capture.add_call(block.name, a, output if output.requires_grad else None)
 
         return named[block.name].register_forward_hook(forward_hook)
 

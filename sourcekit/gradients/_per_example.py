@@ -184,9 +184,7 @@ def checkpoint_batches(
                     else:
                         result.fisher.append(grads)
                 result.a = dict(capture.a)
-            capture.a.clear()
-            capture.s.clear()
-            capture.outputs.clear()
+            capture.clear()
             yield result
 
 
@@ -212,8 +210,7 @@ def measurement_gradients(
             for name, g in block_gradients(capture.a, capture.s, blocks).items():
                 _check_finite(g, "query measurement gradients", step)
                 parts[name].append(g)
-            capture.a.clear()
-            capture.s.clear()
+            capture.clear()
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -247,7 +244,9 @@ class TrainingGradients:
         self, step: int, indices: np.ndarray
     ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         cached = self.cache.get(step)
-        if cached is not None and sum(len(b.indices) for b in cached) == len(indices):
+        if cached is not None and np.array_equal(
+            np.sort(np.concatenate([b.indices for b in cached])), np.sort(indices)
+        ):
             for batch in cached:
                 assert batch.loss is not None
                 yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)

@@ -154,9 +154,11 @@ def train(
 ) -> Trajectory:
     """Train a model stage by stage and return the recorded :class:`Trajectory`.
 
-    The model is initialised from ``architecture`` under ``torch.manual_seed(random_state)``
-    (without touching the global random state) and each stage shuffles with its own
-    seed derived from ``random_state``, so the run is deterministic given its seed.
+    A factory (or ``"module:factory"``) is called under ``torch.manual_seed(random_state)``
+    (without touching the global random state), so the initial weights follow the seed;
+    an ``nn.Module`` given instead is copied with the weights it has (a pretrained
+    starting point stays as it is). Each stage shuffles with its own seed derived from
+    ``random_state``, so the run is deterministic given its seed and starting weights.
 
     Examples
     --------

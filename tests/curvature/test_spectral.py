@@ -56,11 +56,11 @@ def _residual_error_bound(s: float, sigma: float) -> float:
 
     x = sσ is rounded (relative error eps/2); the relative sensitivity of 1 − e^{−x} to x
     is |x e^{−x}/(1 − e^{−x})| ≤ 1 + |x|; expm1 and the division add at most 1 ulp each.
-    Below the switch the series drops x⁴/120 relative.
+    Below the switch the series drops x⁶/5040 relative.
     """
     x = s * sigma
     exact = abs(_exact_residual(s, sigma))
-    truncation = x**4 / 120 if abs(x) < SWITCH else 0.0
+    truncation = x**6 / 5040 if abs(x) < SWITCH else 0.0
     return exact * (truncation + (4 + abs(x)) * EPS64)
 
 
@@ -81,10 +81,10 @@ def test_residual_matches_its_series_for_tiny_arguments(s: float) -> None:
     x = np.concatenate([-np.logspace(-12, -3.0001, 30), [0.0], np.logspace(-12, -3.0001, 30)])
     sigma = x / s
     got = Residual(s)(_t(sigma)).numpy()
-    # Five terms of s·(1 − e^{−x})/x: the first omitted one is s·x⁵/720 < 2e-18·s.
-    want = s * (1 - x / 2 + x**2 / 6 - x**3 / 24 + x**4 / 120)
-    # Residual keeps four terms, so it is off by s·x⁴/120 (< 8.4e-15·s), plus rounding.
-    np.testing.assert_array_less(np.abs(got - want), s * (x**4 / 120 + 4 * EPS64))
+    # Seven terms of s·(1 − e^{−x})/x: the first omitted one is s·x⁷/40320 < 3e-26·s.
+    want = s * (1 - x / 2 + x**2 / 6 - x**3 / 24 + x**4 / 120 - x**5 / 720 + x**6 / 5040)
+    # Residual keeps six terms, so it is off by s·x⁶/5040 (< 2e-22·s), plus rounding.
+    np.testing.assert_array_less(np.abs(got - want), s * (x**6 / 5040 + 4 * EPS64))
 
 
 @pytest.mark.parametrize("s", [0.0, 0.05, 1.0, 7.5])
@@ -111,16 +111,10 @@ def test_residual_is_continuous_across_the_series_switch(s: float, side: float) 
     x_outside = side * np.nextafter(SWITCH, 1.0)  # expm1
     below, above = Residual(s)(_t([x_inside / s, x_outside / s])).tolist()
     # The function itself moves by |F_r'|·Δσ ≈ (s²/2)·2 ulp(σ), negligible; the jump is
-    # the series' truncation s·x⁴/120 (< 8.4e-15·s) plus a few ulps of rounding each side.
-    assert abs(above - below) <= s * (SWITCH**4 / 120 + 8 * EPS64)
+    # the series' truncation s·x⁶/5040 (< 2e-22·s) plus a few ulps of rounding each side.
+    assert abs(above - below) <= s * (SWITCH**6 / 5040 + 8 * EPS64)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sourcekit/curvature/_spectral.py: the series below |sσ| = 1e-3 keeps four terms, "
-    "so it is off by x⁴/120 ≈ 8.3e-15 relative (≈ 38 ulps) near the switch, not the "
-    "'≤ 1e-18' its comment claims.",
-)
 def test_residual_is_accurate_to_a_few_ulps_near_the_switch() -> None:
     x = np.nextafter(SWITCH, 0.0)
     got = float(Residual(1.0)(_t([x]))[0])

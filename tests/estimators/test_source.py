@@ -226,3 +226,19 @@ def test_influence_equals_the_closed_form_for_linear_regression():
     h = x.T @ x / run.n_train + 0.05 * torch.eye(x.shape[1], dtype=torch.float64)
     expected = -(xq @ torch.linalg.solve(h, grads.T)) / run.n_train
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_random_state_fixes_the_sampled_fisher_and_none_draws_afresh(run):
+    queries = _cases.queries("mlp_momentum")
+    first = SourceAttributor(random_state=3, **CPU).fit(run).transform(queries)
+    again = SourceAttributor(random_state=3, **CPU).fit(run).transform(queries)
+    np.testing.assert_array_equal(first, again)
+    other = SourceAttributor(random_state=4, **CPU).fit(run).transform(queries)
+    assert not np.array_equal(first, other)
+    from sourcekit.base import clear_state_cache
+
+    fresh = []
+    for _ in range(2):
+        clear_state_cache()
+        fresh.append(SourceAttributor(random_state=None, **CPU).fit(run).transform(queries))
+    assert not np.array_equal(fresh[0], fresh[1])

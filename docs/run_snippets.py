@@ -1,0 +1,64 @@
+"""Run the Python code blocks of the documentation, to check that they still work.
+
+Every fenced block marked ``python`` in the given Markdown files (by default README.md
+and docs/*.md) is executed. The blocks of one file run in order in one namespace, so a
+page may build on its earlier blocks; each file runs in a fresh temporary working
+directory. Exits with status 1 if a block fails.
+
+    python docs/run_snippets.py
+    python docs/run_snippets.py docs/conventions.md
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """The (line number, source) of every ```python block in ``path``."""
+    text = path.read_text()
+    return [(text.count("\n", 0, m.start()) + 2, m.group(1)) for m in BLOCK.finditer(text)]
+
+
+def run_file(path: Path) -> bool:
+    namespace: dict = {"__name__": "__snippets__"}
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            for line, source in python_blocks(path):
+                started = time.perf_counter()
+                try:
+                    exec(compile(source, f"{path}:{line}", "exec"), namespace)
+                except Exception:
+                    print(f"FAILED {path}, block at line {line}:", file=sys.stderr)
+                    traceback.print_exc()
+                    return False
+                print(
+                    f"ok     {path.relative_to(ROOT)}:{line} ({time.perf_counter() - started:.1f} s)"
+                )
+        finally:
+            os.chdir(cwd)
+    return True
+
+
+def main(argv: list[str]) -> int:
+    paths = [Path(a).resolve() for a in argv] or [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]
+    results = [run_file(p) for p in paths]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
