@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ def _describe(constraint: Any) -> str:
     return constraint.describe()
 
 
-def validate_parameters(estimator: Any, constraints: dict[str, Iterable[Any]]) -> None:
+def validate_parameters(estimator: Any, constraints: Mapping[str, Iterable[Any]]) -> None:
     """Check every constructor parameter of ``estimator`` against ``constraints``.
 
     Raises ``ValueError`` naming the estimator, the parameter, the value and everything

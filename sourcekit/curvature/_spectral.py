@@ -16,7 +16,7 @@ on a tensor of (already damped) eigenvalues returns the tensor of function value
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -64,7 +64,7 @@ class Residual:
 class DiscreteDecay:
     """σ ↦ Π_k (1 − η_k σ) over the learning rates of a segment."""
 
-    def __init__(self, learning_rates: Sequence[float]) -> None:
+    def __init__(self, learning_rates: Iterable[float]) -> None:
         self.learning_rates = [float(x) for x in learning_rates]
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class DiscreteDecay:
 class DiscreteResidual:
     """σ ↦ Σ_k η_k Π_{k'>k} (1 − η_{k'} σ): a constant gradient fed through the segment's steps."""
 
-    def __init__(self, learning_rates: Sequence[float]) -> None:
+    def __init__(self, learning_rates: Iterable[float]) -> None:
         self.learning_rates = [float(x) for x in learning_rates]
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .._validation import Interval
 from ..base import BaseAttributor
@@ -133,6 +134,14 @@ class InfluenceAttributor(BaseAttributor):
         shift = (
             {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
         )
+        slices = query_slices(len(queries), blocks, self.memory_limit)
+        bar = tqdm(
+            total=len(slices) * trajectory.n_train,
+            desc="scoring",
+            unit="example",
+            disable=not self.progress,
+            leave=False,
+        )
         training = TrainingGradients(
             trajectory,
             blocks,
@@ -140,10 +149,11 @@ class InfluenceAttributor(BaseAttributor):
             batch_size=self.batch_size,
             device=device,
             dtype=dtype,
+            progress=bar,
         )
         examples = np.arange(trajectory.n_train, dtype=np.int64)
         parts = []
-        for rows in query_slices(len(queries), blocks, self.memory_limit):
+        for rows in slices:
             grads = query_gradients(
                 trajectory,
                 blocks,
@@ -165,4 +175,5 @@ class InfluenceAttributor(BaseAttributor):
                     dtype=dtype,
                 )
             )
+        bar.close()
         return torch.cat(parts).cpu()

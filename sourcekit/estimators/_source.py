@@ -187,6 +187,12 @@ class SourceAttributor(BaseAttributor):
         blocks = self.state_["blocks"]
         device = resolve_device(self.device)
         dtype = self._torch_dtype()
+        slices = query_slices(len(queries), blocks, self.memory_limit)
+        segments = self.state_["segments"]
+        total = len(slices) * sum(m.n_examples * len(m.segment.checkpoints) for m in segments)
+        bar = tqdm(
+            total=total, desc="scoring", unit="example", disable=not self.progress, leave=False
+        )
         training = TrainingGradients(
             trajectory,
             blocks,
@@ -194,10 +200,11 @@ class SourceAttributor(BaseAttributor):
             batch_size=self.batch_size,
             device=device,
             dtype=dtype,
+            progress=bar,
         )
         stage_examples = [s.examples for s in trajectory.stages]
         parts = []
-        for rows in query_slices(len(queries), blocks, self.memory_limit):
+        for rows in slices:
             grads = query_gradients(
                 trajectory,
                 blocks,
@@ -218,4 +225,5 @@ class SourceAttributor(BaseAttributor):
                     dtype=dtype,
                 )
             )
+        bar.close()
         return torch.cat(parts).cpu()

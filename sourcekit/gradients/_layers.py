@@ -202,7 +202,7 @@ def _inputs_matrix(module: nn.Module, block: LayerBlock, x: torch.Tensor) -> tor
             x,
             module.kernel_size,
             dilation=module.dilation,
-            padding=module.padding,
+            padding=module.padding,  # type: ignore[arg-type]  # str padding is refused earlier
             stride=module.stride,
         )
         a = patches.transpose(1, 2)

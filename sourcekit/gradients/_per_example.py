@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,6 +233,7 @@ class TrainingGradients:
         batch_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        progress: Any = None,
     ) -> None:
         self.trajectory = trajectory
         self.blocks = blocks
@@ -239,6 +241,11 @@ class TrainingGradients:
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
+        self.progress = progress  # a tqdm bar counting scored examples, or None
+
+    def _tick(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(n)
 
     def __call__(
         self, step: int, indices: np.ndarray
@@ -250,6 +257,7 @@ class TrainingGradients:
             for batch in cached:
                 assert batch.loss is not None
                 yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)
+                self._tick(len(batch.indices))
             return
         model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
         for batch in checkpoint_batches(
@@ -268,3 +276,4 @@ class TrainingGradients:
         ):
             assert batch.loss is not None
             yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)
+            self._tick(len(batch.indices))

@@ -164,6 +164,8 @@ def precondition(
     curvature = model.curvature
     shift = damping + model.weight_decay
     if model.preconditioner is None:
+        residual: Callable[[torch.Tensor], torch.Tensor]
+        decay: Callable[[torch.Tensor], torch.Tensor]
         if matrix_function == "exp":
             residual, decay = Residual(model.lr_sum), Decay(model.lr_sum)
         else:
@@ -218,9 +220,9 @@ def source_scores(
         seen = np.zeros(n_train, dtype=np.int64)
         for step in model.segment.checkpoints:
             for indices, grads in training_gradients(step, stage_examples[model.segment.stage]):
-                block_scores = sum(
-                    flat_u[k] @ grads[k].reshape(len(indices), -1).to(dtype).T for k in flat_u
-                )
+                block_scores = torch.zeros(n_queries, len(indices), dtype=dtype, device=device)
+                for k, u_k in flat_u.items():
+                    block_scores += u_k @ grads[k].reshape(len(indices), -1).to(dtype).T
                 scores.index_add_(
                     1, torch.from_numpy(indices).to(device), block_scores, alpha=-weight
                 )

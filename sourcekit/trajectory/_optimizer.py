@@ -157,7 +157,7 @@ class OptimizerSpec:
             kind,
             lr=lr,
             weight_decay=float(group["weight_decay"]),
-            betas=tuple(float(b) for b in group["betas"]),
+            betas=(float(group["betas"][0]), float(group["betas"][1])),
             eps=float(group["eps"]),
         )
 

@@ -97,7 +97,7 @@ def split_segments(
             raise ValueError(
                 f"The 'boundaries' must lie in [0, {trajectory.n_steps}]; got {list(boundaries)}."
             )
-        segments = []
+        segments: list[Segment] = []
         for start, end in itertools.pairwise(cuts):
             if start == end:
                 continue

@@ -538,7 +538,7 @@ class Trajectory:
                 torch.save(payload, path)
                 files[name] = {"file": path.name, "sha256": sha256_file(path)}
             (staging / "checkpoints").mkdir()
-            checkpoints = []
+            checkpoints: list[dict[str, Any]] = []
             for step in self.stored_steps:
                 state = self.checkpoint(step)
                 rel = f"checkpoints/step_{step:08d}.pt"
@@ -588,7 +588,11 @@ class Trajectory:
             and self._store.root.resolve() == target.resolve()
         ):
             self._store = DirectoryStore(
-                target, {c["step"]: (c["file"], c["sha256"], c["digest"]) for c in checkpoints}
+                target,
+                {
+                    int(c["step"]): (str(c["file"]), str(c["sha256"]), str(c["digest"]))
+                    for c in checkpoints
+                },
             )
         return target
 
