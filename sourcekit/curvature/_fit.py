@@ -21,7 +21,7 @@ does not need another pass over the data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +142,33 @@ def _squared_rotated(
     return total
 
 
+def _fisher_batches(
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    step: int,
+    indices: np.ndarray,
+    settings: FitSettings,
+    *,
+    want_loss: bool,
+) -> Iterator[BatchFactors]:
+    """One pass over ``indices`` at checkpoint ``step`` with the settings' Fisher targets."""
+    model = model_at(trajectory, step, blocks, device=settings.device, dtype=settings.dtype)
+    return checkpoint_batches(
+        model,
+        blocks,
+        trajectory.train,
+        indices,
+        trajectory.loss,
+        fisher=settings.fisher,
+        want_loss=want_loss,
+        noise=FisherNoise(fisher_seed(settings.random_state, step)),
+        batch_size=settings.batch_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        step=step,
+    )
+
+
 def fit_curvature(
     kind: str,
     trajectory: Trajectory,
@@ -185,7 +212,6 @@ def fit_curvature(
     }
     fisher_cache: dict[int, list[BatchFactors] | None] = {}
     for step in steps:
-        model = model_at(trajectory, step, blocks, device=dev, dtype=settings.dtype)
         a_sum = {b.name: torch.zeros_like(a_mean[b.name]) for b in blocks}
         s_sum = {b.name: torch.zeros_like(s_mean[b.name]) for b in blocks}
         diag_sum = {b.name: torch.zeros_like(diag_mean[b.name]) for b in blocks}
@@ -193,19 +219,8 @@ def fit_curvature(
         kept: list[BatchFactors] | None = [] if kind == "ekfac" else None
         keep_loss = loss_cache is not None
         loss_batches: list[BatchFactors] = []
-        for batch in checkpoint_batches(
-            model,
-            blocks,
-            trajectory.train,
-            indices,
-            trajectory.loss,
-            fisher=settings.fisher,
-            want_loss=keep_loss,
-            noise=FisherNoise(fisher_seed(settings.random_state, step)),
-            batch_size=settings.batch_size,
-            device=dev,
-            dtype=settings.dtype,
-            step=step,
+        for batch in _fisher_batches(
+            trajectory, blocks, step, indices, settings, want_loss=keep_loss
         ):
             if kind == "diagonal":
                 for b in blocks:
@@ -267,20 +282,8 @@ def fit_curvature(
     for step in steps:
         batches = fisher_cache.pop(step)
         if batches is None:
-            model = model_at(trajectory, step, blocks, device=dev, dtype=settings.dtype)
-            batches_iter = checkpoint_batches(
-                model,
-                blocks,
-                trajectory.train,
-                indices,
-                trajectory.loss,
-                fisher=settings.fisher,
-                want_loss=False,
-                noise=FisherNoise(fisher_seed(settings.random_state, step)),
-                batch_size=settings.batch_size,
-                device=dev,
-                dtype=settings.dtype,
-                step=step,
+            batches_iter = _fisher_batches(
+                trajectory, blocks, step, indices, settings, want_loss=False
             )
         else:
             batches_iter = iter(batches)

@@ -57,7 +57,30 @@ class KroneckerFactors:
         return w
 
 
-class EigenbasisCurvature:
+class _Curvature:
+    """What every curvature offers; subclasses implement ``apply_many``."""
+
+    blocks: list[LayerBlock]
+
+    def apply_many(
+        self,
+        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """F(H̄ + shift·I) applied to per-block matrices (n, d_out, d_in)."""
+        return self.apply_many((fn,), grads, shift)[0]
+
+
+class EigenbasisCurvature(_Curvature):
     """Block-diagonal curvature with a Kronecker-factored eigenbasis per block.
 
     Parameters
@@ -84,14 +107,6 @@ class EigenbasisCurvature:
                 f.eigenvalues.to(device),
             )
         return EigenbasisCurvature(self.kind, self.blocks, moved)
-
-    def apply(
-        self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        grads: dict[str, torch.Tensor],
-        shift: Shift = 0.0,
-    ) -> dict[str, torch.Tensor]:
-        return self.apply_many((fn,), grads, shift)[0]
 
     def apply_many(
         self,
@@ -128,7 +143,7 @@ class EigenbasisCurvature:
         return f"EigenbasisCurvature(kind={self.kind!r}, blocks={[b.name for b in self.blocks]})"
 
 
-class DenseCurvature:
+class DenseCurvature(_Curvature):
     """The exact (dense) curvature matrix over all blocks, eigendecomposed in float64.
 
     Parameters are ordered block by block, each block's (d_out, d_in) matrix row-major.
@@ -157,14 +172,6 @@ class DenseCurvature:
         return {
             b.name: flat[:, self._slices[b.name]].reshape(-1, b.d_out, b.d_in) for b in self.blocks
         }
-
-    def apply(
-        self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        grads: dict[str, torch.Tensor],
-        shift: Shift = 0.0,
-    ) -> dict[str, torch.Tensor]:
-        return self.apply_many((fn,), grads, shift)[0]
 
     def apply_many(
         self,

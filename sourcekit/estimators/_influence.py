@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._validation import Interval
 from ..base import BaseAttributor
@@ -16,8 +15,7 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
-from ._shared import CURVATURE_CONSTRAINTS, fit_settings, query_gradients, query_slices
+from ._shared import CURVATURE_CONSTRAINTS, fit_settings, score_in_query_blocks
 
 __all__ = ["InfluenceAttributor"]
 
@@ -126,54 +124,24 @@ class InfluenceAttributor(BaseAttributor):
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        blocks = self.state_["blocks"]
-        device = resolve_device(self.device)
-        dtype = self._torch_dtype()
         damping = self.damping_
         wd = self._weight_decay()
         shift = (
             {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
         )
-        slices = query_slices(len(queries), blocks, self.memory_limit)
-        bar = tqdm(
-            total=len(slices) * trajectory.n_train,
-            desc="scoring",
-            unit="example",
-            disable=not self.progress,
-            leave=False,
-        )
-        training = TrainingGradients(
-            trajectory,
-            blocks,
-            self.state_["cache"],
-            batch_size=self.batch_size,
-            device=device,
-            dtype=dtype,
-            progress=bar,
-        )
         examples = np.arange(trajectory.n_train, dtype=np.int64)
-        parts = []
-        for rows in slices:
-            grads = query_gradients(
-                trajectory,
-                blocks,
-                queries[rows],
-                batch_size=self.batch_size,
-                device=device,
-                dtype=dtype,
+
+        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
+            return influence_scores(
+                grads,
+                self.state_["curvature"],
+                training,
+                trajectory.n_steps,
+                examples,
+                n_train=trajectory.n_train,
+                n_examples=trajectory.n_train,
+                shift=shift,
+                dtype=self._torch_dtype(),
             )
-            parts.append(
-                influence_scores(
-                    grads,
-                    self.state_["curvature"],
-                    training,
-                    trajectory.n_steps,
-                    examples,
-                    n_train=trajectory.n_train,
-                    n_examples=trajectory.n_train,
-                    shift=shift,
-                    dtype=dtype,
-                )
-            )
-        bar.close()
-        return torch.cat(parts).cpu()
+
+        return score_in_query_blocks(self, queries, trajectory.n_train, score)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, FitSettings
 from ..gradients._layers import LayerBlock
-from ..gradients._per_example import FISHER, measurement_gradients, model_at
+from ..gradients._per_example import FISHER, TrainingGradients, measurement_gradients, model_at
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
 
-__all__ = ["CURVATURE_CONSTRAINTS", "fit_settings", "query_gradients", "query_slices"]
+__all__ = [
+    "CURVATURE_CONSTRAINTS",
+    "fit_settings",
+    "query_gradients",
+    "query_slices",
+    "score_in_query_blocks",
+]
 
 
 def _module_list(value: Any) -> bool:
@@ -85,3 +92,51 @@ def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int
     per_query = 3 * 8 * sum(b.n_params for b in blocks)
     size = max(1, (memory_limit // 2) // per_query)
     return [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
+
+
+def score_in_query_blocks(
+    attributor: Any,
+    queries: Examples,
+    examples_per_block: int,
+    score: Callable[[dict[str, torch.Tensor], TrainingGradients], torch.Tensor],
+) -> torch.Tensor:
+    """Run ``score(query_gradients, training_gradients)`` over blocks of queries.
+
+    The blocks are as large as ``attributor.memory_limit`` allows (usually one); the
+    training gradients come from the fitted cache or are streamed, with a progress bar
+    counting the training examples scored (``examples_per_block`` per block).
+    """
+    trajectory = attributor.trajectory_
+    blocks = attributor.state_["blocks"]
+    device = resolve_device(attributor.device)
+    dtype = attributor._torch_dtype()
+    slices = query_slices(len(queries), blocks, attributor.memory_limit)
+    bar = tqdm(
+        total=len(slices) * examples_per_block,
+        desc="scoring",
+        unit="example",
+        disable=not attributor.progress,
+        leave=False,
+    )
+    training = TrainingGradients(
+        trajectory,
+        blocks,
+        attributor.state_["cache"],
+        batch_size=attributor.batch_size,
+        device=device,
+        dtype=dtype,
+        progress=bar,
+    )
+    parts = []
+    for rows in slices:
+        grads = query_gradients(
+            trajectory,
+            blocks,
+            queries[rows],
+            batch_size=attributor.batch_size,
+            device=device,
+            dtype=dtype,
+        )
+        parts.append(score(grads, training))
+    bar.close()
+    return torch.cat(parts).cpu()

@@ -16,8 +16,7 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
-from ._shared import CURVATURE_CONSTRAINTS, fit_settings, query_gradients, query_slices
+from ._shared import CURVATURE_CONSTRAINTS, fit_settings, score_in_query_blocks
 
 __all__ = ["SourceAttributor"]
 
@@ -184,46 +183,20 @@ class SourceAttributor(BaseAttributor):
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        blocks = self.state_["blocks"]
-        device = resolve_device(self.device)
-        dtype = self._torch_dtype()
-        slices = query_slices(len(queries), blocks, self.memory_limit)
         segments = self.state_["segments"]
-        total = len(slices) * sum(m.n_examples * len(m.segment.checkpoints) for m in segments)
-        bar = tqdm(
-            total=total, desc="scoring", unit="example", disable=not self.progress, leave=False
-        )
-        training = TrainingGradients(
-            trajectory,
-            blocks,
-            self.state_["cache"],
-            batch_size=self.batch_size,
-            device=device,
-            dtype=dtype,
-            progress=bar,
-        )
         stage_examples = [s.examples for s in trajectory.stages]
-        parts = []
-        for rows in slices:
-            grads = query_gradients(
-                trajectory,
-                blocks,
-                queries[rows],
-                batch_size=self.batch_size,
-                device=device,
-                dtype=dtype,
+
+        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
+            return source_scores(
+                grads,
+                segments,
+                training,
+                stage_examples,
+                n_train=trajectory.n_train,
+                damping=float(self.damping),
+                matrix_function=self.matrix_function,
+                dtype=self._torch_dtype(),
             )
-            parts.append(
-                source_scores(
-                    grads,
-                    self.state_["segments"],
-                    training,
-                    stage_examples,
-                    n_train=trajectory.n_train,
-                    damping=float(self.damping),
-                    matrix_function=self.matrix_function,
-                    dtype=dtype,
-                )
-            )
-        bar.close()
-        return torch.cat(parts).cpu()
+
+        per_block = sum(m.n_examples * len(m.segment.checkpoints) for m in segments)
+        return score_in_query_blocks(self, queries, per_block, score)

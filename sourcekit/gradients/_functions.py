@@ -17,12 +17,13 @@ Gauss-Newton matrix).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .._imports import import_object, importable_name
 
 __all__ = [
     "LOSSES",
@@ -149,12 +150,9 @@ def resolve_function(spec: Any, registry: dict[str, PerExample], name: str) -> P
         if spec in registry:
             return registry[spec]
         if ":" in spec:
-            module_name, _, qualname = spec.partition(":")
             try:
-                obj: Any = importlib.import_module(module_name)
-                for part in qualname.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError) as err:
+                obj = import_object(spec)
+            except LookupError as err:
                 raise ValueError(
                     f"The {name!r} function {spec!r} cannot be imported ({err}). Make the "
                     "module importable (installed or on sys.path) or pass the callable."
@@ -176,14 +174,4 @@ def function_spec(fn: Any, registry: dict[str, PerExample]) -> str | None:
     for key, value in registry.items():
         if value is fn:
             return key
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    spec = f"{module}:{qualname}"
-    try:
-        if resolve_function(spec, registry, "function") is not fn:
-            return None
-    except ValueError:
-        return None
-    return spec
+    return importable_name(fn)

@@ -9,7 +9,6 @@ JSON keyword arguments. In memory, a factory callable or a module used as a temp
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,40 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._imports import import_object, importable_name
 from ..exceptions import TrajectoryError
 
 __all__ = ["Architecture"]
 
 
 def _import(spec: str) -> Any:
-    module_name, _, qualname = spec.partition(":")
-    if not module_name or not qualname:
-        raise TrajectoryError(
-            f"The architecture {spec!r} is not of the form 'package.module:factory'. Name an "
-            "importable callable that returns the model."
-        )
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
+        return import_object(spec)
+    except LookupError as err:
         raise TrajectoryError(
-            f"The architecture factory {spec!r} cannot be imported ({err}). Install or put on "
+            f"The architecture factory {spec!r} cannot be imported ({err}). Name an importable "
+            "callable that returns the model ('package.module:factory'), install or put on "
             "sys.path the module that defines it, or pass architecture=... to Trajectory.load."
         ) from err
-    return obj
-
-
-def _importable_name(obj: Any) -> str | None:
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    name = f"{module}:{qualname}"
-    try:
-        return name if _import(name) is obj else None
-    except TrajectoryError:
-        return None
 
 
 class Architecture:
@@ -105,7 +85,7 @@ class Architecture:
         elif isinstance(self.source, nn.Module):
             name = None
         else:
-            name = _importable_name(self.source)
+            name = importable_name(self.source)
         if name is None:
             return None
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Examples", "as_tensor"]
+__all__ = ["Examples", "as_tensor", "check_training_set"]
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -170,3 +170,20 @@ class Examples:
             f"Examples(n={len(self)}, inputs={describe(self.inputs)}, "
             f"targets={describe(self.targets)})"
         )
+
+
+def check_training_set(train: Any) -> Examples:
+    """Return ``train`` if it is a non-empty ``Examples``, else raise a clear error."""
+    from ..exceptions import TrajectoryError
+
+    if not isinstance(train, Examples):
+        raise TypeError(
+            f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
+            "Wrap arrays as Examples(inputs, targets)."
+        )
+    if len(train) == 0:
+        raise TrajectoryError(
+            "The training set is empty (0 examples). Pass the examples the model trains on: "
+            "the full training set as train=Examples(inputs, targets)."
+        )
+    return train

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..exceptions import TrajectoryError
-from ._examples import Examples
+from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._storage import Checkpoint
 from ._trajectory import Stage, Trajectory, _as_index_array
@@ -120,15 +120,7 @@ class TrajectoryRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"The 'model' must be an nn.Module; got {type(model).__name__}.")
-        if not isinstance(train, Examples):
-            raise TypeError(
-                f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
-                "Wrap arrays as Examples(inputs, targets)."
-            )
-        if len(train) == 0:
-            raise TrajectoryError(
-                "The training set is empty (0 examples). Pass the examples the model trains on."
-            )
+        check_training_set(train)
         if checkpoint_steps is None and checkpoint_every is None:
             raise ValueError(
                 "TrajectoryRecorder needs to know where to keep checkpoints: pass "

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..exceptions import TrajectoryError
 from ..gradients._functions import LOSSES, resolve_function
 from ._architecture import Architecture
-from ._examples import Examples
+from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._recorder import TrajectoryRecorder
 from ._trajectory import Trajectory
@@ -171,15 +170,7 @@ def train(
     >>> trajectory.n_steps, trajectory.checkpoint_steps
     (8, (2, 6))
     """
-    if not isinstance(train, Examples):
-        raise TypeError(
-            f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
-            "Wrap arrays as Examples(inputs, targets)."
-        )
-    if len(train) == 0:
-        raise TrajectoryError(
-            "The training set is empty (0 examples). Pass the examples the model trains on."
-        )
+    check_training_set(train)
     stages = list(stages)
     if not stages:
         raise ValueError("train() needs at least one TrainingStage.")

@@ -40,7 +40,7 @@ from torch import nn
 from ..exceptions import TrajectoryError
 from ..gradients._functions import LOSSES, MEASUREMENTS, function_spec, resolve_function
 from ._architecture import Architecture, check_fits, state_shapes
-from ._examples import Examples
+from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._segments import Segment, split_segments
 from ._storage import (
@@ -200,16 +200,7 @@ class Trajectory:
         _param_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.architecture = Architecture(architecture)
-        if not isinstance(train, Examples):
-            raise TypeError(
-                f"The 'train' argument must be an Examples object; got {type(train).__name__}. "
-                "Wrap arrays as Examples(inputs, targets)."
-            )
-        if len(train) == 0:
-            raise TrajectoryError(
-                "The training set is empty (0 examples); a trajectory needs the examples it was "
-                "trained on. Pass the full training set as train=Examples(inputs, targets)."
-            )
+        check_training_set(train)
         self.train = train
         self.loss_spec = loss
         self.measurement_spec = measurement

@@ -33,7 +33,7 @@ def test_empty_training_set() -> None:
     empty = Examples(torch.zeros(0, 3), torch.zeros(0, 1))
     with pytest.raises(
         TrajectoryError,
-        match=r"training set is empty \(0 examples\).*Pass the full training set as train=Examples",
+        match=r"training set is empty \(0 examples\).*the full training set as train=Examples",
     ):
         Trajectory(**_parts(train=empty))
 
