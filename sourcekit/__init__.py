@@ -10,7 +10,7 @@ up or down. Every attributor follows scikit-learn's shape::
 measurement of query q (positive: m pushed it up), with the 1/N scale included.
 """
 
-from . import datasets, exceptions
+from . import datasets, exceptions, objectives
 from .base import BaseAttributor
 from .estimators import InfluenceAttributor, SourceAttributor, UnrolledAttributor
 from .trajectory import (
@@ -39,5 +39,6 @@ __all__ = [
     "__version__",
     "datasets",
     "exceptions",
+    "objectives",
     "train",
 ]

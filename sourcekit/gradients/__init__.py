@@ -1,6 +1,10 @@
-"""Per-example losses, measurements and gradients."""
+"""Per-example gradients: layer blocks, hook-based collection, streaming over checkpoints.
 
-from ._functions import (
+The built-in losses and measurements live in :mod:`sourcekit.objectives`; they are
+re-exported here for convenience.
+"""
+
+from ..objectives import (
     LOSSES,
     MEASUREMENTS,
     absolute_error,

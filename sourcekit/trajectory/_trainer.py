@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..gradients._functions import LOSSES, resolve_function
+from ..objectives import LOSSES, resolve_function
 from ._architecture import Architecture
 from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..exceptions import TrajectoryError
-from ..gradients._functions import LOSSES, MEASUREMENTS, function_spec, resolve_function
+from ..objectives import LOSSES, MEASUREMENTS, function_spec, resolve_function
 from ._architecture import Architecture, check_fits, state_shapes
 from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._imports import import_object, importable_name
+from ._imports import import_object, importable_name
 
 __all__ = [
     "LOSSES",
