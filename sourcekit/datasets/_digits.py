@@ -14,7 +14,6 @@ scikit-learn. Three recorded recipes cover the settings SOURCE is built for:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,9 +84,8 @@ class DigitsTask:
         if recipe == "standard":
             return [TrainingStage(sgd, epochs=32, batch_size=64, n_checkpoints=6)]
         if recipe == "early":
-            steps = 32 * math.ceil(n / 64)
             return [
-                TrainingStage(sgd, epochs=32, batch_size=64, max_steps=steps // 4, n_checkpoints=6)
+                TrainingStage(sgd, epochs=32, batch_size=64, stop_fraction=0.25, n_checkpoints=6)
             ]
         if recipe == "two_stage":
             order = np.random.default_rng(random_state).permutation(n)

@@ -51,6 +51,10 @@ class TrainingStage:
     max_steps : int, optional
         Stop after this many steps although the schedule is laid out for all epochs
         (a run stopped early, far from convergence).
+    stop_fraction : float, optional
+        Stop after this fraction of the scheduled steps (rounded down, at least one).
+        Unlike ``max_steps`` it scales with the data, so a retraining on a subset stops
+        at the same point of its schedule. With both, the earlier stop wins.
     n_checkpoints : int
         Checkpoints kept for attribution, at the midpoints of equal step intervals.
     """
@@ -62,6 +66,7 @@ class TrainingStage:
     examples: Any = field(default=None, compare=False)
     schedule: str = "constant"
     max_steps: int | None = None
+    stop_fraction: float | None = None
     n_checkpoints: int = 6
 
     def __post_init__(self) -> None:
@@ -86,6 +91,13 @@ class TrainingStage:
             raise ValueError(
                 f"The 'max_steps' parameter of TrainingStage must be an int >= 1 or None; got {self.max_steps!r}."
             )
+        if self.stop_fraction is not None and not (
+            isinstance(self.stop_fraction, (int, float)) and 0 < self.stop_fraction <= 1
+        ):
+            raise ValueError(
+                "The 'stop_fraction' parameter of TrainingStage must be a float in (0, 1] or "
+                f"None; got {self.stop_fraction!r}."
+            )
         if not isinstance(self.optimizer, OptimizerSpec):
             raise TypeError(
                 f"The 'optimizer' of TrainingStage must be an OptimizerSpec; got {type(self.optimizer).__name__}."
@@ -98,6 +110,7 @@ class TrainingStage:
             "batch_size": int(self.batch_size),
             "schedule": self.schedule,
             "max_steps": None if self.max_steps is None else int(self.max_steps),
+            "stop_fraction": None if self.stop_fraction is None else float(self.stop_fraction),
             "n_checkpoints": int(self.n_checkpoints),
             "seed": int(seed),
             "optimizer": self.optimizer.to_dict(),
@@ -195,6 +208,8 @@ def train(
         per_epoch = math.ceil(examples.size / stage.batch_size)
         total = stage.epochs * per_epoch
         steps = total if stage.max_steps is None else min(total, stage.max_steps)
+        if stage.stop_fraction is not None:
+            steps = min(steps, max(1, math.floor(stage.stop_fraction * total)))
         plan.append((stage, examples, per_epoch, total, steps, start))
         start += steps
     checkpoint_steps = [
