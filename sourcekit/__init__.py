@@ -11,7 +11,7 @@ measurement of query q (positive: m pushed it up), with the 1/N scale included.
 """
 
 from . import datasets, exceptions, objectives
-from .base import BaseAttributor
+from .base import BaseAttributor, __version__
 from .estimators import InfluenceAttributor, SourceAttributor, UnrolledAttributor
 from .trajectory import (
     AttributionTask,
@@ -22,8 +22,6 @@ from .trajectory import (
     TrajectoryRecorder,
     train,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttributionTask",

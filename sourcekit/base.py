@@ -4,7 +4,9 @@
 - ``fit(X)`` takes a :class:`~sourcekit.Trajectory` or a bound
   :class:`~sourcekit.trajectory.AttributionTask`, validates the parameters declared in
   ``_parameter_constraints`` and computes the damping-independent state, which is
-  cached under (class, trajectory fingerprint, the parameters that shape it).
+  cached under (class, trajectory fingerprint, the parameters that shape it): in this
+  process always, and on disk too when the attributor has a ``memory`` parameter set
+  (a directory or a ``joblib.Memory``), so that other processes reuse it.
 - ``transform(X)`` takes :class:`~sourcekit.Examples` queries (or a bound task) and
   returns the (n_queries, n_train) score matrix as a NumPy array: τ[q, m] is the
   first-order effect of *including* training example m on the measurement of query q,
@@ -15,11 +17,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import joblib
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -27,6 +31,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
+
+__version__ = "0.1.0"
 
 __all__ = ["BaseAttributor", "clear_state_cache", "state_cache_info"]
 
@@ -131,7 +137,13 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             trajectory.fingerprint,
             tuple((name, repr(getattr(self, name))) for name in self._state_parameters),
         )
-        self.state_ = _STATE_CACHE.get_or_compute(key, lambda: self._fit_state(trajectory))
+        memory = as_memory(getattr(self, "memory", None))
+        if memory is None:
+            compute = lambda: self._fit_state(trajectory)  # noqa: E731
+        else:
+            on_disk = memory.cache(_compute_state, ignore=["attributor", "trajectory"])
+            compute = lambda: on_disk((__version__, *key), self, trajectory)  # noqa: E731
+        self.state_ = _STATE_CACHE.get_or_compute(key, compute)
         self.trajectory_ = trajectory
         self.n_train_ = trajectory.n_train
         self.fingerprint_ = trajectory.fingerprint
@@ -199,6 +211,21 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         tags.input_tags.two_d_array = False
         return tags
+
+
+def _compute_state(key: tuple, attributor: BaseAttributor, trajectory: Trajectory) -> Any:
+    """The fitted state for ``key``; ``joblib.Memory`` caches it on disk by ``key`` alone."""
+    return attributor._fit_state(trajectory)
+
+
+def as_memory(memory: Any) -> joblib.Memory | None:
+    """None, a directory path, or a ``joblib.Memory`` as a ``joblib.Memory`` (or None)."""
+    if memory is None or isinstance(memory, joblib.Memory):
+        return memory if memory is None or memory.location is not None else None
+    return joblib.Memory(location=os.fspath(memory), verbose=0)
+
+
+MEMORY = InstanceOf((str, os.PathLike, joblib.Memory), "a directory path or a joblib.Memory")
 
 
 def _as_trajectory(X: Any, who: str) -> Trajectory:

@@ -35,7 +35,7 @@ class InfluenceAttributor(BaseAttributor):
     damping : float or None, default=None
         λ added to every eigenvalue. None uses 0.1 × the mean eigenvalue of each layer
         (a per-layer damping, recorded in ``damping_``). Read only by ``transform``.
-    curvature, fisher, modules, random_state, batch_size, memory_limit, device, dtype, progress
+    curvature, fisher, modules, random_state, batch_size, memory_limit, memory, device, dtype, progress
         As in :class:`~sourcekit.SourceAttributor`.
 
     Attributes
@@ -78,6 +78,7 @@ class InfluenceAttributor(BaseAttributor):
         random_state: int | None = 0,
         batch_size: int = 256,
         memory_limit: int = 2**30,
+        memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
         progress: bool = False,
@@ -89,6 +90,7 @@ class InfluenceAttributor(BaseAttributor):
         self.random_state = random_state
         self.batch_size = batch_size
         self.memory_limit = memory_limit
+        self.memory = memory
         self.device = device
         self.dtype = dtype
         self.progress = progress

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._validation import InstanceOf, Interval, Options
-from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS
+from ..base import DEVICE, DTYPE, MEMORY, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, FitSettings
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import FISHER, TrainingGradients, measurement_gradients, model_at
@@ -37,6 +37,7 @@ CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
     "random_state": [None, Interval(int, 0, None)],
     "batch_size": [POSITIVE_INT],
     "memory_limit": [Interval(int, 1, None)],
+    "memory": [None, MEMORY],
     "device": [DEVICE],
     "dtype": [DTYPE],
     "progress": [PROGRESS],

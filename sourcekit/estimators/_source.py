@@ -73,6 +73,11 @@ class SourceAttributor(BaseAttributor):
         scoring, otherwise recomputed) and, separately, for preconditioned query
         gradients (queries are processed in blocks beyond it; each block streams the
         training data again).
+    memory : str, path or joblib.Memory, optional
+        Also cache the fitted state (curvature, cached factors) on disk under this
+        directory, keyed by the trajectory's fingerprint and the parameters that shape
+        the state, so that other processes (a search with ``n_jobs``, a later session)
+        reuse it instead of fitting again.
     device : str or torch.device, default="auto"
     dtype : {"float32", "float64"}, default="float32"
         Precision of gradients and scores (eigendecompositions are always float64).
@@ -127,6 +132,7 @@ class SourceAttributor(BaseAttributor):
         random_state: int | None = 0,
         batch_size: int = 256,
         memory_limit: int = 2**30,
+        memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
         progress: bool = False,
@@ -141,6 +147,7 @@ class SourceAttributor(BaseAttributor):
         self.random_state = random_state
         self.batch_size = batch_size
         self.memory_limit = memory_limit
+        self.memory = memory
         self.device = device
         self.dtype = dtype
         self.progress = progress
