@@ -12,6 +12,7 @@ measurement of query q (positive: m pushed it up), with the 1/N scale included.
 
 from . import datasets, exceptions, objectives
 from .base import BaseAttributor, __version__
+from .postprocessing import TopKProponents
 from .estimators import InfluenceAttributor, SourceAttributor, UnrolledAttributor
 from .trajectory import (
     AttributionTask,
@@ -30,6 +31,7 @@ __all__ = [
     "InfluenceAttributor",
     "OptimizerSpec",
     "SourceAttributor",
+    "TopKProponents",
     "TrainingStage",
     "Trajectory",
     "TrajectoryRecorder",
