@@ -63,7 +63,7 @@ class TrainingStage:
     epochs: int = 10
     batch_size: int = 64
     name: str = "train"
-    examples: Any = field(default=None, compare=False)
+    examples: Any = field(default=None, compare=False, repr=False)
     schedule: str = "constant"
     max_steps: int | None = None
     stop_fraction: float | None = None
