@@ -10,10 +10,19 @@ up or down. Every attributor follows scikit-learn's shape::
 measurement of query q (positive: m pushed it up), with the 1/N scale included.
 """
 
-from . import datasets, exceptions, objectives
+from . import datasets, evaluation, exceptions, objectives
 from .base import BaseAttributor, __version__
+from .estimators import (
+    GradientSimilarityAttributor,
+    InfluenceAttributor,
+    RepresentationSimilarityAttributor,
+    SourceAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+    UnrolledAttributor,
+)
+from .evaluation import LDSScorer
 from .postprocessing import TopKProponents
-from .estimators import InfluenceAttributor, SourceAttributor, UnrolledAttributor
 from .trajectory import (
     AttributionTask,
     Examples,
@@ -28,16 +37,22 @@ __all__ = [
     "AttributionTask",
     "BaseAttributor",
     "Examples",
+    "GradientSimilarityAttributor",
     "InfluenceAttributor",
+    "LDSScorer",
     "OptimizerSpec",
+    "RepresentationSimilarityAttributor",
     "SourceAttributor",
+    "TRAKAttributor",
     "TopKProponents",
+    "TracInAttributor",
     "TrainingStage",
     "Trajectory",
     "TrajectoryRecorder",
     "UnrolledAttributor",
     "__version__",
     "datasets",
+    "evaluation",
     "exceptions",
     "objectives",
     "train",

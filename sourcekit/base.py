@@ -143,7 +143,11 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         else:
             on_disk = memory.cache(_compute_state, ignore=["attributor", "trajectory"])
             compute = lambda: on_disk((__version__, *key), self, trajectory)  # noqa: E731
-        self.state_ = _STATE_CACHE.get_or_compute(key, compute)
+        if "random_state" in self._state_parameters and getattr(self, "random_state", 0) is None:
+            # Fresh randomness at every fit (scikit-learn's meaning of None): no caching.
+            self.state_ = self._fit_state(trajectory)
+        else:
+            self.state_ = _STATE_CACHE.get_or_compute(key, compute)
         self.trajectory_ = trajectory
         self.n_train_ = trajectory.n_train
         self.fingerprint_ = trajectory.fingerprint

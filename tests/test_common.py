@@ -52,6 +52,10 @@ TEST_PARAMS: dict[str, dict[str, Any]] = {
     "UnrolledAttributor": {},
     "SourceAttributor": {},
     "InfluenceAttributor": {},
+    "TracInAttributor": {},
+    "TRAKAttributor": {"projection_dim": 16, "checkpoints": "all"},
+    "GradientSimilarityAttributor": {},
+    "RepresentationSimilarityAttributor": {},
 }
 
 CASE = "mlp_momentum"  # one stage, 9 steps, checkpoints at 1, 4 and 7

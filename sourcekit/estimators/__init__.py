@@ -1,7 +1,18 @@
 """Attributors: thin scikit-learn estimators over the scoring functions."""
 
 from ._influence import InfluenceAttributor
+from ._similarity import GradientSimilarityAttributor, RepresentationSimilarityAttributor
 from ._source import SourceAttributor
+from ._tracin import TracInAttributor
+from ._trak import TRAKAttributor
 from ._unrolled import UnrolledAttributor
 
-__all__ = ["InfluenceAttributor", "SourceAttributor", "UnrolledAttributor"]
+__all__ = [
+    "GradientSimilarityAttributor",
+    "InfluenceAttributor",
+    "RepresentationSimilarityAttributor",
+    "SourceAttributor",
+    "TRAKAttributor",
+    "TracInAttributor",
+    "UnrolledAttributor",
+]

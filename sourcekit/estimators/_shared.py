@@ -1,4 +1,6 @@
-"""Pieces shared by the curvature-based attributors (SOURCE, influence functions)."""
+"""Pieces shared by the gradient-based attributors (SOURCE, influence functions, TracIn,
+TRAK, gradient similarity): parameter constraints, query gradients at a checkpoint, the
+query-block scoring loop and the cache of training-loss factors filled while fitting."""
 
 from __future__ import annotations
 
@@ -11,18 +13,30 @@ from tqdm.auto import tqdm
 
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, MEMORY, POSITIVE_INT, PROGRESS
-from ..curvature._fit import CURVATURES, FitSettings
+from ..curvature._fit import CURVATURES, CacheBudget, FitSettings
 from ..gradients._layers import LayerBlock
-from ..gradients._per_example import FISHER, TrainingGradients, measurement_gradients, model_at
+from ..gradients._per_example import (
+    FISHER,
+    BatchFactors,
+    TrainingGradients,
+    checkpoint_batches,
+    measurement_gradients,
+    model_at,
+)
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
 
 __all__ = [
     "CURVATURE_CONSTRAINTS",
+    "GRADIENT_CONSTRAINTS",
+    "QueryGradientsAt",
+    "cache_training_factors",
     "fit_settings",
     "query_gradients",
     "query_slices",
+    "resolve_seed",
     "score_in_query_blocks",
+    "score_query_blocks",
 ]
 
 
@@ -30,11 +44,9 @@ def _module_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
-CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
-    "curvature": [Options(*CURVATURES)],
-    "fisher": [Options(*FISHER)],
+# The settings of every attributor that works with per-example gradients of layer blocks.
+GRADIENT_CONSTRAINTS: dict[str, list[Any]] = {
     "modules": [None, InstanceOf((list, tuple), "a list of module names", _module_list)],
-    "random_state": [None, Interval(int, 0, None)],
     "batch_size": [POSITIVE_INT],
     "memory_limit": [Interval(int, 1, None)],
     "memory": [None, MEMORY],
@@ -43,18 +55,29 @@ CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
     "progress": [PROGRESS],
 }
 
+CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
+    "curvature": [Options(*CURVATURES)],
+    "fisher": [Options(*FISHER)],
+    "random_state": [None, Interval(int, 0, None)],
+    **GRADIENT_CONSTRAINTS,
+}
+
+
+def resolve_seed(random_state: int | None) -> int:
+    """``random_state``, or fresh entropy when it is None (scikit-learn's convention)."""
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    return int(random_state)
+
 
 def fit_settings(attributor: Any) -> FitSettings:
     """The pass settings of a curvature attributor.
 
     ``random_state=None`` follows scikit-learn: fresh randomness at every fit.
     """
-    seed = attributor.random_state
-    if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
     return FitSettings(
         attributor.fisher,
-        seed,
+        resolve_seed(attributor.random_state),
         attributor.batch_size,
         resolve_device(attributor.device),
         attributor._torch_dtype(),
@@ -69,9 +92,11 @@ def query_gradients(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    step: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """∇f(z_q, θ_T) per block for all queries, at the final checkpoint."""
-    model = model_at(trajectory, trajectory.n_steps, blocks, device=device, dtype=dtype)
+    """∇f(z_q, θ_step) per block for all queries (default: the final checkpoint θ_T)."""
+    step = trajectory.n_steps if step is None else step
+    model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
     return measurement_gradients(
         model,
         blocks,
@@ -80,8 +105,12 @@ def query_gradients(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
-        step=trajectory.n_steps,
+        step=step,
     )
+
+
+# ``grads_at(step)``: the query gradients of one block of queries at checkpoint ``step``.
+QueryGradientsAt = Callable[[int], dict[str, torch.Tensor]]
 
 
 def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int) -> list[slice]:
@@ -95,17 +124,20 @@ def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int
     return [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
 
 
-def score_in_query_blocks(
+def score_query_blocks(
     attributor: Any,
     queries: Examples,
     examples_per_block: int,
-    score: Callable[[dict[str, torch.Tensor], TrainingGradients], torch.Tensor],
+    score: Callable[[QueryGradientsAt, TrainingGradients], torch.Tensor],
 ) -> torch.Tensor:
-    """Run ``score(query_gradients, training_gradients)`` over blocks of queries.
+    """Run ``score(grads_at, training_gradients)`` over blocks of queries.
 
-    The blocks are as large as ``attributor.memory_limit`` allows (usually one); the
-    training gradients come from the fitted cache or are streamed, with a progress bar
-    counting the training examples scored (``examples_per_block`` per block).
+    ``grads_at(step)`` computes the measurement gradients of the block's queries at
+    checkpoint ``step`` (methods that take query gradients at every checkpoint, such as
+    TracIn, call it once per checkpoint). The blocks are as large as
+    ``attributor.memory_limit`` allows (usually one); the training gradients come from
+    the fitted cache (``state_["cache"]``) or are streamed, with a progress bar counting
+    the training examples scored (``examples_per_block`` per block).
     """
     trajectory = attributor.trajectory_
     blocks = attributor.state_["blocks"]
@@ -130,14 +162,87 @@ def score_in_query_blocks(
     )
     parts = []
     for rows in slices:
-        grads = query_gradients(
-            trajectory,
-            blocks,
-            queries[rows],
-            batch_size=attributor.batch_size,
-            device=device,
-            dtype=dtype,
-        )
-        parts.append(score(grads, training))
+        block = queries[rows]
+
+        def grads_at(step: int, block: Examples = block) -> dict[str, torch.Tensor]:
+            return query_gradients(
+                trajectory,
+                blocks,
+                block,
+                batch_size=attributor.batch_size,
+                device=device,
+                dtype=dtype,
+                step=step,
+            )
+
+        parts.append(score(grads_at, training))
     bar.close()
     return torch.cat(parts).cpu()
+
+
+def score_in_query_blocks(
+    attributor: Any,
+    queries: Examples,
+    examples_per_block: int,
+    score: Callable[[dict[str, torch.Tensor], TrainingGradients], torch.Tensor],
+) -> torch.Tensor:
+    """:func:`score_query_blocks` with the query gradients at the final checkpoint θ_T:
+    ``score(query_gradients, training_gradients)``."""
+    final = attributor.trajectory_.n_steps
+    return score_query_blocks(
+        attributor,
+        queries,
+        examples_per_block,
+        lambda grads_at, training: score(grads_at(final), training),
+    )
+
+
+def cache_training_factors(
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    checkpoints: Sequence[tuple[int, np.ndarray]],
+    *,
+    memory_limit: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> dict[int, list[BatchFactors]]:
+    """Layer inputs and training-loss output gradients at each ``(step, examples)``.
+
+    What :class:`~sourcekit.gradients._per_example.TrainingGradients` needs to score
+    without another pass over the data, kept while ``memory_limit`` bytes allow: a
+    checkpoint whose factors do not fit is left out (its pass stops as soon as the
+    budget is exceeded, and it is streamed again when scoring).
+    """
+    budget = CacheBudget(memory_limit)
+    cache: dict[int, list[BatchFactors]] = {}
+    for step, examples in tqdm(
+        checkpoints, desc="caching gradients", disable=not progress, leave=False
+    ):
+        model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
+        kept: list[BatchFactors] = []
+        fits = True
+        for batch in checkpoint_batches(
+            model,
+            blocks,
+            trajectory.train,
+            examples,
+            trajectory.loss,
+            fisher=None,
+            want_loss=True,
+            noise=None,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            step=step,
+        ):
+            fits = budget.take(batch.nbytes())
+            if not fits:
+                budget.give_back(sum(b.nbytes() for b in kept))
+                break
+            kept.append(batch)
+        if not fits:
+            break  # the budget is spent: stop caching rather than start more partial passes
+        cache[step] = kept
+    return cache

@@ -50,8 +50,9 @@ class SourceAttributor(BaseAttributor):
         Added to every eigenvalue (σ → σ + damping). Read only by ``transform``, so
         ``set_params(damping=...)`` needs no refit.
     curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
-        The approximation of each segment's curvature H̄ ("exact": dense Gauss-Newton;
-        "hessian": dense Hessian; both for tiny models).
+        The approximation of each segment's curvature H̄ ("exact": the dense Gauss-Newton
+        matrix, i.e. the expected Fisher computed exactly, so ``fisher`` does not apply;
+        "hessian": the dense Hessian; both for tiny models).
     matrix_function : {"exp", "discrete"}, default="exp"
         The paper's exponential form, or the finite-product form over the recorded
         learning rates (exact unrolling when curvature and gradients are constant inside
@@ -59,6 +60,8 @@ class SourceAttributor(BaseAttributor):
     fisher : {"true", "empirical", "expected"}, default="true"
         Targets of the curvature's output gradients: sampled from the model ("true"
         Fisher, seeded by ``random_state``), the recorded ones, or the exact expectation.
+        Ignored by the dense kinds ("exact" is the expectation, "hessian" uses the
+        recorded targets).
     boundaries : list of int, optional
         Steps where segments start (overrides ``n_segments``; stage starts are added).
     modules : list of str, optional

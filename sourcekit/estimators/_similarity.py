@@ -1,0 +1,239 @@
+"""Similarity baselines: ``GradientSimilarityAttributor`` and ``RepresentationSimilarityAttributor``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._validation import InstanceOf, Options
+from ..base import DEVICE, DTYPE, POSITIVE_INT, BaseAttributor
+from ..gradients._layers import find_blocks
+from ..gradients._per_example import TrainingGradients
+from ..scoring._similarity import (
+    SIMILARITIES,
+    default_layer,
+    gradient_similarity_scores,
+    layer_features,
+    representation_similarity,
+)
+from ..trajectory import Examples, Trajectory
+from ..trajectory._replay import resolve_device
+from ._shared import GRADIENT_CONSTRAINTS, cache_training_factors, score_in_query_blocks
+
+__all__ = ["GradientSimilarityAttributor", "RepresentationSimilarityAttributor"]
+
+
+class GradientSimilarityAttributor(BaseAttributor):
+    """Gradient similarity at the final parameters θ_T.
+
+    ``similarity="dot"`` (the default) follows sourcekit's sign and scale::
+
+        scores[q, m] = −(1/N) ∇f(z_q, θ_T)ᵀ ∇L(z_m, θ_T)
+
+    the first-order effect on f of including z_m in one full-batch gradient step of
+    unit learning rate taken from θ_T (an influence function with the identity as
+    curvature). ``similarity="cosine"`` gives −cos(∇f(z_q, θ_T), ∇L(z_m, θ_T)): the same
+    sign (positive: a step on z_m pushes f up) but no counterfactual scale, a ranking
+    that ignores how large each gradient is.
+
+    Parameters
+    ----------
+    similarity : {"dot", "cosine"}, default="dot"
+    modules, batch_size, memory_limit, memory, device, dtype, progress
+        As in :class:`~sourcekit.TracInAttributor`.
+
+    Attributes
+    ----------
+    state_ : dict
+        ``blocks`` and the cached training factors at θ_T (``cache``).
+    trajectory_, n_train_, fingerprint_
+
+    Examples
+    --------
+    >>> import sourcekit
+    >>> task = sourcekit.datasets.load_digits_task()
+    >>> trajectory = task.record("early", progress=False)
+    >>> cosine = sourcekit.GradientSimilarityAttributor(similarity="cosine").fit(trajectory)
+    >>> scores = cosine.transform(task.test[:4])
+    >>> scores.shape, bool(abs(scores).max() <= 1)
+    ((4, 1437), True)
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "similarity": [Options(*SIMILARITIES)],
+        **GRADIENT_CONSTRAINTS,
+    }
+    _state_parameters: ClassVar[tuple[str, ...]] = ("modules", "memory_limit", "device", "dtype")
+
+    def __init__(
+        self,
+        similarity: str = "dot",
+        *,
+        modules: Sequence[str] | None = None,
+        batch_size: int = 256,
+        memory_limit: int = 2**30,
+        memory: Any = None,
+        device: Any = "auto",
+        dtype: str = "float32",
+        progress: bool = False,
+    ) -> None:
+        self.similarity = similarity
+        self.modules = modules
+        self.batch_size = batch_size
+        self.memory_limit = memory_limit
+        self.memory = memory
+        self.device = device
+        self.dtype = dtype
+        self.progress = progress
+
+    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
+        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        cache = cache_training_factors(
+            trajectory,
+            blocks,
+            [(trajectory.n_steps, examples)],
+            memory_limit=self.memory_limit // 2,
+            batch_size=self.batch_size,
+            device=resolve_device(self.device),
+            dtype=self._torch_dtype(),
+            progress=self.progress,
+        )
+        return {"blocks": blocks, "cache": cache}
+
+    def _scores(self, queries: Examples) -> torch.Tensor:
+        trajectory = self.trajectory_
+        examples = np.arange(trajectory.n_train, dtype=np.int64)
+
+        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
+            return gradient_similarity_scores(
+                grads,
+                training,
+                trajectory.n_steps,
+                examples,
+                n_train=trajectory.n_train,
+                n_examples=trajectory.n_train,
+                similarity=self.similarity,
+                dtype=self._torch_dtype(),
+            )
+
+        return score_in_query_blocks(self, queries, trajectory.n_train, score)
+
+
+class RepresentationSimilarityAttributor(BaseAttributor):
+    """Representation similarity: how alike the model sees a query and a training example.
+
+        scores[q, m] = cos(h_q, h_m)   (similarity="cosine", the default)
+        scores[q, m] = h_qᵀ h_m        (similarity="dot")
+
+    with h the input of a layer of the final model θ_T (in evaluation mode), flattened
+    per example. A similarity only: positive means similar, there is no counterfactual
+    scale and the query's target is not used, so it cannot tell proponents from
+    opponents of a prediction. Useful as a cheap sanity baseline and for finding near
+    duplicates.
+
+    Parameters
+    ----------
+    layer : str, optional
+        Name of the module (from ``model.named_modules()``) whose *input* is the
+        representation. None uses the input of the last nn.Linear or nn.Conv2d of the
+        model (the penultimate features of a classifier).
+    similarity : {"cosine", "dot"}, default="cosine"
+    batch_size : int, default=256
+        Examples per forward pass.
+    device : str or torch.device, default="auto"
+    dtype : {"float32", "float64"}, default="float32"
+
+    Attributes
+    ----------
+    state_ : dict
+        ``layer`` (the module used) and ``features``, the training representations
+        (n_train, d).
+    layer_ : str
+        The module whose input is the representation.
+    trajectory_, n_train_, fingerprint_
+
+    Examples
+    --------
+    >>> import sourcekit
+    >>> task = sourcekit.datasets.load_digits_task()
+    >>> trajectory = task.record("early", progress=False)
+    >>> similar = sourcekit.RepresentationSimilarityAttributor().fit(trajectory)
+    >>> similar.layer_
+    '4'
+    >>> similar.transform(task.test[:4]).shape
+    (4, 1437)
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "layer": [None, InstanceOf((str,), "a module name (str)")],
+        "similarity": [Options("cosine", "dot")],
+        "batch_size": [POSITIVE_INT],
+        "device": [DEVICE],
+        "dtype": [DTYPE],
+    }
+    _state_parameters: ClassVar[tuple[str, ...]] = ("layer", "device", "dtype")
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        similarity: str = "cosine",
+        *,
+        batch_size: int = 256,
+        device: Any = "auto",
+        dtype: str = "float32",
+    ) -> None:
+        self.layer = layer
+        self.similarity = similarity
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+
+    def _model(self, trajectory: Trajectory) -> nn.Module:
+        """The final model, built from the trajectory (never the user's), in eval mode."""
+        model = trajectory.build_model(trajectory.n_steps)
+        return model.to(resolve_device(self.device), self._torch_dtype()).eval()
+
+    def _check_trajectory(self, trajectory: Trajectory) -> None:
+        if self.layer is None:
+            return
+        names = [n for n, _ in trajectory.architecture.build().named_modules() if n]
+        if self.layer not in names:
+            raise ValueError(
+                f"The 'layer' parameter of {type(self).__name__} names {self.layer!r}, which the "
+                f"model does not have. Modules: {names[:16]}{' ...' if len(names) > 16 else ''}. "
+                "Pass one of them, or layer=None for the input of the last nn.Linear / nn.Conv2d."
+            )
+
+    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
+        model = self._model(trajectory)
+        layer = default_layer(model) if self.layer is None else self.layer
+        features = layer_features(
+            model,
+            layer,
+            trajectory.train,
+            batch_size=self.batch_size,
+            device=resolve_device(self.device),
+            dtype=self._torch_dtype(),
+        )
+        return {"layer": layer, "features": features}
+
+    @property
+    def layer_(self) -> str:
+        self._check_fitted()
+        return str(self.state_["layer"])
+
+    def _scores(self, queries: Examples) -> torch.Tensor:
+        features = layer_features(
+            self._model(self.trajectory_),
+            self.layer_,
+            queries,
+            batch_size=self.batch_size,
+            device=resolve_device(self.device),
+            dtype=self._torch_dtype(),
+        )
+        return representation_similarity(features, self.state_["features"], self.similarity).cpu()
