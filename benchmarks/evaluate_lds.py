@@ -37,9 +37,12 @@ from sourcekit.evaluation import (
 
 def methods() -> dict[str, tuple[Callable[[], Any], list[float] | None]]:
     """Name -> (estimator factory, damping grid or None)."""
-    grid = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    grid = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    # SOURCE's residual stays bounded by the segment's learning-rate sum as σ → 0, so it
+    # needs no damping at all: its grid starts at 0.
+    source_grid = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     return {
-        "SOURCE (L=3, EK-FAC)": (lambda: sourcekit.SourceAttributor(n_segments=3), grid),
+        "SOURCE (L=3, EK-FAC)": (lambda: sourcekit.SourceAttributor(n_segments=3), source_grid),
         "influence (EK-FAC)": (lambda: sourcekit.InfluenceAttributor(damping=1e-3), grid),
         "TracIn": (lambda: sourcekit.TracInAttributor(), None),
         "TRAK (k=512)": (lambda: sourcekit.TRAKAttributor(projection_dim=512, damping=1e-3), grid),
