@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import loguniform, spearmanr
+from scipy.stats import loguniform
 from sklearn.model_selection import GridSearchCV, KFold, RandomizedSearchCV, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
 
 import sourcekit
-from sourcekit import InfluenceAttributor, SourceAttributor, TopKProponents
+from sourcekit import InfluenceAttributor, LDSScorer, SourceAttributor, TopKProponents
 
 from . import _cases
 
@@ -46,12 +46,7 @@ def outputs(task, masks):
     return exact @ masks.T.astype(float) + noise
 
 
-def lds(estimator, X, y):  # type: ignore[no-untyped-def]
-    """Mean over queries of the Spearman correlation of predicted and actual subset effects."""
-    scores = estimator.transform(X)
-    masks = np.random.default_rng(0).random((30, 12)) < 0.5
-    predicted = scores @ masks.T.astype(float)
-    return float(np.mean([spearmanr(p, t).statistic for p, t in zip(predicted, y, strict=True)]))
+lds = LDSScorer(np.random.default_rng(0).random((30, 12)) < 0.5)  # the masks of `outputs`
 
 
 def count_fits(monkeypatch, cls):  # type: ignore[no-untyped-def]
