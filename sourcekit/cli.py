@@ -1,7 +1,14 @@
 """The ``sourcekit`` command (also ``python -m sourcekit``).
 
-``sourcekit demo`` trains a recipe of the embedded digits task, records it, and prints
-the strongest proponents and opponents of a few test digits by exact unrolling.
+- ``sourcekit demo``: train the embedded digits task, record it, attribute a few test
+  digits with SOURCE, the influence function and exact unrolling, draw a figure, and
+  (``--evaluate``) compare methods by their linear datamodeling score.
+- ``sourcekit attribute DIR --queries FILE --method ...``: score queries against a saved
+  trajectory and write the (n_queries, n_train) matrix to a ``.npy`` file.
+- ``sourcekit info DIR``: summarise a saved trajectory.
+
+Each command is a thin layer over the library; errors from it are printed as one line
+and the command exits with status 2.
 """
 
 from __future__ import annotations
@@ -10,20 +17,31 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+METHODS = ("source", "influence", "tracin", "trak", "unrolled")
+# The size of ``demo --evaluate``'s ground truth: test queries, random halves, seeds.
+QUICK_EVALUATION: dict[str, Any] = {"queries": 40, "subsets": 60, "seeds": (0, 1)}
 
 
-def _top_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(scores, kind="stable")
-    return order[::-1][:k], order[:k]
+def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    return order[:k], order[::-1][:k]
 
 
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+# --- demo ------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    from .datasets import RECIPES, load_digits_task
-    from .estimators import UnrolledAttributor
+    import sourcekit
+    from sourcekit.datasets import RECIPES, load_digits_task
 
     if args.recipe not in RECIPES:
         print(
@@ -31,35 +49,203 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    task = load_digits_task()
     progress = not args.quiet
     started = time.perf_counter()
+    task = load_digits_task()
     trajectory = task.record(args.recipe, random_state=args.seed, progress=progress)
     print(trajectory.summary())
-    model = trajectory.build_model().eval()
     queries = task.test[: args.queries]
-    predictions = model(queries.inputs).argmax(dim=1).tolist()
-    attributor = UnrolledAttributor(progress=progress).fit(trajectory)
-    scores = attributor.transform(queries)
+    predictions = trajectory.build_model().eval()(queries.inputs).argmax(dim=1).tolist()
+    methods = {
+        "SOURCE": sourcekit.SourceAttributor(n_segments=3, damping=1e-3, progress=progress),
+        "influence": sourcekit.InfluenceAttributor(progress=progress),
+        "exact unrolling": sourcekit.UnrolledAttributor(progress=progress),
+    }
+    scores = {name: est.fit(trajectory).transform(queries) for name, est in methods.items()}
     labels = task.train.targets.numpy()
     print(
-        "\nScores: exact unrolling. scores[q, m] is the first-order change of the query's margin "
-        "caused by including training example m (positive: a proponent)."
+        "\nscores[q, m]: first-order change of the query's margin caused by including training "
+        "example m (positive: a proponent). Listed: SOURCE's strongest proponents and opponents."
     )
     for q in range(len(queries)):
-        true = int(queries.targets[q])
         print(
-            f"\nTest digit {q}: label {true}, predicted {predictions[q]}, margin change from all training "
-            f"examples {scores[q].sum():+.4f}"
+            f"\nTest digit {q}: label {int(queries.targets[q])}, predicted {predictions[q]}, margin "
+            f"change from all training examples {scores['SOURCE'][q].sum():+.4f}"
         )
-        proponents, opponents = _top_rows(scores[q], args.top)
+        proponents, opponents = _top(scores["SOURCE"][q], args.top)
         for title, rows in (("proponents", proponents), ("opponents", opponents)):
-            items = ", ".join(f"#{m} (label {labels[m]}) {scores[q, m]:+.2e}" for m in rows)
+            items = ", ".join(
+                f"#{m} (label {labels[m]}) {scores['SOURCE'][q, m]:+.2e}" for m in rows
+            )
             print(f"  top {args.top} {title}: {items}")
+        agreement = ", ".join(
+            f"{name} {_pearson(scores[name][q], scores['exact unrolling'][q]):.2f}"
+            for name in ("SOURCE", "influence")
+        )
+        print(f"  agreement with exact unrolling (Pearson over training examples): {agreement}")
+    out = Path(args.out)
+    if not args.no_figure:
+        try:
+            from .plotting import proponents_figure
+
+            path = proponents_figure(
+                task.test_images[: args.queries],
+                task.train_images,
+                scores["SOURCE"],
+                out / "proponents.png",
+                k=args.top,
+                query_titles=[
+                    f"label {int(queries.targets[q])}, pred {predictions[q]}"
+                    for q in range(len(queries))
+                ],
+                train_labels=labels,
+            )
+            print(f"\nFigure: {path}")
+        except ImportError as err:
+            print(f"\nNo figure: {err}")
+    if args.evaluate:
+        _quick_evaluation(trajectory, task, out / "cache", progress)
     print(f"\nDone in {time.perf_counter() - started:.1f} s.")
     return 0
 
 
+def _quick_evaluation(trajectory: Any, task: Any, cache: Path, progress: bool) -> None:
+    import sourcekit
+    from sourcekit.evaluation import (
+        linear_datamodeling_score,
+        make_subset_masks,
+        retrain_measurements,
+    )
+
+    size = QUICK_EVALUATION
+    queries = task.test[: size["queries"]]
+    masks = make_subset_masks(trajectory.n_train, 0.5, size["subsets"], random_state=0)
+    described = f"{size['queries']} queries, {size['subsets']} subsets, {len(size['seeds'])} seeds"
+    print(
+        f"\nQuick evaluation: retraining the recipe on random halves of the training set ({described})..."
+    )
+    truth = retrain_measurements(
+        trajectory,
+        queries,
+        masks,
+        seeds=size["seeds"],
+        n_jobs=1,
+        cache_dir=cache,
+        progress=progress,
+    )
+    methods = {
+        "SOURCE (damping 1e-3)": sourcekit.SourceAttributor(damping=1e-3),
+        "influence (heuristic damping)": sourcekit.InfluenceAttributor(),
+        "TracIn": sourcekit.TracInAttributor(),
+        "TRAK (k=512)": sourcekit.TRAKAttributor(),
+        "gradient similarity": sourcekit.GradientSimilarityAttributor(),
+        "exact unrolling": sourcekit.UnrolledAttributor(),
+    }
+    print(f"\n{'method':<30}{'LDS':>8}   95% interval")
+    for name, attributor in methods.items():
+        result = linear_datamodeling_score(
+            attributor.fit(trajectory).transform(queries), masks, truth.outputs
+        )
+        low, high = result.confidence_interval or (float("nan"), float("nan"))
+        print(f"{name:<30}{result.mean:>+8.3f}   [{low:+.3f}, {high:+.3f}]")
+    print(f"(retrainings cached in {cache}; docs/benchmarks.md has the full comparison)")
+
+
+# --- attribute and info ------------------------------------------------------------------
+def _load_queries(path: Path) -> Any:
+    import torch
+
+    from sourcekit import Examples
+
+    if not path.is_file():
+        raise FileNotFoundError(f"The queries file {str(path)!r} does not exist.")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"inputs", "targets"} - set(data.files)
+            if missing:
+                raise ValueError(
+                    f"The queries file {str(path)!r} lacks the array(s) {sorted(missing)}; save it with "
+                    "np.savez(path, inputs=..., targets=...)."
+                )
+            return Examples(data["inputs"], data["targets"])
+    if path.suffix == ".pt":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or not {"inputs", "targets"} <= set(data):
+            raise ValueError(
+                f"The queries file {str(path)!r} must hold a dict with 'inputs' and 'targets' tensors; "
+                "save it with torch.save({'inputs': x, 'targets': y}, path)."
+            )
+        return Examples(data["inputs"], data["targets"])
+    raise ValueError(
+        f"The queries file {str(path)!r} must be a .npz (arrays 'inputs' and 'targets') or a .pt "
+        "(a dict of those two tensors)."
+    )
+
+
+def _attributor(method: str, args: argparse.Namespace) -> Any:
+    import sourcekit
+
+    common = {"progress": not args.quiet, "device": args.device}
+    if method == "source":
+        damping = 1e-3 if args.damping is None else args.damping
+        return sourcekit.SourceAttributor(n_segments=args.n_segments, damping=damping, **common)
+    if method == "influence":
+        return sourcekit.InfluenceAttributor(damping=args.damping, **common)
+    if method == "tracin":
+        return sourcekit.TracInAttributor(device=args.device)
+    if method == "trak":
+        return sourcekit.TRAKAttributor(damping=args.damping, device=args.device)
+    return sourcekit.UnrolledAttributor(**common)
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from sourcekit import Trajectory
+
+    trajectory = Trajectory.load(args.trajectory)
+    queries = _load_queries(Path(args.queries))
+    if args.method == "tracin" and args.damping is not None:
+        raise ValueError("--damping does not apply to --method tracin (TracIn has no damping).")
+    attributor = _attributor(args.method, args).fit(trajectory)
+    scores = attributor.transform(queries)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, scores)
+    print(
+        f"Wrote {out}: scores of shape {scores.shape} (queries x training examples), {args.method}. "
+        "scores[q, m] is the first-order effect of including training example m on query q's "
+        "measurement."
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from sourcekit import Trajectory
+
+    trajectory = Trajectory.load(args.trajectory)
+    print(trajectory.summary())
+    n_checkpoints = len(trajectory.checkpoint_steps)
+    n_segments = args.segments or max(len(trajectory.stages), min(3, n_checkpoints))
+    try:
+        segments = trajectory.segments(n_segments)
+    except ValueError as err:
+        print(f"  segments: {err}")
+    else:
+        print(f"  with n_segments={n_segments}:")
+        for s in segments:
+            print(
+                f"    segment {s.index}: stage {trajectory.stages[s.stage].name!r}, steps "
+                f"{s.start}..{s.end - 1}, checkpoints {list(s.checkpoints)}, learning-rate sum "
+                f"{trajectory.learning_rates[s.start : s.end].sum():.4g}"
+            )
+    files = [p for p in Path(args.trajectory).rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    print(
+        f"  {len(files)} files, {size / 1e6:.1f} MB on disk; fingerprint {trajectory.fingerprint[:16]}"
+    )
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sourcekit",
@@ -71,14 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a digits classifier, record it, and attribute a few test predictions",
         description=(
             "Train the embedded digits task (scikit-learn's 8x8 digits, a small MLP) with a recipe, "
-            "record the run, and print each query digit's strongest proponents and opponents among "
-            "the training digits, computed exactly by differentiating through the recorded run."
+            "record the run, and attribute a few test digits to the training digits with SOURCE, the "
+            "influence function and exact unrolling. Prints each query's strongest proponents and "
+            "opponents and writes a figure of them."
         ),
     )
     demo.add_argument(
         "--recipe",
-        default="standard",
-        help="training recipe: standard, early or two_stage (default: standard)",
+        default="early",
+        help="training recipe: early (stopped at a quarter of its schedule; default), standard or two_stage",
     )
     demo.add_argument(
         "--queries", type=int, default=3, help="number of test digits to attribute (default: 3)"
@@ -87,11 +274,72 @@ def build_parser() -> argparse.ArgumentParser:
         "--top",
         type=int,
         default=5,
-        help="proponents and opponents to list per query (default: 5)",
+        help="proponents and opponents to show per query (default: 5)",
+    )
+    demo.add_argument(
+        "--out",
+        default="sourcekit-demo",
+        help="folder for the figure and the evaluation cache (default: ./sourcekit-demo)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the training run (default: 0)")
+    demo.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="also compare the methods by their linear datamodeling score on a small retraining ground truth (about a minute; cached in the output folder)",
+    )
+    demo.add_argument("--no-figure", action="store_true", help="skip the figure")
     demo.add_argument("--quiet", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_demo)
+
+    attribute = sub.add_parser(
+        "attribute",
+        help="score queries against a saved trajectory and write the score matrix",
+        description=(
+            "Load a trajectory saved with Trajectory.save (its manifest names the model factory, "
+            "'package.module:factory', which must be importable here), score the queries with the "
+            "chosen method, and write the (n_queries, n_train) matrix to a .npy file."
+        ),
+    )
+    attribute.add_argument("trajectory", help="directory written by Trajectory.save")
+    attribute.add_argument(
+        "--queries",
+        required=True,
+        help="a .npz with arrays 'inputs' and 'targets', or a .pt holding a dict of those two tensors",
+    )
+    attribute.add_argument(
+        "--method", choices=METHODS, default="source", help="attribution method (default: source)"
+    )
+    attribute.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping of source, influence or trak (default: 1e-3 for source, the method's heuristic otherwise)",
+    )
+    attribute.add_argument(
+        "--n-segments", type=int, default=3, help="segments for --method source (default: 3)"
+    )
+    attribute.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu or cuda"
+    )
+    attribute.add_argument(
+        "--out", default="scores.npy", help="output .npy file (default: scores.npy)"
+    )
+    attribute.add_argument("--quiet", action="store_true", help="hide progress bars")
+    attribute.set_defaults(handler=_attribute)
+
+    info = sub.add_parser(
+        "info",
+        help="summarise a saved trajectory",
+        description="Print the stages, steps, checkpoints and segments of a trajectory saved with Trajectory.save.",
+    )
+    info.add_argument("trajectory", help="directory written by Trajectory.save")
+    info.add_argument(
+        "--segments",
+        type=int,
+        default=None,
+        help="show the split into this many segments (default: up to 3)",
+    )
+    info.set_defaults(handler=_info)
     return parser
 
 
@@ -101,10 +349,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    for name in ("queries", "top"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
-    return int(args.handler(args))
+    for name in ("queries", "top", "n_segments", "segments"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+    from .exceptions import NonFiniteError, TrajectoryError, UnsupportedModuleError
+
+    try:
+        return int(args.handler(args))
+    except (
+        TrajectoryError,
+        UnsupportedModuleError,
+        NonFiniteError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        print(f"sourcekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,49 +5,58 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from sourcekit import SourceAttributor, Trajectory
 from sourcekit.cli import build_parser, main
 
+from . import _cases
 
-def test_demo_prints_proponents_and_opponents(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quiet", "--queries", "1"]) == 0
+SCORE = r"#\d+ \(label \d\) [+-]\d\.\d\de[+-]\d\d"
+
+
+def test_demo_prints_proponents_opponents_and_agreement(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["demo", "--quiet", "--queries", "1", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert "Trajectory: 1437 training examples, 736 steps" in out
+    assert "Trajectory: 1437 training examples, 184 steps" in out  # the early recipe
     assert out.count("Test digit ") == 1
-    assert (
-        len(
-            re.findall(
-                r"top 5 proponents: (#\d+ \(label \d\) [+-]\d\.\d\de[+-]\d\d(, )?){5}$", out, re.M
-            )
-        )
-        == 1
+    assert len(re.findall(rf"top 5 proponents: ({SCORE}(, )?){{5}}$", out, re.M)) == 1
+    assert len(re.findall(rf"top 5 opponents: ({SCORE}(, )?){{5}}$", out, re.M)) == 1
+    assert re.search(
+        r"agreement with exact unrolling .*: SOURCE -?\d\.\d\d, influence -?\d\.\d\d", out
     )
-    assert (
-        len(
-            re.findall(
-                r"top 5 opponents: (#\d+ \(label \d\) [+-]\d\.\d\de[+-]\d\d(, )?){5}$", out, re.M
-            )
-        )
-        == 1
-    )
+    figure = tmp_path / "proponents.png"
+    assert f"Figure: {figure}" in out and figure.stat().st_size > 1000
     assert captured.err == ""  # --quiet hides the progress bars
 
 
-def test_demo_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            ["demo", "--quiet", "--recipe", "early", "--queries", "2", "--top", "2", "--seed", "1"]
-        )
-        == 0
-    )
+def test_demo_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = [
+        "demo",
+        "--quiet",
+        "--recipe",
+        "standard",
+        "--queries",
+        "2",
+        "--top",
+        "2",
+        "--seed",
+        "1",
+    ]
+    assert main([*argv, "--out", str(tmp_path), "--no-figure"]) == 0
     out = capsys.readouterr().out
-    assert "184 steps" in out
+    assert "736 steps" in out
     assert out.count("Test digit ") == 2
     proponents = re.findall(r"top 2 proponents: (.*)$", out, re.M)
     assert len(proponents) == 2 and all(p.count("#") == 2 for p in proponents)
+    assert "Figure:" not in out and not list(tmp_path.iterdir())
 
 
 def test_help_via_python_m() -> None:
@@ -56,14 +65,24 @@ def test_help_via_python_m() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("usage: sourcekit")
-    assert "demo" in result.stdout
+    for command in ("demo", "attribute", "info"):
+        assert command in result.stdout
 
 
-def test_demo_help(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["demo", "attribute", "info"])
+def test_every_command_explains_its_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "--recipe" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    options = re.findall(r"^  (--[a-z-]+)", text, re.M)
+    assert options, text
+    for option in options:  # every option line carries an explanation
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        rest = line.strip()[len(option) :].strip()
+        assert rest or option == "--help", f"{option} has no help text"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +93,11 @@ def test_demo_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["demo", "--queries", "two"], "argument --queries: invalid int value: 'two'"),
         (["demo", "--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["train"], "invalid choice: 'train'"),
+        (
+            ["attribute", "dir", "--queries", "q.npz", "--method", "magic"],
+            "invalid choice: 'magic'",
+        ),
+        (["info", "dir", "--segments", "0"], "--segments must be at least 1; got 0"),
     ],
 )
 def test_bad_options_exit_with_code_2(
@@ -99,10 +123,142 @@ def test_no_command_prints_help_and_exits_with_code_2(capsys: pytest.CaptureFixt
 
 def test_parser_defaults() -> None:
     args = build_parser().parse_args(["demo"])
-    assert (args.recipe, args.queries, args.top, args.seed, args.quiet) == (
-        "standard",
+    assert (args.recipe, args.queries, args.top, args.seed, args.quiet, args.evaluate) == (
+        "early",
         3,
         5,
         0,
         False,
+        False,
     )
+
+
+# --- attribute and info on a saved run ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("run") / "trajectory"
+    _cases.trajectory("mlp_momentum").save(directory)
+    return directory
+
+
+def _queries_file(tmp_path: Path, suffix: str) -> Path:
+    queries = _cases.queries("mlp_momentum")
+    path = tmp_path / f"queries{suffix}"
+    if suffix == ".npz":
+        np.savez(path, inputs=queries.inputs.numpy(), targets=queries.targets.numpy())
+    else:
+        torch.save({"inputs": queries.inputs, "targets": queries.targets}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_attribute_writes_the_score_matrix(
+    saved: Path, tmp_path: Path, suffix: str, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "scores.npy"
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, suffix))]
+    assert (
+        main([*argv, "--method", "source", "--damping", "0.01", "--out", str(out), "--quiet"]) == 0
+    )
+    assert "scores of shape (4, 12)" in capsys.readouterr().out
+    expected = (
+        SourceAttributor(damping=0.01, device="cpu")
+        .fit(Trajectory.load(saved))
+        .transform(_cases.queries("mlp_momentum"))
+    )
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+@pytest.mark.parametrize("method", ["influence", "tracin", "trak", "unrolled"])
+def test_attribute_with_every_method(saved: Path, tmp_path: Path, method: str) -> None:
+    out = tmp_path / f"{method}.npy"
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
+    assert main([*argv, "--method", method, "--out", str(out), "--quiet"]) == 0
+    scores = np.load(out)
+    assert scores.shape == (4, 12) and np.isfinite(scores).all()
+
+
+def test_attribute_reports_bad_input(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    queries = _queries_file(tmp_path, ".npz")
+    assert main(["attribute", str(tmp_path / "nowhere"), "--queries", str(queries)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["attribute", str(saved), "--queries", str(tmp_path / "missing.npz")]) == 2
+    assert "queries file" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", inputs=np.zeros((2, 3), dtype=np.float32))
+    assert main(["attribute", str(saved), "--queries", str(tmp_path / "bad.npz")]) == 2
+    assert "lacks the array(s) ['targets']" in capsys.readouterr().err
+    np.savez(
+        tmp_path / "wide.npz",
+        inputs=np.zeros((2, 5), dtype=np.float32),
+        targets=np.zeros(2, dtype=np.int64),
+    )
+    assert main(["attribute", str(saved), "--queries", str(tmp_path / "wide.npz")]) == 2
+    assert "query inputs have shape (n, 5)" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "attribute",
+                str(saved),
+                "--queries",
+                str(queries),
+                "--method",
+                "tracin",
+                "--damping",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert "--damping does not apply to --method tracin" in capsys.readouterr().err
+
+
+def test_info_summarises_a_saved_run(saved: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["info", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "Trajectory: 12 training examples, 9 steps, 1 stage(s)" in out
+    assert "with n_segments=3:" in out and out.count("    segment ") == 3
+    assert re.search(r"\d+ files, [\d.]+ MB on disk; fingerprint [0-9a-f]{16}", out)
+
+
+def test_info_reports_a_corrupt_directory(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["info", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    assert main(["info", str(broken)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_demo_evaluate_prints_an_lds_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import sourcekit.cli
+
+    monkeypatch.setitem(sourcekit.cli.QUICK_EVALUATION, "queries", 8)
+    monkeypatch.setitem(sourcekit.cli.QUICK_EVALUATION, "subsets", 6)
+    monkeypatch.setitem(sourcekit.cli.QUICK_EVALUATION, "seeds", (0,))
+    argv = [
+        "demo",
+        "--quiet",
+        "--queries",
+        "1",
+        "--no-figure",
+        "--evaluate",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for method in (
+        "SOURCE",
+        "influence",
+        "TracIn",
+        "TRAK",
+        "gradient similarity",
+        "exact unrolling",
+    ):
+        assert re.search(
+            rf"^{method}.* [+-]\d\.\d{{3}}   \[[+-]\d\.\d{{3}}, [+-]\d\.\d{{3}}\]$", out, re.M
+        ), method
+    assert list((tmp_path / "cache").iterdir())  # the retrainings were cached
