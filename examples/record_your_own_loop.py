@@ -36,7 +36,7 @@ recorder = TrajectoryRecorder(
     loss="cross_entropy",  # per-example loss; the loop minimises its batch mean
     measurement="margin",  # what attribution explains for a query
     architecture=make_digits_mlp,  # importable factory: needed to save the run
-    checkpoint_every=50,
+    checkpoint_every=50,  # states kept for SOURCE and the other approximate methods
 )
 generator = torch.Generator().manual_seed(0)
 with recorder.stage(optimizer, name="train"):
@@ -62,6 +62,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
     loaded = Trajectory.load(directory)  # checkpoints are read (and verified) when used
     assert loaded.fingerprint == trajectory.fingerprint
+    # Exact unrolling replays the recorded batches from the initial state; SOURCE would
+    # use the checkpoints instead: SourceAttributor().fit(loaded) takes the same calls.
     scores = UnrolledAttributor().fit(loaded).transform(queries)  # (n_queries, n_train)
 
 predictions = trajectory.build_model().eval()(queries.inputs).argmax(dim=1)

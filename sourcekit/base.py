@@ -93,11 +93,55 @@ def clear_state_cache() -> None:
 
 
 class BaseAttributor(TransformerMixin, BaseEstimator):
-    """Base class of all attributors (see the module docstring for the contract).
+    """Base class of all attributors: the scikit-learn contract they share.
+
+    - ``__init__`` stores its keyword arguments and nothing else.
+    - ``fit(X)`` takes a :class:`~sourcekit.Trajectory` or a bound
+      :class:`~sourcekit.AttributionTask`, validates the parameters and computes the
+      damping-independent state, cached under (class, trajectory fingerprint, the
+      parameters that shape it): in this process always, and on disk too when the
+      attributor has a ``memory`` parameter set.
+    - ``transform(X)`` takes :class:`~sourcekit.Examples` queries (or a bound task)
+      and returns the (n_queries, n_train) score matrix: ``scores[q, m]`` is the
+      first-order effect of *including* training example m on the measurement of query
+      q, with the 1/N scale included.
+    - Fitted attributes end in ``_``; an unfitted attributor raises
+      :class:`~sourcekit.exceptions.NotFittedError`.
 
     Subclasses declare ``_parameter_constraints`` and ``_state_parameters`` (the
     constructor parameters the fitted state depends on) and implement
     ``_check_trajectory``, ``_fit_state`` and ``_scores``.
+
+    Attributes
+    ----------
+    state_ : object
+        The fitted, damping-independent state (what ``_fit_state`` returned).
+    trajectory_ : Trajectory
+        The run the attributor was fitted to.
+    n_train_ : int
+        Number of training examples: the columns of the score matrix.
+    fingerprint_ : str
+        The trajectory's content fingerprint.
+
+    Examples
+    --------
+    Every attributor is a ``BaseAttributor``; a new method implements ``_scores`` (and,
+    if it has any, ``_fit_state``):
+
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit import BaseAttributor
+    >>> class Zero(BaseAttributor):
+    ...     '''Scores every pair 0.'''
+    ...     def _scores(self, queries):
+    ...         return torch.zeros(len(queries), self.n_train_)
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> Zero().fit(trajectory).transform(data[:3]).shape
+    (3, 20)
+    >>> isinstance(sourcekit.SourceAttributor(), BaseAttributor)
+    True
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}

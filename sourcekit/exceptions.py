@@ -21,16 +21,94 @@ class NotFittedError(_SklearnNotFittedError):
 
     Subclasses scikit-learn's ``NotFittedError`` (itself a ``ValueError`` and an
     ``AttributeError``), so scikit-learn's own checks recognise it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, SourceAttributor
+    >>> from sourcekit.exceptions import NotFittedError
+    >>> try:
+    ...     SourceAttributor().transform(Examples(torch.zeros(1, 3), torch.zeros(1)))
+    ... except NotFittedError as err:
+    ...     print(err)
+    This SourceAttributor instance is not fitted yet. Call fit(trajectory) before transform.
+    >>> issubclass(NotFittedError, ValueError), issubclass(NotFittedError, AttributeError)
+    (True, True)
     """
 
 
 class TrajectoryError(ValueError):
-    """A recorded training run is incomplete, inconsistent or corrupt."""
+    """A recorded training run is incomplete, inconsistent or corrupt.
+
+    Raised when a trajectory is built, recorded, saved or loaded, and when a method
+    needs something the record lacks (a checkpoint, the batches, a recipe); the message
+    says what is wrong and what to do.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> from sourcekit.exceptions import TrajectoryError
+    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5, n_checkpoints=2)
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> try:
+    ...     trajectory.checkpoint(4)
+    ... except TrajectoryError as err:
+    ...     print(err)
+    No checkpoint is stored at step 4; stored steps are [0, 2, 6, 8].
+    """
 
 
 class UnsupportedModuleError(TypeError):
-    """A layer with parameters that the chosen method cannot handle."""
+    """A layer with parameters that the chosen method cannot handle.
+
+    Gradient-based attributors work through ``nn.Linear`` and ``nn.Conv2d`` layers. A
+    model with parameters in other layers (normalisation, embeddings...) is refused
+    unless ``modules=[...]`` names the layers to attribute through; the parameters of
+    the others are then treated as fixed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import sourcekit
+    >>> from sourcekit.exceptions import UnsupportedModuleError
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
+    >>> try:
+    ...     sourcekit.InfluenceAttributor().fit(trajectory)
+    ... except UnsupportedModuleError as err:
+    ...     print(err)
+    The layer '1' (LayerNorm) has parameters but sourcekit supports nn.Linear and nn.Conv2d. Restrict attribution to supported layers with modules=[...] (e.g. modules=['0', '2']).
+    >>> influence = sourcekit.InfluenceAttributor(modules=["0", "2"]).fit(trajectory)
+    >>> influence.transform(data[:2]).shape
+    (2, 20)
+    """
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or infinity appeared in gradients, curvature or scores."""
+    """NaN or infinity appeared in gradients, curvature or scores.
+
+    Usually a run that diverged at some checkpoint, or a damping too small for an
+    ill-conditioned curvature; the message names where it appeared.
+
+    Examples
+    --------
+    A run whose learning rate is far too large diverges:
+
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit.exceptions import NonFiniteError
+    >>> data = sourcekit.Examples(1e3 * torch.randn(20, 3), torch.randn(20, 1))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=1e6), epochs=3, batch_size=20)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 1), data, [stage], loss="squared_error",
+    ...                              measurement="output", progress=False)
+    >>> try:
+    ...     sourcekit.InfluenceAttributor().fit(trajectory)
+    ... except NonFiniteError as err:
+    ...     print(type(err).__name__, isinstance(err, FloatingPointError))
+    NonFiniteError True
+    """

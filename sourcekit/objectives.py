@@ -53,7 +53,28 @@ def _flatten_positions(
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits against integer class targets, one value per example.
 
-    For sequence outputs (n, T, C) with targets (n, T), the mean over positions.
+    For sequence outputs (n, T, C) with targets (n, T), the mean over positions. It
+    defines ``sample_targets`` (labels drawn from the softmax, for the true Fisher) and
+    ``output_hessian_sqrt`` (for the expected Fisher).
+
+    Parameters
+    ----------
+    outputs : tensor of shape (n, C) or (n, T, C)
+        Logits.
+    targets : tensor of shape (n,) or (n, T)
+        Class indices.
+
+    Returns
+    -------
+    tensor of shape (n,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import cross_entropy
+    >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    >>> cross_entropy(logits, torch.tensor([0, 0]))
+    tensor([0.2395, 2.2395])
     """
     logits, labels, positions = _flatten_positions(outputs, targets)
     losses = F.cross_entropy(logits, labels.long(), reduction="none")
@@ -79,7 +100,27 @@ cross_entropy.output_hessian_sqrt = _softmax_hessian_sqrt  # type: ignore[attr-d
 
 
 def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Half the squared error, summed over output dimensions: ½‖f(x) − y‖²."""
+    """Half the squared error, summed over output dimensions: ½‖f(x) − y‖².
+
+    It defines ``sample_targets`` (y ~ N(f(x), I), for the true Fisher) and
+    ``output_hessian_sqrt`` (the identity, for the expected Fisher).
+
+    Parameters
+    ----------
+    outputs : tensor of shape (n, ...)
+    targets : tensor with n × (the per-example size of ``outputs``) entries
+
+    Returns
+    -------
+    tensor of shape (n,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import squared_error
+    >>> squared_error(torch.tensor([[1.0, 0.0], [3.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    tensor([0.5000, 2.0000])
+    """
     diff = outputs - targets.reshape(outputs.shape).to(outputs.dtype)
     return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
@@ -102,8 +143,33 @@ squared_error.output_hessian_sqrt = _identity_hessian_sqrt  # type: ignore[attr-
 def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct-class margin: logit_y − logsumexp over the other classes.
 
-    Positive when the model prefers the correct class; it is the measurement of
-    METHOD.md for classification. Sequence outputs are averaged over positions.
+    Positive when the model prefers the correct class; it is the default measurement for
+    classification (the paper's). Sequence outputs are averaged over positions. It
+    equals log p_y − log(1 − p_y) for the softmax probability p_y of the correct class,
+    so a margin of 0 means p_y = ½.
+
+    Parameters
+    ----------
+    outputs : tensor of shape (n, C) or (n, T, C)
+        Logits.
+    targets : tensor of shape (n,) or (n, T)
+        Class indices.
+
+    Returns
+    -------
+    tensor of shape (n,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import margin
+    >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    >>> margin(logits, torch.tensor([0, 0]))
+    tensor([ 1.3069, -2.1269])
+    >>> p = logits.softmax(dim=1)[0, 0]
+    >>> round(float(torch.log(p / (1 - p))), 4)  # the same number, from the probability
+    1.3069
+
     """
     logits, labels, positions = _flatten_positions(outputs, targets)
     labels = labels.long()
@@ -114,13 +180,36 @@ def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def absolute_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Absolute error ‖f(x) − y‖₁ (regression measurement)."""
+    """Absolute error ‖f(x) − y‖₁ (regression measurement).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import absolute_error
+    >>> absolute_error(torch.tensor([[1.0, -1.0], [3.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    tensor([2., 2.])
+    """
     diff = outputs - targets.reshape(outputs.shape).to(outputs.dtype)
     return diff.abs().reshape(diff.shape[0], -1).sum(dim=1)
 
 
 def output(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's scalar output itself (targets are ignored)."""
+    """The model's scalar output itself (targets are ignored).
+
+    For regression models with one output: the scores then explain the prediction.
+
+    Raises
+    ------
+    ValueError
+        If the model has more than one output per example.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import output
+    >>> output(torch.tensor([[0.5], [-1.0]]), torch.zeros(2, 1))
+    tensor([ 0.5000, -1.0000])
+    """
     if outputs[0].numel() != 1:
         raise ValueError(
             "The 'output' measurement needs a scalar output per example; got outputs of "
@@ -133,6 +222,7 @@ LOSSES: dict[str, PerExample] = {
     "cross_entropy": cross_entropy,
     "squared_error": squared_error,
 }
+"""The built-in training losses, by the name ``loss=`` accepts."""
 MEASUREMENTS: dict[str, PerExample] = {
     "margin": margin,
     "cross_entropy": cross_entropy,
@@ -140,10 +230,38 @@ MEASUREMENTS: dict[str, PerExample] = {
     "absolute_error": absolute_error,
     "output": output,
 }
+"""The built-in query measurements, by the name ``measurement=`` accepts."""
 
 
 def resolve_function(spec: Any, registry: dict[str, PerExample], name: str) -> PerExample:
-    """Turn a built-in name, an importable ``"module:qualname"`` or a callable into a callable."""
+    """Turn a built-in name, an importable ``"module:qualname"`` or a callable into a callable.
+
+    Parameters
+    ----------
+    spec : str or callable
+        A key of ``registry``, ``"module:qualname"``, or a callable (returned as is).
+    registry : dict
+        :data:`LOSSES` or :data:`MEASUREMENTS`.
+    name : str
+        The parameter's name, for the error message.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is none of these, or cannot be imported.
+
+    Examples
+    --------
+    >>> from sourcekit.objectives import LOSSES, MEASUREMENTS, margin, resolve_function
+    >>> resolve_function("margin", MEASUREMENTS, "measurement") is margin
+    True
+    >>> resolve_function("sourcekit.objectives:squared_error", LOSSES, "loss").__name__
+    'squared_error'
+    >>> resolve_function("hinge", LOSSES, "loss")
+    Traceback (most recent call last):
+    ...
+    ValueError: The 'loss' parameter must be one of 'cross_entropy', 'squared_error', an importable 'module:function' string, or a callable (outputs, targets) -> per-example tensor; got 'hinge'.
+    """
     if callable(spec):
         return spec
     if isinstance(spec, str):
@@ -168,7 +286,17 @@ def resolve_function(spec: Any, registry: dict[str, PerExample], name: str) -> P
 
 
 def function_spec(fn: Any, registry: dict[str, PerExample]) -> str | None:
-    """A string that names ``fn`` in a saved manifest, or None if it has no importable name."""
+    """A string that names ``fn`` in a saved manifest, or None if it has no importable name.
+
+    Examples
+    --------
+    >>> from sourcekit.objectives import MEASUREMENTS, function_spec, margin
+    >>> function_spec(margin, MEASUREMENTS)
+    'margin'
+    >>> function_spec(lambda outputs, targets: outputs[:, 0], MEASUREMENTS) is None
+    True
+    """
+
     if isinstance(fn, str):
         return fn
     for key, value in registry.items():

@@ -22,7 +22,30 @@ __all__ = ["TopK", "TopKProponents"]
 
 
 class TopK(NamedTuple):
-    """Indices (into the training set) and scores, each of shape (n_queries, k)."""
+    """Indices (into the training set) and scores, each of shape (n_queries, k).
+
+    What :meth:`TopKProponents.select` returns (2k columns with ``kind="both"``).
+
+    Attributes
+    ----------
+    indices : ndarray of int
+        The selected training examples of each query.
+    scores : ndarray
+        Their scores (normalised if ``normalize`` was set).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sourcekit import TopKProponents
+    >>> scores = np.array([[0.3, -0.2, 0.1, -0.5], [0.0, 0.4, -0.1, 0.2]])
+    >>> top = TopKProponents(k=1).fit(scores).select(scores)
+    >>> top.indices  # per query: the strongest proponent, then the strongest opponent
+    array([[0, 3],
+           [1, 2]])
+    >>> top.scores
+    array([[ 0.3, -0.5],
+           [ 0.4, -0.1]])
+    """
 
     indices: np.ndarray
     scores: np.ndarray

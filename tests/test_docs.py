@@ -27,3 +27,36 @@ def test_examples_run(example: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "an example should print what it found"
+
+
+def test_documentation_site_builds_strictly(tmp_path: Path) -> None:
+    """The MkDocs site builds with warnings as errors.
+
+    Strict mode fails on a broken link or anchor, a page missing from the navigation,
+    and an API-reference directive or docstring that mkdocstrings cannot render.
+    """
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
+    pytest.importorskip(
+        "mkdocstrings_handlers.python",
+        reason="mkdocstrings[python] is not installed (pip install -e '.[docs]')",
+    )
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (site / "api" / "estimators" / "index.html").is_file()
+
+
+def test_the_lds_figure_reads_the_benchmarks_table() -> None:
+    plot_lds = runpy.run_path(str(ROOT / "benchmarks" / "plot_lds.py"))
+    rows = plot_lds["parse_lds_table"]((ROOT / "docs" / "benchmarks.md").read_text())
+    assert {r.recipe for r in rows} == {"standard", "early", "two_stage"}
+    assert len(rows) == 21
+    assert all(r.low <= r.lds <= r.high for r in rows)
+    assert (ROOT / "docs" / "img" / "lds.png").is_file()
+    assert "](img/lds.png)" in (ROOT / "docs" / "benchmarks.md").read_text()

@@ -43,6 +43,7 @@ from ._objects import DenseCurvature, EigenbasisCurvature, KroneckerFactors
 __all__ = ["CURVATURES", "CacheBudget", "FitSettings", "fisher_seed", "fit_curvature"]
 
 CURVATURES = ("ekfac", "kfac", "diagonal", "identity", "exact", "hessian")
+"""The values of ``curvature=`` that :func:`fit_curvature` and the attributors accept."""
 
 
 def fisher_seed(random_state: int | None, step: int) -> int:
@@ -184,7 +185,63 @@ def fit_curvature(
 
     When ``loss_cache`` is given, the layer inputs and training-loss output gradients of
     every batch are stored in it while the budget allows (they are what scoring needs).
+
+    Parameters
+    ----------
+    kind : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}
+        The approximation (see :data:`CURVATURES`).
+    trajectory : Trajectory
+        The recorded run; its checkpoints are read, its model is never modified.
+    blocks : sequence of LayerBlock
+        The layers to attribute through (``find_blocks(model, modules)``).
+    steps : sequence of int
+        The checkpoints to average over (a segment's, or the final step).
+    indices : ndarray of int
+        The training examples to average over (the segment's stage).
+    settings : FitSettings
+        Fisher targets, seed, batch size, device and precision of the passes.
+    budget : CacheBudget, optional
+        Bytes that cached layer inputs and output gradients may occupy (default: none).
+    loss_cache : LossCache, optional
+        Filled with the training-loss factors of every batch, within the budget.
+
+    Returns
+    -------
+    EigenbasisCurvature or DenseCurvature
+        Dense for "exact" and "hessian".
+
+    Raises
+    ------
+    NonFiniteError
+        If NaN or infinity appears in the covariances or eigenvalues (a diverged
+        checkpoint).
+
+    Examples
+    --------
+    ``LayerBlock``, ``find_blocks`` and ``FitSettings`` are not part of the public API
+    yet; the attributors call this function for you.
+
+    >>> import numpy as np
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit.curvature import fit_curvature
+    >>> from sourcekit.curvature._fit import FitSettings
+    >>> from sourcekit.gradients._layers import find_blocks
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
+    >>> blocks = find_blocks(trajectory.build_model())
+    >>> [(b.name, b.d_out, b.d_in) for b in blocks]  # the bias is an extra input column
+    [('0', 4, 4), ('2', 2, 5)]
+    >>> curvature = fit_curvature(
+    ...     "kfac", trajectory, blocks, trajectory.checkpoint_steps[:3],
+    ...     np.arange(trajectory.n_train), FitSettings(fisher="empirical"),
+    ... )
+    >>> curvature
+    EigenbasisCurvature(kind='kfac', blocks=['0', '2'])
     """
+
     if kind not in CURVATURES:
         raise ValueError(f"The curvature kind must be one of {CURVATURES}; got {kind!r}.")
     if settings.fisher not in FISHER:

@@ -28,7 +28,22 @@ _SERIES_BELOW = 1e-3
 
 
 class Decay:
-    """σ ↦ exp(−sσ)."""
+    """σ ↦ exp(−sσ): what a segment with learning-rate sum s does to an earlier effect.
+
+    Parameters
+    ----------
+    s : float
+        The segment's learning-rate sum (effective rates under momentum).
+
+    Examples
+    --------
+    A flat direction (σ = 0) keeps an earlier effect whole; a steep one forgets it.
+
+    >>> import torch
+    >>> from sourcekit.curvature import Decay
+    >>> Decay(s=2.0)(torch.tensor([0.0, 0.5, 5.0], dtype=torch.float64))
+    tensor([1.0000e+00, 3.6788e-01, 4.5400e-05], dtype=torch.float64)
+    """
 
     def __init__(self, s: float) -> None:
         self.s = float(s)
@@ -43,7 +58,22 @@ class Decay:
 class Residual:
     """σ ↦ (1 − exp(−sσ))/σ = s·(−expm1(−sσ))/(sσ), equal to s at σ = 0.
 
-    Computed with ``expm1`` (no cancellation for small sσ) and a Taylor series near 0.
+    What a segment with learning-rate sum s contributes from a constant gradient: s
+    along flat directions, about 1/σ (the influence function's inverse) along steep
+    ones. Computed with ``expm1`` (no cancellation for small sσ) and a Taylor series
+    near 0.
+
+    Parameters
+    ----------
+    s : float
+        The segment's learning-rate sum.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.curvature import Residual
+    >>> Residual(s=2.0)(torch.tensor([0.0, 1e-9, 0.5, 100.0], dtype=torch.float64))
+    tensor([2.0000, 2.0000, 1.2642, 0.0100], dtype=torch.float64)
     """
 
     def __init__(self, s: float) -> None:
@@ -62,7 +92,29 @@ class Residual:
 
 
 class DiscreteDecay:
-    """σ ↦ Π_k (1 − η_k σ) over the learning rates of a segment."""
+    """σ ↦ Π_k (1 − η_k σ) over the learning rates of a segment.
+
+    The finite-product form of :class:`Decay`: exactly what the segment's gradient
+    steps do to an earlier effect when the curvature is constant.
+
+    Parameters
+    ----------
+    learning_rates : iterable of float
+        The learning rates η_k of the segment's steps.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.curvature import Decay, DiscreteDecay
+    >>> sigma = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    >>> DiscreteDecay([0.5, 0.5])(sigma)
+    tensor([1.0000, 0.2500], dtype=torch.float64)
+
+    Many small steps approach the exponential form with the same sum s = 2:
+
+    >>> DiscreteDecay([0.002] * 1000)(sigma), Decay(2.0)(sigma)
+    (tensor([1.0000, 0.1351], dtype=torch.float64), tensor([1.0000, 0.1353], dtype=torch.float64))
+    """
 
     def __init__(self, learning_rates: Iterable[float]) -> None:
         self.learning_rates = [float(x) for x in learning_rates]
@@ -78,7 +130,22 @@ class DiscreteDecay:
 
 
 class DiscreteResidual:
-    """σ ↦ Σ_k η_k Π_{k'>k} (1 − η_{k'} σ): a constant gradient fed through the segment's steps."""
+    """σ ↦ Σ_k η_k Π_{k'>k} (1 − η_{k'} σ): a constant gradient fed through the segment's steps.
+
+    The finite-product form of :class:`Residual`.
+
+    Parameters
+    ----------
+    learning_rates : iterable of float
+        The learning rates η_k of the segment's steps, in order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.curvature import DiscreteResidual
+    >>> DiscreteResidual([0.5, 0.5])(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    tensor([1.0000, 0.7500], dtype=torch.float64)
+    """
 
     def __init__(self, learning_rates: Iterable[float]) -> None:
         self.learning_rates = [float(x) for x in learning_rates]
@@ -94,7 +161,15 @@ class DiscreteResidual:
 
 
 class Inverse:
-    """σ ↦ 1/σ (influence functions; σ must be damped away from 0)."""
+    """σ ↦ 1/σ (influence functions; σ must be damped away from 0).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.curvature import Inverse
+    >>> Inverse()(torch.tensor([0.5, 4.0]))
+    tensor([2.0000, 0.2500])
+    """
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1.0 / sigma

@@ -27,12 +27,41 @@ from ..trajectory import Examples, OptimizerSpec, TrainingStage, Trajectory, tra
 __all__ = ["RECIPES", "DigitsTask", "load_digits_task", "make_digits_mlp"]
 
 RECIPES = ("standard", "early", "two_stage")
+"""The names :meth:`DigitsTask.record` and :meth:`DigitsTask.stages` accept."""
 
 
 def make_digits_mlp(
     hidden: tuple[int, ...] | list[int] = (32, 32), n_inputs: int = 64, n_classes: int = 10
 ) -> nn.Sequential:
-    """The digits classifier: an MLP with ReLU activations (Linear layers only)."""
+    """The digits classifier: an MLP with ReLU activations (Linear layers only).
+
+    Parameters
+    ----------
+    hidden : sequence of int, default=(32, 32)
+        Widths of the hidden layers.
+    n_inputs : int, default=64
+        Input features (the 8x8 pixels).
+    n_classes : int, default=10
+        Output logits.
+
+    Returns
+    -------
+    nn.Sequential
+        Freshly initialised from torch's global random state.
+
+    Examples
+    --------
+    >>> from sourcekit.datasets import make_digits_mlp
+    >>> model = make_digits_mlp(hidden=(16,))
+    >>> model
+    Sequential(
+      (0): Linear(in_features=64, out_features=16, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=16, out_features=10, bias=True)
+    )
+    >>> sum(p.numel() for p in make_digits_mlp().parameters())  # the default (32, 32)
+    3466
+    """
     layers: list[nn.Module] = []
     width = n_inputs
     for h in hidden:
@@ -56,6 +85,28 @@ class DigitsTask:
         Which training labels were replaced by a wrong label (``label_noise``).
     clean_train_targets : tensor
         The labels before any flipping.
+    hidden : tuple of int
+        Hidden widths of the MLP.
+    loss : str
+        ``"cross_entropy"``.
+    measurement : str
+        ``"margin"``: the correct class's logit minus the log-sum-exp of the others.
+    architecture : str
+        The importable factory of the model, so that recorded runs can be saved.
+
+    Examples
+    --------
+    >>> from sourcekit.datasets import load_digits_task
+    >>> task = load_digits_task()
+    >>> task.train.inputs.shape, task.test.targets.shape, task.train_images.shape
+    (torch.Size([1437, 64]), torch.Size([360]), (1437, 8, 8))
+    >>> [(s.name, s.epochs, s.stop_fraction) for s in task.stages("early")]
+    [('train', 32, 0.25)]
+    >>> [(s.name, len(s.examples)) for s in task.stages("two_stage")]
+    [('pretrain', 718), ('finetune', 719)]
+    >>> trajectory = task.record("early", progress=False)  # about a second on a CPU
+    >>> trajectory.n_steps, trajectory.checkpoint_steps
+    (184, (15, 46, 76, 107, 138, 168))
     """
 
     train: Examples
@@ -67,7 +118,7 @@ class DigitsTask:
     hidden: tuple[int, ...] = (32, 32)
     loss: str = "cross_entropy"
     measurement: str = "margin"
-    architecture: str = field(default="sourcekit.datasets._digits:make_digits_mlp")
+    architecture: str = field(default="sourcekit.datasets:make_digits_mlp")
 
     @property
     def architecture_kwargs(self) -> dict:

@@ -35,14 +35,39 @@ class InfluenceAttributor(BaseAttributor):
     damping : float or None, default=None
         λ added to every eigenvalue. None uses 0.1 × the mean eigenvalue of each layer
         (a per-layer damping, recorded in ``damping_``). Read only by ``transform``.
-    curvature, fisher, modules, random_state, batch_size, memory_limit, memory, device, dtype, progress
-        As in :class:`~sourcekit.SourceAttributor`.
+    curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
+        The approximation of the curvature at the final parameters (as in
+        :class:`~sourcekit.SourceAttributor`).
+    fisher : {"true", "empirical", "expected"}, default="true"
+        Targets of the curvature's output gradients (as in
+        :class:`~sourcekit.SourceAttributor`).
+    modules : list of str, optional
+        Attribute through these layers only (names from ``model.named_modules()``);
+        required when the model has parameters outside nn.Linear / nn.Conv2d layers.
+    random_state : int or None, default=0
+        Seed of the sampled Fisher targets; None draws fresh ones at every fit.
+    batch_size : int, default=256
+        Training examples per batch while streaming the data.
+    memory_limit : int, default=2**30
+        Bytes for cached layer inputs/output gradients and, separately, for the
+        preconditioned gradients of one block of queries (as in
+        :class:`~sourcekit.SourceAttributor`).
+    memory : str, path or joblib.Memory, optional
+        Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
+    device : str or torch.device, default="auto"
+        "auto" uses CUDA when available.
+    dtype : {"float32", "float64"}, default="float32"
+        Precision of gradients and scores (eigendecompositions are always float64).
+    progress : bool, default=False
+        Show progress bars.
 
     Attributes
     ----------
     state_ : dict
         ``blocks``, ``curvature`` and the training-factor cache.
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------

@@ -43,14 +43,32 @@ class GradientSimilarityAttributor(BaseAttributor):
     Parameters
     ----------
     similarity : {"dot", "cosine"}, default="dot"
-    modules, batch_size, memory_limit, memory, device, dtype, progress
-        As in :class:`~sourcekit.TracInAttributor`.
+        The dot product with sourcekit's sign and scale, or the cosine (a ranking).
+    modules : list of str, optional
+        Attribute through these layers only (names from ``model.named_modules()``).
+    batch_size : int, default=256
+        Examples per batch while streaming the data.
+    memory_limit : int, default=2**30
+        Bytes for the training gradients' factors kept by ``fit`` and, separately, for
+        the query gradients of one block of queries (as in
+        :class:`~sourcekit.TracInAttributor`).
+    memory : str, path or joblib.Memory, optional
+        Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
+    device : str or torch.device, default="auto"
+        "auto" uses CUDA when available.
+    dtype : {"float32", "float64"}, default="float32"
+        Precision of gradients and scores.
+    progress : bool, default=False
+        Show progress bars.
+
 
     Attributes
     ----------
     state_ : dict
         ``blocks`` and the cached training factors at θ_T (``cache``).
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------
@@ -143,10 +161,13 @@ class RepresentationSimilarityAttributor(BaseAttributor):
         representation. None uses the input of the last nn.Linear or nn.Conv2d of the
         model (the penultimate features of a classifier).
     similarity : {"cosine", "dot"}, default="cosine"
+        Cosine similarity (in [−1, 1]) or dot product of the representations.
     batch_size : int, default=256
         Examples per forward pass.
     device : str or torch.device, default="auto"
+        "auto" uses CUDA when available.
     dtype : {"float32", "float64"}, default="float32"
+        Precision of the representations and scores.
 
     Attributes
     ----------
@@ -156,6 +177,8 @@ class RepresentationSimilarityAttributor(BaseAttributor):
     layer_ : str
         The module whose input is the representation.
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------

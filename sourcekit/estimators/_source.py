@@ -32,8 +32,9 @@ class SourceAttributor(BaseAttributor):
 
     The run is split into ``n_segments`` segments; inside each, curvature and training
     gradients are treated as stationary (averaged over the segment's checkpoints), and
-    the segments are chained through matrix functions of the curvature (METHOD.md
-    section 4):
+    the segments are chained through matrix functions of the curvature (the SOURCE page
+    of the documentation derives it):
+
 
         scores[q, m] = −∇f(z_q, θ_T)ᵀ Σ_ℓ S̄_L ⋯ S̄_{ℓ+1} (1/N_ℓ)(I − e^{−s_ℓ H̄_ℓ}) H̄_ℓ⁻¹ ḡ_ℓ(m),
 
@@ -92,6 +93,8 @@ class SourceAttributor(BaseAttributor):
         ``blocks``, ``segments`` (the fitted SegmentModels) and the training-factor cache.
     segments_ : list of Segment
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------

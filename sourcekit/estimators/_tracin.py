@@ -34,9 +34,10 @@ class TracInAttributor(BaseAttributor):
     (examples outside that stage contribute 0 at c). Query gradients are taken at each
     checkpoint θ_c. Each term is the first-order effect of including z_m in the updates
     the checkpoint stands for, as if nothing after them transformed that effect: TracIn
-    is exact unrolling without the propagation factors (I − ηH) (METHOD.md sections 3
-    and 6). Adam's preconditioner is not applied (the raw gradients are compared, as in
-    the original method).
+    is exact unrolling without the propagation factors (I − ηH) (see the baselines page
+    of the documentation). Adam's preconditioner is not applied (the raw gradients are
+    compared, as in the original method).
+
 
     Parameters
     ----------
@@ -67,6 +68,8 @@ class TracInAttributor(BaseAttributor):
     checkpoints_ : list of TracInCheckpoint
         The terms of the sum: step, stage, the steps it stands for, η_c and N_c.
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------

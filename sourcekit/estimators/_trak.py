@@ -86,6 +86,8 @@ class TRAKAttributor(BaseAttributor):
         TRAKCheckpoint per checkpoint: Φ and the eigendecomposition of ΦᵀΦ/N).
     damping_ : float or dict of step to float
     trajectory_, n_train_, fingerprint_
+        The fitted run, its number of training examples and its content fingerprint
+        (see :class:`~sourcekit.BaseAttributor`).
 
     Examples
     --------

@@ -23,9 +23,10 @@ class UnrolledAttributor(BaseAttributor):
 
         scores[q, m] = ∂ f(z_q, θ_T) / ∂ w_m   at w = 1,
 
-    the effect of including z_m for the recorded batch order (METHOD.md section 3). One
-    vectorised backward pass per block of queries gives the scores of all training
-    examples.
+    the effect of including z_m for the recorded batch order (see the exact unrolling
+    page of the documentation). One vectorised backward pass per block of queries gives
+    the scores of all training examples.
+
 
     This is the reference every approximation is checked against, meant for small
     models: the autograd graph of every recorded step is kept in memory, so memory grows

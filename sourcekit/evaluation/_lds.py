@@ -40,8 +40,26 @@ class LDSResult:
         Bootstrap percentile interval of ``mean`` (queries resampled with replacement);
         None when ``n_bootstrap=0``.
     confidence : float
+        Level of ``confidence_interval``.
     n_undefined : int
         Queries left out of ``mean`` because their correlation is undefined.
+    n_queries : int
+        Number of queries, defined or not.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sourcekit.evaluation import linear_datamodeling_score, make_subset_masks
+    >>> rng = np.random.default_rng(0)
+    >>> scores = rng.normal(size=(3, 20))
+    >>> masks = make_subset_masks(20, n_subsets=30)
+    >>> outputs = scores @ masks.T + 0.1 * rng.normal(size=(3, 30))
+    >>> outputs[2] = 1.0  # constant retrained outputs: no rank correlation for query 2
+    >>> result = linear_datamodeling_score(scores, masks, outputs)
+    >>> result.per_query.shape, result.n_queries, result.n_undefined
+    ((3,), 3, 1)
+    >>> bool(float(result) == result.mean > 0.9), result.confidence
+    (True, 0.95)
     """
 
     per_query: np.ndarray

@@ -30,12 +30,33 @@ class LeaveOneOutResult:
     Attributes
     ----------
     effects : ndarray of shape (n_queries, n_examples)
-        ``f(full) − f(without m)`` averaged over the seeds: comparable with
-        ``scores[:, examples]`` of any attributor.
+        ``f(full) − f(without m)`` averaged over the seeds, in the same sign and units
+        as ``scores[:, examples]`` of any attributor. It is not the same quantity as a
+        first-order score: retraining without m also averages every batch's loss over
+        one example fewer and reshuffles the batches, and a whole example is a finite
+        change, so the two agree only up to those effects (closely for converged
+        convex problems, loosely far from convergence).
     per_seed : ndarray of shape (n_seeds, n_queries, n_examples)
     examples : ndarray of int
         The training examples left out, one column each.
     seeds : tuple of int
+
+    Examples
+    --------
+    The effect of including each of two examples on a linear regression's prediction:
+
+    >>> import torch, sourcekit
+    >>> from sourcekit.evaluation import leave_one_out_measurements
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = sourcekit.Examples(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=5, batch_size=8)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 1), data, [stage], loss="squared_error",
+    ...                              measurement="output", progress=False)
+    >>> loo = leave_one_out_measurements(trajectory, data[:2], [0, 5], seeds=0, progress=False)
+    >>> loo
+    LeaveOneOutResult(n_queries=2, n_examples=2, seeds=(0,))
+    >>> loo.effects.shape, loo.per_seed.shape, loo.examples.tolist()
+    ((2, 2), (1, 2, 2), [0, 5])
     """
 
     effects: np.ndarray
@@ -91,9 +112,17 @@ def leave_one_out_measurements(
     queries : Examples or AttributionTask
     examples : array-like of int, optional
         The training examples to leave out (default: all of them).
-    seeds, n_jobs, cache_dir, progress, retrain
+    seeds : int or sequence of int, default=(0, 1, 2)
+        As in :func:`~sourcekit.evaluation.retrain_measurements`.
+    n_jobs : int or None, default=1
+        As in :func:`~sourcekit.evaluation.retrain_measurements`.
+    cache_dir : str or path, optional
         As in :func:`~sourcekit.evaluation.retrain_measurements` (the cache is shared
         with it).
+    progress : bool, default=True
+        Show a progress bar over the retrainings.
+    retrain : callable, optional
+        As in :func:`~sourcekit.evaluation.retrain_measurements`.
 
     Returns
     -------

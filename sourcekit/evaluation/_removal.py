@@ -49,6 +49,21 @@ class SubsetRemovalResult:
         Mean of ``flipped``: the fraction of (query, seed) retrainings whose prediction
         flipped.
     seeds : tuple of int
+
+    Examples
+    --------
+    >>> import torch, sourcekit
+    >>> from sourcekit.evaluation import subset_removal
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = sourcekit.Examples(torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=3, batch_size=4)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> scores = sourcekit.UnrolledAttributor().fit(trajectory).transform(data[:3])
+    >>> result = subset_removal(trajectory, data[:3], scores, k=2, seeds=0, progress=False)
+    >>> result.removed.shape, result.drop.shape, result.flipped.shape
+    ((3, 2), (3,), (3,))
+    >>> bool((result.drop == result.full - result.without).all())
+    True
     """
 
     k: int
@@ -96,7 +111,16 @@ def subset_removal(
         Attribution scores of the queries (``attributor.transform(queries)``).
     k : int, default=10
         Proponents removed per query (the k largest scores; ties by index).
-    seeds, n_jobs, cache_dir, progress, retrain
+    seeds : int or sequence of int, default=(0, 1, 2)
+        As in :func:`~sourcekit.evaluation.retrain_measurements`.
+    n_jobs : int or None, default=1
+        As in :func:`~sourcekit.evaluation.retrain_measurements`.
+    cache_dir : str or path, optional
+        As in :func:`~sourcekit.evaluation.retrain_measurements` (the cache is shared
+        with it).
+    progress : bool, default=True
+        Show a progress bar over the retrainings.
+    retrain : callable, optional
         As in :func:`~sourcekit.evaluation.retrain_measurements`.
 
     Returns

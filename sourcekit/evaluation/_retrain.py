@@ -47,7 +47,23 @@ class RetrainingResult:
     per_seed : ndarray of shape (n_seeds, n_queries, n_subsets)
         The same for each seed, in the order of ``seeds``.
     masks : ndarray of bool, shape (n_subsets, n_train)
+        The subsets, as given.
     seeds : tuple of int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch, sourcekit
+    >>> from sourcekit.evaluation import make_subset_masks, retrain_measurements
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> masks = make_subset_masks(trajectory.n_train, n_subsets=5)
+    >>> result = retrain_measurements(trajectory, data[:4], masks, seeds=(0, 1), progress=False)
+    >>> result
+    RetrainingResult(n_queries=4, n_subsets=5, seeds=(0, 1))
+    >>> np.allclose(result.outputs, result.per_seed.mean(axis=0))
+    True
     """
 
     outputs: np.ndarray

@@ -38,7 +38,46 @@ def unrolled_scores(
 
     Returns a tensor of shape (n_queries, n_train) on the CPU. Memory grows with the
     number of recorded steps (the whole graph of the run is kept).
+    :class:`~sourcekit.UnrolledAttributor` is the estimator over this function.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        A recorded run with the batches of every step.
+    queries : Examples
+        The queries, measured with the trajectory's measurement at the final model.
+    dtype : torch.dtype, default=torch.float64
+        Precision of the replay.
+    device : str or torch.device, default="cpu"
+        Where the replay runs ("auto": CUDA when available).
+    query_batch_size : int, default=16
+        Queries differentiated together in one vectorised backward pass.
+    progress : bool, default=False
+        Show progress bars.
+
+    Returns
+    -------
+    tensor of shape (n_queries, n_train)
+        ``scores[q, m] = ∂ f(z_q, θ_T) / ∂ w_m`` at w = 1: the effect of including
+        training example m, for the recorded batch order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit.scoring import unrolled_scores
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> scores = unrolled_scores(trajectory, data[:4])
+    >>> scores.shape, scores.dtype
+    (torch.Size([4, 20]), torch.float64)
+    >>> estimator = sourcekit.UnrolledAttributor().fit(trajectory).transform(data[:4])
+    >>> np.allclose(estimator, scores.numpy())
+    True
     """
+
     device = resolve_device(device)
     weights = torch.ones(trajectory.n_train, dtype=dtype, device=device, requires_grad=True)
     params, buffers = replay(

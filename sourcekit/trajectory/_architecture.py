@@ -43,6 +43,25 @@ class Architecture:
         ``nn.Module``, or a module used as a template (deep-copied at each build).
     kwargs : dict, optional
         Keyword arguments for the factory; must be JSON-serialisable to be saved.
+
+    Examples
+    --------
+    >>> from sourcekit.trajectory import Architecture
+    >>> architecture = Architecture("sourcekit.datasets:make_digits_mlp", {"hidden": [16]})
+    >>> architecture.build()
+    Sequential(
+      (0): Linear(in_features=64, out_features=16, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=16, out_features=10, bias=True)
+    )
+    >>> architecture.spec()  # what a saved manifest records
+    {'factory': 'sourcekit.datasets:make_digits_mlp', 'kwargs': {'hidden': [16]}}
+
+    A factory without an importable name works in memory but cannot be saved:
+
+    >>> import torch
+    >>> Architecture(lambda: torch.nn.Linear(3, 2)).spec() is None
+    True
     """
 
     def __init__(

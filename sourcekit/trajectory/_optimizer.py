@@ -26,22 +26,38 @@ class OptimizerSpec:
 
     Parameters
     ----------
-    kind : {"sgd", "adam", "adamw"}
+    kind : {"sgd", "adam", "adamw"}, default="sgd"
         The update rule, as in ``torch.optim.SGD``, ``torch.optim.Adam`` and
         ``torch.optim.AdamW``.
-    lr : float
+    lr : float, default=0.1
         Base learning rate. The learning rate actually used at every step is recorded
         in the trajectory's schedule; this value is the one a retraining starts from.
-    momentum, dampening, nesterov : SGD's heavy-ball settings.
-    weight_decay : float
+    momentum : float, default=0.0
+        SGD's heavy-ball coefficient β.
+    dampening : float, default=0.0
+        SGD's dampening d of the momentum buffer.
+    nesterov : bool, default=False
+        SGD's Nesterov variant.
+    weight_decay : float, default=0.0
         L2 penalty (coupled, for SGD and Adam) or decoupled decay (AdamW).
-    betas, eps : Adam's moment coefficients and denominator guard.
+    betas : tuple of float, default=(0.9, 0.999)
+        Adam's moment coefficients (β₁, β₂).
+    eps : float, default=1e-8
+        Adam's denominator guard ε.
 
     Examples
     --------
+    >>> import torch
     >>> from sourcekit import OptimizerSpec
-    >>> OptimizerSpec("sgd", lr=0.1, momentum=0.9).effective_lr_factor
+    >>> spec = OptimizerSpec("sgd", lr=0.1, momentum=0.9)
+    >>> spec.effective_lr_factor  # the long-run step is 1/(1 - β) times the learning rate
     10.000000000000002
+    >>> optimizer = spec.build(torch.nn.Linear(3, 2).parameters())  # a torch.optim.SGD
+    >>> optimizer.defaults["lr"], optimizer.defaults["momentum"]
+    (0.1, 0.9)
+
+    >>> OptimizerSpec.from_torch(torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=1e-3))
+    OptimizerSpec(kind='adam', lr=0.001, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-08)
     """
 
     kind: str = "sgd"
@@ -206,7 +222,42 @@ def optimizer_step(
       v ← β₂v + (1 − β₂)g², θ ← θ − (η / (1 − β₁ᵗ)) m / (√v / √(1 − β₂ᵗ) + ε).
 
     Returns the new parameters and the new state; the inputs are not modified.
+
+    Parameters
+    ----------
+    spec : OptimizerSpec
+        The update rule and its hyperparameters (its ``lr`` is not used).
+    params : dict of str to tensor
+        θ, by parameter name.
+    grads : dict of str to tensor
+        The gradient of the mean batch loss for each parameter.
+    state : dict
+        ``{"step": t, "buffers": {...}}``: the number of updates made so far and the
+        accumulated buffers by parameter name; ``{"step": 0, "buffers": {}}`` at the
+        start of a stage.
+    lr : float
+        The learning rate η of this step.
+
+    Returns
+    -------
+    params : dict of str to tensor
+    state : dict
+
+    Examples
+    --------
+    Two steps of SGD with momentum 0.9 on a constant gradient: the momentum buffer
+    grows from g to 1.9 g.
+
+    >>> import torch
+    >>> from sourcekit.trajectory import OptimizerSpec, optimizer_step
+    >>> spec = OptimizerSpec("sgd", momentum=0.9)
+    >>> params, state = {"w": torch.tensor([1.0, -2.0])}, {"step": 0, "buffers": {}}
+    >>> for _ in range(2):
+    ...     params, state = optimizer_step(spec, params, {"w": torch.ones(2)}, state, lr=0.1)
+    >>> params["w"], state["step"]
+    (tensor([ 0.7100, -2.2900]), 2)
     """
+
     step = state["step"] + 1
     buffers = state["buffers"]
     new_params: dict[str, torch.Tensor] = {}

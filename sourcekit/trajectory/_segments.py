@@ -30,7 +30,32 @@ __all__ = ["Segment", "checkpoint_spans", "split_segments"]
 
 @dataclass(frozen=True)
 class Segment:
-    """Steps ``start .. end-1`` of stage ``stage``, with the checkpoints inside them."""
+    """Steps ``start .. end-1`` of stage ``stage``, with the checkpoints inside them.
+
+    Attributes
+    ----------
+    index : int
+        Position of the segment in the run, from 0.
+    stage : int
+        Index of the stage the segment belongs to (segments never cross stages).
+    start, end : int
+        The global steps ``start .. end-1`` of the segment.
+    checkpoints : tuple of int
+        The attribution checkpoints the segment owns; its curvature and mean gradients
+        are averaged over them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5, n_checkpoints=4)
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> for segment in trajectory.segments(n_segments=2):
+    ...     print(segment)
+    Segment(index=0, stage=0, start=0, end=4, checkpoints=(1, 3))
+    Segment(index=1, stage=0, start=4, end=8, checkpoints=(5, 7))
+    """
 
     index: int
     stage: int

@@ -25,8 +25,21 @@ class Checkpoint:
     """The state of training just before the update of global step ``step``.
 
     ``params`` and ``buffers`` map the model's names to tensors; ``optimizer`` holds what
-    the optimiser had accumulated (``"step"``, and for Adam the second moments
-    ``"exp_avg_sq"``, for SGD with momentum ``"momentum_buffer"``).
+    the optimiser had accumulated: for Adam and AdamW ``"step"`` and the moments
+    ``"exp_avg"`` and ``"exp_avg_sq"``, for SGD with momentum ``"momentum_buffer"``,
+    nothing for plain SGD.
+
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1, momentum=0.9), epochs=2, batch_size=5)
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> checkpoint = trajectory.checkpoint(trajectory.checkpoint_steps[-1])
+    >>> checkpoint.step, sorted(checkpoint.params), sorted(checkpoint.optimizer)
+    (7, ['bias', 'weight'], ['momentum_buffer'])
     """
 
     step: int

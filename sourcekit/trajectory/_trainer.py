@@ -38,14 +38,16 @@ class TrainingStage:
     ----------
     optimizer : OptimizerSpec
         The optimiser and its base learning rate.
-    epochs : int
+    epochs : int, default=10
         Passes over the stage's examples (shuffled each epoch; the last batch of an
         epoch may be smaller).
-    batch_size : int
-    name : str
+    batch_size : int, default=64
+        Examples per step.
+    name : str, default="train"
+        The stage's name in the trajectory.
     examples : array-like of int, optional
         Indices of the training examples of this stage (default: all).
-    schedule : {"constant", "linear", "cosine"}
+    schedule : {"constant", "linear", "cosine"}, default="constant"
         Learning rate over the stage's full length: constant, linear decay to 0, or
         cosine decay to 0.
     max_steps : int, optional
@@ -55,8 +57,27 @@ class TrainingStage:
         Stop after this fraction of the scheduled steps (rounded down, at least one).
         Unlike ``max_steps`` it scales with the data, so a retraining on a subset stops
         at the same point of its schedule. With both, the earlier stop wins.
-    n_checkpoints : int
+    n_checkpoints : int, default=6
         Checkpoints kept for attribution, at the midpoints of equal step intervals.
+
+    Examples
+    --------
+    The digits task's ``"early"`` recipe: 32 epochs scheduled, stopped after a quarter.
+
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> sgd = OptimizerSpec("sgd", lr=0.01, momentum=0.9, weight_decay=1e-3)
+    >>> stage = TrainingStage(sgd, epochs=32, batch_size=64, stop_fraction=0.25)
+    >>> stage.n_checkpoints, stage.schedule
+    (6, 'constant')
+
+    On 128 examples (2 steps per epoch, 64 scheduled) the stage stops after 16 steps,
+    with its 6 checkpoints at the midpoints of equal intervals:
+
+    >>> data = Examples(torch.randn(128, 3), torch.randint(0, 2, (128,)))
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> trajectory.n_steps, trajectory.checkpoint_steps
+    (16, (1, 4, 6, 9, 12, 14))
     """
 
     optimizer: OptimizerSpec

@@ -71,6 +71,27 @@ class Stage:
         How the built-in trainer produced the stage (epochs, schedule, seed...), so that
         the stage can be retrained on a subset of its examples; None for runs recorded
         from a user's own loop.
+    n_steps : int
+        ``end - start``.
+    n_examples : int
+        The number of training examples of the stage, N_s: the 1/N factor of every
+        score contributed by this stage.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> sgd = OptimizerSpec("sgd", lr=0.1)
+    >>> stages = [
+    ...     TrainingStage(sgd, epochs=2, batch_size=5, name="pretrain", examples=range(10)),
+    ...     TrainingStage(sgd, epochs=1, batch_size=5, name="finetune", examples=range(10, 20)),
+    ... ]
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, stages, progress=False)
+    >>> [(s.name, s.start, s.end, s.n_examples) for s in trajectory.stages]
+    [('pretrain', 0, 4, 10), ('finetune', 4, 6, 10)]
+    >>> trajectory.stages[1].recipe["epochs"]
+    1
     """
 
     name: str
@@ -106,6 +127,31 @@ class AttributionTask:
 
     ``len()`` and ``shape`` count queries; indexing selects queries and keeps the same
     trajectory object. Create it with :meth:`Trajectory.bind`.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        The recorded run.
+    queries : Examples
+        The queries, shaped like the trajectory's training examples.
+
+    Attributes
+    ----------
+    trajectory : Trajectory
+    queries : Examples
+    shape : tuple of int
+        ``(n_queries,)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
+    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
+    >>> X = trajectory.bind(data[:6])
+    >>> len(X), X.shape, len(X[2:4]), X[2:4].trajectory is trajectory
+    (6, (6,), 2, True)
     """
 
     def __init__(self, trajectory: Trajectory, queries: Examples) -> None:
@@ -166,16 +212,63 @@ class Trajectory:
         Saved states; must include step 0 and step T.
     checkpoint_steps : sequence of int
         The checkpoints, in ``[0, T)``, that approximate methods use.
-    loss, measurement : str or callable
-        Per-example training loss and query measurement, ``(outputs, targets) -> (n,)``.
-    train_mode : bool
+    loss : str or callable, default="cross_entropy"
+        Per-example training loss ``(outputs, targets) -> (n,)``; the run minimised its
+        batch mean.
+    measurement : str or callable, default="margin"
+        Per-example query measurement ``(outputs, targets) -> (n,)`` that attribution
+        explains.
+    train_mode : bool, default=True
         Whether the model was in training mode during the run.
+
+    Attributes
+    ----------
+    n_train : int
+        Number of training examples (columns of every score matrix).
+    n_steps : int
+        T, the number of recorded updates.
+    stages : tuple of Stage
+    learning_rates : ndarray of shape (T,)
+    checkpoint_steps : tuple of int
+    stored_steps : tuple of int
+        Every step with a stored state, 0 and T included.
+    fingerprint : str
+        sha256 of the run's content.
 
     Notes
     -----
     The trajectory is deliberately opaque to scikit-learn (no ``len``, ``shape`` or
     indexing); bind it to queries with :meth:`bind` to obtain something scikit-learn
     can split.
+
+    Examples
+    --------
+    A run of the built-in trainer, with an architecture named by an importable factory
+    so that it can be saved:
+
+    >>> import tempfile
+    >>> import torch
+    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, Trajectory, train
+    >>> data = Examples(torch.randn(20, 64), torch.randint(0, 10, (20,)))
+    >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5, n_checkpoints=4)
+    >>> trajectory = train(
+    ...     "sourcekit.datasets:make_digits_mlp", data, [stage],
+    ...     architecture_kwargs={"hidden": [8]}, progress=False,
+    ... )
+    >>> trajectory
+    Trajectory(n_train=20, n_steps=8, stages=['train'], checkpoint_steps=[1, 3, 5, 7])
+    >>> trajectory.stored_steps
+    (0, 1, 3, 5, 7, 8)
+    >>> trajectory.build_model(step=3)  # a new module with the parameters before update 3
+    Sequential(
+      (0): Linear(in_features=64, out_features=8, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=8, out_features=10, bias=True)
+    )
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     loaded = Trajectory.load(trajectory.save(f"{tmp}/run"))
+    ...     print(loaded.fingerprint == trajectory.fingerprint)
+    True
     """
 
     def __init__(
