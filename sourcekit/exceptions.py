@@ -63,10 +63,12 @@ class TrajectoryError(ValueError):
 class UnsupportedModuleError(TypeError):
     """A layer with parameters that the chosen method cannot handle.
 
-    Gradient-based attributors work through ``nn.Linear`` and ``nn.Conv2d`` layers. A
-    model with parameters in other layers (normalisation, embeddings...) is refused
-    unless ``modules=[...]`` names the layers to attribute through; the parameters of
-    the others are then treated as fixed.
+    Gradient-based attributors work through the layer types of sourcekit's registry:
+    ``nn.Linear``, ``nn.Conv2d``, the ``Conv1D`` of GPT-2-style models, ``nn.Embedding``,
+    and any added with :func:`sourcekit.gradients.register_layer_type`. A model with
+    parameters in other layers (normalisation...) is refused unless ``modules=[...]``
+    names the layers to attribute through; the parameters of the others are then
+    treated as fixed.
 
     Examples
     --------
@@ -82,7 +84,7 @@ class UnsupportedModuleError(TypeError):
     ...     sourcekit.InfluenceAttributor().fit(trajectory)
     ... except UnsupportedModuleError as err:
     ...     print(err)
-    The layer '1' (LayerNorm) has parameters but sourcekit supports nn.Linear and nn.Conv2d. Restrict attribution to supported layers with modules=[...] (e.g. modules=['0', '2']).
+    The layer '1' (LayerNorm) has parameters but is not of a layer type sourcekit reads (nn.Linear, nn.Conv2d, GPT-2's Conv1D, nn.Embedding; registered kinds: linear, conv2d, conv1d, embedding). Restrict attribution to supported layers with modules=[...] (e.g. modules=['0', '2']), or describe the layer with sourcekit.gradients.register_layer_type.
     >>> influence = sourcekit.InfluenceAttributor(modules=["0", "2"]).fit(trajectory)
     >>> influence.transform(data[:2]).shape
     (2, 20)

@@ -11,7 +11,8 @@ For EK-FAC, at every checkpoint c of the segment, over the stage's training exam
    the eigenvalues are Λ = mean_c Λ_c.
 
 K-FAC stops after step 2 with Λ = Λ_S ⊗ Λ_A; "diagonal" is Λ = mean_c E[G^∘2] in
-parameter coordinates; "identity" is Λ = 1; "exact" is the dense Gauss-Newton matrix
+parameter coordinates, which is also what every kind but the dense ones uses for blocks
+with one-hot inputs (embedding tables, ``LayerBlock.diagonal``); "identity" is Λ = 1; "exact" is the dense Gauss-Newton matrix
 mean_c E[Jᵀ ∇²_z L J], and "hessian" the dense Hessian of the mean training loss.
 
 The layer inputs and output gradients of a pass are kept in memory, within a byte
@@ -29,7 +30,7 @@ import torch
 from torch.func import functional_call, hessian
 
 from ..exceptions import NonFiniteError
-from ..gradients._layers import LayerBlock
+from ..gradients._layers import LayerBlock, block_gradients, squared_gradient_sum
 from ..gradients._per_example import (
     FISHER,
     BatchFactors,
@@ -127,7 +128,8 @@ def _squared_rotated(
     block: LayerBlock, batch: BatchFactors, q_s: torch.Tensor | None, q_a: torch.Tensor | None
 ) -> torch.Tensor:
     """Σ over examples (and Fisher variants) of (Q_Sᵀ G Q_A)^∘2, without forming G when T = 1."""
-    a = batch.a[block.name].double()
+    a = batch.a[block.name]
+    a = a.double() if a.is_floating_point() else a
     if q_a is not None:
         a = a @ q_a
     total = torch.zeros(block.d_out, block.d_in, dtype=torch.float64, device=a.device)
@@ -135,11 +137,7 @@ def _squared_rotated(
         s = variant[block.name].double()
         if q_s is not None:
             s = s @ q_s
-        if a.shape[1] == 1:
-            total += (s[:, 0] ** 2).T @ (a[:, 0] ** 2)
-        else:
-            g = torch.einsum("nto,nti->noi", s, a)
-            total += (g * g).sum(dim=0)
+        total += squared_gradient_sum(block, a, s)
     return total
 
 
@@ -260,31 +258,34 @@ def fit_curvature(
         return EigenbasisCurvature(kind, blocks, factors)
     budget = budget or CacheBudget(0)
     dev = settings.device
-    a_mean = {b.name: torch.zeros(b.d_in, b.d_in, dtype=torch.float64, device=dev) for b in blocks}
+    # Blocks with one-hot inputs (embeddings) always get the diagonal; the others the kind's.
+    diagonal = [b for b in blocks if kind == "diagonal" or b.diagonal]
+    kronecker = [b for b in blocks if b not in diagonal]
+    a_mean = {
+        b.name: torch.zeros(b.d_in, b.d_in, dtype=torch.float64, device=dev) for b in kronecker
+    }
     s_mean = {
-        b.name: torch.zeros(b.d_out, b.d_out, dtype=torch.float64, device=dev) for b in blocks
+        b.name: torch.zeros(b.d_out, b.d_out, dtype=torch.float64, device=dev) for b in kronecker
     }
     diag_mean = {
-        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in blocks
+        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in diagonal
     }
     fisher_cache: dict[int, list[BatchFactors] | None] = {}
     for step in steps:
-        a_sum = {b.name: torch.zeros_like(a_mean[b.name]) for b in blocks}
-        s_sum = {b.name: torch.zeros_like(s_mean[b.name]) for b in blocks}
-        diag_sum = {b.name: torch.zeros_like(diag_mean[b.name]) for b in blocks}
+        a_sum = {name: torch.zeros_like(m) for name, m in a_mean.items()}
+        s_sum = {name: torch.zeros_like(m) for name, m in s_mean.items()}
+        diag_sum = {name: torch.zeros_like(m) for name, m in diag_mean.items()}
         counts = {b.name: [0, 0] for b in blocks}
-        kept: list[BatchFactors] | None = [] if kind == "ekfac" else None
+        kept: list[BatchFactors] | None = [] if kind == "ekfac" and kronecker else None
         keep_loss = loss_cache is not None
         loss_batches: list[BatchFactors] = []
         for batch in _fisher_batches(
             trajectory, blocks, step, indices, settings, want_loss=keep_loss
         ):
-            if kind == "diagonal":
-                for b in blocks:
-                    diag_sum[b.name] += _squared_rotated(b, batch, None, None)
-                    counts[b.name][1] += len(batch.indices)
-            else:
-                _sum_fisher(blocks, batch, a_sum, s_sum, counts)
+            for b in diagonal:
+                diag_sum[b.name] += _squared_rotated(b, batch, None, None)
+                counts[b.name][1] += len(batch.indices)
+            _sum_fisher(kronecker, batch, a_sum, s_sum, counts)
             if keep_loss:
                 entry = BatchFactors(batch.indices, batch.a, [], batch.loss)
                 if budget.take(entry.nbytes()):
@@ -303,38 +304,35 @@ def fit_curvature(
         if loss_cache is not None and keep_loss:
             loss_cache.batches[step] = loss_batches
         fisher_cache[step] = kept
+        for sums, what in (
+            (a_sum, "input covariance"),
+            (s_sum, "output-gradient covariance"),
+            (diag_sum, "diagonal curvature"),
+        ):
+            for name, matrix in sums.items():
+                _check(matrix, f"{what} at checkpoint step {step}", name)
         for b in blocks:
-            for what, matrix in (
-                ("input covariance", a_sum[b.name]),
-                ("output-gradient covariance", s_sum[b.name]),
-                ("diagonal curvature", diag_sum[b.name]),
-            ):
-                _check(matrix, f"{what} at checkpoint step {step}", b.name)
             n_positions, n_examples = counts[b.name]
-            if kind == "diagonal":
+            if b in diagonal:
                 diag_mean[b.name] += diag_sum[b.name] / (n_examples * len(steps))
             else:
                 a_mean[b.name] += a_sum[b.name] / (n_positions * len(steps))
                 s_mean[b.name] += s_sum[b.name] / (n_examples * len(steps))
-    if kind == "diagonal":
-        for b in blocks:
-            _check(diag_mean[b.name], "diagonal curvature", b.name)
-        return EigenbasisCurvature(
-            kind, blocks, {b.name: KroneckerFactors(None, None, diag_mean[b.name]) for b in blocks}
-        )
+    factors = {}
+    for b in diagonal:
+        _check(diag_mean[b.name], "diagonal curvature", b.name)
+        factors[b.name] = KroneckerFactors(None, None, diag_mean[b.name])
     bases = {}
-    for b in blocks:
+    for b in kronecker:
         lam_a, q_a = _eigh(a_mean[b.name], "input covariance", b.name)
         lam_s, q_s = _eigh(s_mean[b.name], "output-gradient covariance", b.name)
         bases[b.name] = (lam_s, q_s, lam_a, q_a)
-    if kind == "kfac":
-        factors = {
-            n: KroneckerFactors(q_s, q_a, torch.outer(lam_s, lam_a))
-            for n, (lam_s, q_s, lam_a, q_a) in bases.items()
-        }
-        return EigenbasisCurvature(kind, blocks, factors)
+    if kind in ("diagonal", "kfac") or not kronecker:
+        for name, (lam_s, q_s, lam_a, q_a) in bases.items():
+            factors[name] = KroneckerFactors(q_s, q_a, torch.outer(lam_s, lam_a))
+        return EigenbasisCurvature(kind, blocks, {b.name: factors[b.name] for b in blocks})
     corrected = {
-        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in blocks
+        b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev) for b in kronecker
     }
     for step in steps:
         batches = fisher_cache.pop(step)
@@ -344,23 +342,22 @@ def fit_curvature(
             )
         else:
             batches_iter = iter(batches)
-        total = {b.name: torch.zeros_like(corrected[b.name]) for b in blocks}
+        total = {name: torch.zeros_like(m) for name, m in corrected.items()}
         n = 0
         for batch in batches_iter:
             n += len(batch.indices)
-            for b in blocks:
+            for b in kronecker:
                 _, q_s, _, q_a = bases[b.name]
                 total[b.name] += _squared_rotated(b, batch, q_s, q_a)
         if batches is not None:
             budget.give_back(sum(e.nbytes() for e in batches))
-        for b in blocks:
+        for b in kronecker:
             corrected[b.name] += total[b.name] / (n * len(steps))
-    factors = {}
-    for b in blocks:
+    for b in kronecker:
         _check(corrected[b.name], "corrected eigenvalues", b.name)
         _, q_s, _, q_a = bases[b.name]
         factors[b.name] = KroneckerFactors(q_s, q_a, corrected[b.name])
-    return EigenbasisCurvature(kind, blocks, factors)
+    return EigenbasisCurvature(kind, blocks, {b.name: factors[b.name] for b in blocks})
 
 
 def _block_params(model: torch.nn.Module, blocks: Sequence[LayerBlock]) -> dict[str, torch.Tensor]:
@@ -406,13 +403,8 @@ def _gauss_newton_sum(
         step=step,
     ):
         for variant in batch.fisher:
-            rows = [
-                torch.einsum("nto,nti->noi", variant[b.name], batch.a[b.name]).reshape(
-                    len(batch.indices), -1
-                )
-                for b in blocks
-            ]
-            j = torch.cat(rows, dim=1)
+            grads = block_gradients(batch.a, variant, blocks)
+            j = torch.cat([grads[b.name].reshape(len(batch.indices), -1) for b in blocks], dim=1)
             total += j.T @ j
     return total
 

@@ -1,11 +1,16 @@
 """Layer blocks and the collector of layer inputs and output gradients.
 
-Attribution works on *blocks*: one per supported layer (``nn.Linear``, ``nn.Conv2d``),
-whose weight and bias form a matrix of shape (d_out, d_in + 1) with the bias as an extra
-input column of ones. For an example with layer inputs a_t and output gradients s_t at
-positions t (sequence positions, or spatial positions of a convolution), its gradient is
+Attribution works on *blocks*: one per supported layer (an entry of the layer registry,
+:mod:`sourcekit.gradients._layer_types`: ``nn.Linear``, ``nn.Conv2d``, GPT-2's
+``Conv1D``, ``nn.Embedding``), whose weight and bias form a matrix of shape
+(d_out, d_in + 1) with the bias as an extra input column of ones. For an example with
+layer inputs a_t and output gradients s_t at positions t (sequence positions, or
+spatial positions of a convolution), its gradient is
 
     G = Σ_t s_t a_tᵀ.
+
+Embedding tables read as layers with one-hot inputs: a holds the indices i_t and
+G = Σ_t s_t e_{i_t}ᵀ scatters the output gradients to the columns of the rows used.
 
 The collector records a (inputs, bias column appended, convolution patches unfolded)
 and s (gradients with respect to the layer's outputs) with hooks that exist only inside
@@ -14,37 +19,62 @@ a ``with`` block; it never modifies the model it observes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..exceptions import UnsupportedModuleError
+from ._layer_types import LAYER_TYPES, layer_type, match_layer_type
 
-__all__ = ["Capture", "LayerBlock", "block_gradients", "collect", "find_blocks"]
+__all__ = [
+    "Capture",
+    "FactoredGradients",
+    "LayerBlock",
+    "block_gradient",
+    "block_gradients",
+    "collect",
+    "find_blocks",
+    "squared_gradient_sum",
+]
 
 
 @dataclass(frozen=True)
 class LayerBlock:
-    """A supported layer: its module name, kind, parameter names and gradient shape."""
+    """A supported layer: its module name, layer type, parameter names and gradient shape.
+
+    ``transposed``: the weight is stored as (d_in, d_out) (GPT-2's ``Conv1D``, embedding
+    tables); ``one_hot``: the inputs are indices of one-hot rows (embedding tables, whose
+    curvature is diagonal).
+    """
 
     name: str
-    kind: str  # "linear" or "conv2d"
+    kind: str  # a key of the layer registry: "linear", "conv2d", "conv1d", "embedding", ...
     weight: str
     bias: str | None
     d_out: int
     d_in: int  # including the bias column when there is a bias
+    transposed: bool = False
+    one_hot: bool = False
 
     @property
     def n_params(self) -> int:
         return self.d_out * self.d_in
 
+    @property
+    def diagonal(self) -> bool:
+        """Whether the block's curvature is always the diagonal (one-hot inputs)."""
+        return self.one_hot
+
     def matrix(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The block's parameters (or a gradient of them) as a (d_out, d_in) matrix."""
-        w = params[self.weight].reshape(self.d_out, -1)
+        d_weight = self.d_in - (self.bias is not None)
+        if self.transposed:
+            w = params[self.weight].reshape(d_weight, self.d_out).T
+        else:
+            w = params[self.weight].reshape(self.d_out, d_weight)
         if self.bias is None:
             return w
         return torch.cat([w, params[self.bias].reshape(self.d_out, 1)], dim=1)
@@ -54,24 +84,52 @@ class LayerBlock:
     ) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`matrix` (leading batch dimensions are kept)."""
         lead = matrix.shape[:-2]
-        out = {}
-        if self.bias is None:
-            out[self.weight] = matrix.reshape(*lead, *shapes[self.weight])
-        else:
-            out[self.weight] = matrix[..., :-1].reshape(*lead, *shapes[self.weight])
+        weight = matrix if self.bias is None else matrix[..., :-1]
+        if self.transposed:
+            weight = weight.transpose(-1, -2)
+        out = {self.weight: weight.reshape(*lead, *shapes[self.weight])}
+        if self.bias is not None:
             out[self.bias] = matrix[..., -1].reshape(*lead, *shapes[self.bias])
         return out
+
+
+def _supported_names(named: dict[str, nn.Module]) -> list[str]:
+    return [n for n, m in named.items() if match_layer_type(m) is not None]
+
+
+def _block(name: str, module: nn.Module) -> LayerBlock | None:
+    entry = match_layer_type(module)
+    if entry is None:
+        return None
+    if entry.check is not None:
+        entry.check(name, module)
+    prefix = f"{name}." if name else ""
+    has_bias = getattr(module, entry.bias, None) is not None and not entry.one_hot
+    d_out, d_in = entry.shape(module)
+    return LayerBlock(
+        name,
+        entry.kind,
+        f"{prefix}{entry.weight}",
+        f"{prefix}{entry.bias}" if has_bias else None,
+        int(d_out),
+        int(d_in) + has_bias,
+        entry.transposed,
+        entry.one_hot,
+    )
 
 
 def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[LayerBlock]:
     """The attribution blocks of ``model``.
 
-    Without ``modules`` every module that owns parameters must be supported (Linear or
-    Conv2d); otherwise :class:`UnsupportedModuleError` names it. With ``modules`` (a list
-    of module names as in ``model.named_modules()``), only those are used and the other
-    parameters are treated as fixed.
+    Without ``modules`` every module that owns parameters must be of a registered layer
+    type (``nn.Linear``, ``nn.Conv2d``, GPT-2's ``Conv1D``, ``nn.Embedding``, or one
+    added with :func:`~sourcekit.gradients.register_layer_type`); otherwise
+    :class:`UnsupportedModuleError` names it. With ``modules`` (a list of module names
+    as in ``model.named_modules()``), only those are used and the other parameters are
+    treated as fixed.
     """
     named = dict(model.named_modules())
+    kinds = ", ".join(LAYER_TYPES)
     if modules is not None:
         missing = [m for m in modules if m not in named]
         if missing:
@@ -83,65 +141,34 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
         selected = list(dict.fromkeys(modules))
         if not selected:
             raise ValueError(
-                "The 'modules' parameter is an empty list; name at least one nn.Linear or "
-                "nn.Conv2d layer, or pass modules=None to attribute through all of them."
+                "The 'modules' parameter is an empty list; name at least one layer of a supported "
+                f"type ({kinds}), or pass modules=None to attribute through all of them."
             )
     else:
         selected = [n for n, m in named.items() if list(m.parameters(recurse=False))]
     blocks = []
     for name in selected:
         module = named[name]
-        prefix = f"{name}." if name else ""
-        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
-        if type(module) is nn.Linear or isinstance(module, nn.Linear):
-            blocks.append(
-                LayerBlock(
-                    name,
-                    "linear",
-                    f"{prefix}weight",
-                    bias,
-                    module.out_features,
-                    module.in_features + (bias is not None),
-                )
-            )
-        elif isinstance(module, nn.Conv2d):
-            if (
-                module.groups != 1
-                or module.padding_mode != "zeros"
-                or isinstance(module.padding, str)
-            ):
-                raise UnsupportedModuleError(
-                    f"The Conv2d layer {name!r} uses groups={module.groups}, padding={module.padding!r}, "
-                    f"padding_mode={module.padding_mode!r}; sourcekit supports groups=1 with numeric "
-                    "zero padding. Exclude it with modules=[...] naming the layers to attribute."
-                )
-            d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-            blocks.append(
-                LayerBlock(
-                    name,
-                    "conv2d",
-                    f"{prefix}weight",
-                    bias,
-                    module.out_channels,
-                    d_in + (bias is not None),
-                )
-            )
+        block = _block(name, module)
+        if block is not None:
+            blocks.append(block)
         elif not list(module.parameters(recurse=False)):
             raise ValueError(
                 f"The 'modules' parameter names {name!r}, a {type(module).__name__} without "
-                "parameters of its own. Name the nn.Linear or nn.Conv2d layers to attribute through."
+                f"parameters of its own. Name the layers to attribute through (types: {kinds})."
             )
         else:
             raise UnsupportedModuleError(
-                f"The layer {name or '<root>'!r} ({type(module).__name__}) has parameters but sourcekit "
-                "supports nn.Linear and nn.Conv2d. Restrict attribution to supported layers with "
-                "modules=[...] (e.g. modules="
-                f"{[n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))][:4]})."
+                f"The layer {name or '<root>'!r} ({type(module).__name__}) has parameters but is "
+                "not of a layer type sourcekit reads (nn.Linear, nn.Conv2d, GPT-2's Conv1D, "
+                f"nn.Embedding; registered kinds: {kinds}). Restrict attribution to supported "
+                f"layers with modules=[...] (e.g. modules={_supported_names(named)[:4]}), or "
+                "describe the layer with sourcekit.gradients.register_layer_type."
             )
     if not blocks:
         raise UnsupportedModuleError(
-            "The model has no nn.Linear or nn.Conv2d layer to attribute with; sourcekit's curvature "
-            "works on those layers."
+            "The model has no nn.Linear or nn.Conv2d layer (nor another registered layer type: "
+            f"{kinds}) to attribute with; sourcekit's curvature works on those layers."
         )
     return blocks
 
@@ -194,27 +221,14 @@ class Capture:
 
 
 def _inputs_matrix(module: nn.Module, block: LayerBlock, x: torch.Tensor) -> torch.Tensor:
-    if block.kind == "linear":
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    else:
-        assert isinstance(module, nn.Conv2d)
-        patches = F.unfold(
-            x,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,  # type: ignore[arg-type]  # str padding is refused earlier
-            stride=module.stride,
-        )
-        a = patches.transpose(1, 2)
+    a = layer_type(block.kind).inputs(module, x)
     if block.bias is not None:
         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
     return a
 
 
 def _outputs_matrix(block: LayerBlock, g: torch.Tensor) -> torch.Tensor:
-    if block.kind == "linear":
-        return g.reshape(g.shape[0], -1, g.shape[-1])
-    return g.flatten(2).transpose(1, 2)
+    return layer_type(block.kind).outputs(g)
 
 
 @contextmanager
@@ -244,16 +258,90 @@ def collect(model: nn.Module, blocks: Sequence[LayerBlock]) -> Iterator[Capture]
             handle.remove()
 
 
+def block_gradient(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients G = Σ_t s_t a_tᵀ of one block, shape (n, d_out, d_in).
+
+    ``a`` holds the layer inputs (n, T, d_in), or for a one-hot block the indices (n, T)
+    (-1: no row), whose G scatters each s_t to column i_t. ``s`` (n, T, d_out) may be a
+    slice of the block's output rows; G then has those rows only.
+    """
+    if block.one_hot:
+        n, t = a.shape
+        d_out = s.shape[-1]
+        flat = a.reshape(-1)
+        keep = flat >= 0
+        rows = torch.arange(n, device=a.device).repeat_interleave(t)
+        target = (rows * block.d_in + flat)[keep]
+        g = s.new_zeros(n * block.d_in, d_out)
+        g.index_add_(0, target, s.reshape(n * t, d_out)[keep])
+        return g.reshape(n, block.d_in, d_out).transpose(1, 2)
+    s = s.to(a.dtype)
+    if a.shape[1] == 1:
+        return s[:, 0, :, None] * a[:, 0, None, :]
+    return torch.einsum("ntd,nte->nde", s, a)
+
+
 def block_gradients(
     a: dict[str, torch.Tensor], s: dict[str, torch.Tensor], blocks: Sequence[LayerBlock]
 ) -> dict[str, torch.Tensor]:
     """Per-example gradients G = Σ_t s_t a_tᵀ of each block, shape (n, d_out, d_in)."""
-    out = {}
-    for block in blocks:
-        a_b = a[block.name]
-        s_b = s[block.name].to(a_b.dtype)
-        if a_b.shape[1] == 1:
-            out[block.name] = s_b[:, 0, :, None] * a_b[:, 0, None, :]
-        else:
-            out[block.name] = torch.einsum("ntd,nte->nde", s_b, a_b)
-    return out
+    return {b.name: block_gradient(b, a[b.name], s[b.name]) for b in blocks}
+
+
+def squared_gradient_sum(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Σ over examples of G∘G (d_out, d_in), in the precision of ``s``.
+
+    Without forming the n per-example gradients when each example has one position
+    ((s∘s)ᵀ(a∘a)) or, for a one-hot block, by summing each example's output gradients
+    per distinct row it uses (O(n T d_out), whatever the size of the table).
+    """
+    if block.one_hot:
+        n, t = a.shape
+        d_out = s.shape[-1]
+        flat = a.reshape(-1)
+        keep = flat >= 0
+        rows = torch.arange(n, device=a.device).repeat_interleave(t)
+        keys, inverse = torch.unique((rows * block.d_in + flat)[keep], return_inverse=True)
+        per_row = s.new_zeros(len(keys), d_out)
+        per_row.index_add_(0, inverse, s.reshape(n * t, d_out)[keep])
+        total = s.new_zeros(block.d_in, d_out)
+        total.index_add_(0, keys % block.d_in, per_row * per_row)
+        return total.T
+    a = a.to(s.dtype)
+    if a.shape[1] == 1:
+        return (s[:, 0] ** 2).T @ (a[:, 0] ** 2)
+    g = torch.einsum("nto,nti->noi", s, a)
+    return (g * g).sum(dim=0)
+
+
+class FactoredGradients(Mapping[str, torch.Tensor]):
+    """The per-example gradients of a batch, kept as layer inputs and output gradients.
+
+    ``grads[name]`` forms the block's gradients G = Σ_t s_t a_tᵀ, shape (n, d_out, d_in);
+    the scoring kernels contract query matrices with ``a`` and ``s`` directly when that
+    is cheaper (:func:`sourcekit.scoring._contraction.gradient_dot`).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[LayerBlock],
+        a: dict[str, torch.Tensor],
+        s: dict[str, torch.Tensor],
+    ) -> None:
+        self.blocks = {b.name: b for b in blocks}
+        self.a = a
+        self.s = s
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return block_gradient(self.blocks[name], self.a[name], self.s[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __repr__(self) -> str:
+        return (
+            f"FactoredGradients(blocks={list(self.blocks)}, n={len(next(iter(self.a.values())))})"
+        )

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..exceptions import NonFiniteError
 from ..trajectory import Examples, Trajectory
-from ._layers import LayerBlock, block_gradients, collect
+from ._layers import FactoredGradients, LayerBlock, block_gradients, collect
 
 __all__ = [
     "FISHER",
@@ -218,8 +218,10 @@ def measurement_gradients(
 class TrainingGradients:
     """Per-example training-loss gradients at a checkpoint, from a cache or streamed.
 
-    ``source(step, indices)`` yields ``(batch_indices, {block: (n, d_out, d_in)})`` for
-    every example of ``indices`` once. Batches cached while fitting (layer inputs and
+    ``source(step, indices)`` yields ``(batch_indices, grads)`` for every example of
+    ``indices`` once, where ``grads`` is a :class:`FactoredGradients`: a mapping from
+    block name to the gradients (n, d_out, d_in), formed only when indexed, that also
+    holds the layer inputs and output gradients for contraction scoring. Batches cached while fitting (layer inputs and
     output gradients) are reused; otherwise the model is loaded at ``step`` and the
     examples streamed in batches of ``batch_size``.
     """
@@ -249,14 +251,14 @@ class TrainingGradients:
 
     def __call__(
         self, step: int, indices: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    ) -> Iterator[tuple[np.ndarray, FactoredGradients]]:
         cached = self.cache.get(step)
         if cached is not None and np.array_equal(
             np.sort(np.concatenate([b.indices for b in cached])), np.sort(indices)
         ):
             for batch in cached:
                 assert batch.loss is not None
-                yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)
+                yield batch.indices, FactoredGradients(self.blocks, batch.a, batch.loss)
                 self._tick(len(batch.indices))
             return
         model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
@@ -275,5 +277,5 @@ class TrainingGradients:
             step=step,
         ):
             assert batch.loss is not None
-            yield batch.indices, block_gradients(batch.a, batch.loss, self.blocks)
+            yield batch.indices, FactoredGradients(self.blocks, batch.a, batch.loss)
             self._tick(len(batch.indices))

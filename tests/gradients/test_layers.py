@@ -163,7 +163,7 @@ def test_find_blocks_skips_layers_without_parameters() -> None:
     [
         (nn.LayerNorm(4), "LayerNorm"),
         (nn.BatchNorm1d(4), "BatchNorm1d"),
-        (nn.Embedding(4, 4), "Embedding"),
+        (nn.PReLU(), "PReLU"),
     ],
 )
 def test_find_blocks_names_an_unsupported_layer_with_parameters(
