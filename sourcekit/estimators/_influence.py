@@ -43,7 +43,15 @@ class InfluenceAttributor(BaseAttributor):
         :class:`~sourcekit.SourceAttributor`).
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
-        required when the model has parameters outside nn.Linear / nn.Conv2d layers.
+        required when the model has parameters outside the supported layer types
+        (nn.Linear, nn.Conv2d, GPT-2's Conv1D, nn.Embedding, or registered ones).
+    query_rank : int or None, default=None
+        Replace each block of every preconditioned query gradient (H + λI)⁻¹∇f (a d_out × d_in
+        matrix U) by its best rank-r approximation (truncated SVD) before scoring, so
+        that a training example costs r (d_in + d_out) per position instead of
+        d_out d_in. Scores change by at most Σ_{i>r} σ_i(U) ‖G‖₂ per block, G the
+        training example's gradient. None (the default) scores exactly. Embedding
+        blocks are always exact. Read only by ``transform``.
     random_state : int or None, default=0
         Seed of the sampled Fisher targets; None draws fresh ones at every fit.
     batch_size : int, default=256
@@ -81,6 +89,7 @@ class InfluenceAttributor(BaseAttributor):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "damping": [None, Interval(float, 0, None)],
+        "query_rank": [None, Interval(int, 1, None)],
         **CURVATURE_CONSTRAINTS,
     }
     _state_parameters: ClassVar[tuple[str, ...]] = (
@@ -100,6 +109,7 @@ class InfluenceAttributor(BaseAttributor):
         curvature: str = "ekfac",
         fisher: str = "true",
         modules: Sequence[str] | None = None,
+        query_rank: int | None = None,
         random_state: int | None = 0,
         batch_size: int = 256,
         memory_limit: int = 2**30,
@@ -112,6 +122,7 @@ class InfluenceAttributor(BaseAttributor):
         self.curvature = curvature
         self.fisher = fisher
         self.modules = modules
+        self.query_rank = query_rank
         self.random_state = random_state
         self.batch_size = batch_size
         self.memory_limit = memory_limit
@@ -169,6 +180,7 @@ class InfluenceAttributor(BaseAttributor):
                 n_examples=trajectory.n_train,
                 shift=shift,
                 dtype=self._torch_dtype(),
+                query_rank=self.query_rank,
             )
 
         return score_in_query_blocks(self, queries, trajectory.n_train, score)

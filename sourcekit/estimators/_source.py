@@ -67,7 +67,15 @@ class SourceAttributor(BaseAttributor):
         Steps where segments start (overrides ``n_segments``; stage starts are added).
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
-        required when the model has parameters outside nn.Linear / nn.Conv2d layers.
+        required when the model has parameters outside the supported layer types
+        (nn.Linear, nn.Conv2d, GPT-2's Conv1D, nn.Embedding, or registered ones).
+    query_rank : int or None, default=None
+        Replace each block of every preconditioned query gradient (a d_out × d_in
+        matrix U) by its best rank-r approximation (truncated SVD) before scoring, so
+        that a training example costs r (d_in + d_out) per position instead of
+        d_out d_in. Scores change by at most Σ_{i>r} σ_i(U) ‖G‖₂ per block, G the
+        training example's gradient. None (the default) scores exactly. Embedding
+        blocks are always exact. Read only by ``transform``.
     random_state : int or None, default=0
         Seed of the sampled Fisher targets; None draws fresh ones at every fit.
     batch_size : int, default=256
@@ -111,6 +119,7 @@ class SourceAttributor(BaseAttributor):
         "damping": [Interval(float, 0, None)],
         "matrix_function": [Options("exp", "discrete")],
         "boundaries": [None, InstanceOf((list, tuple), "a list of int steps", _boundaries)],
+        "query_rank": [None, Interval(int, 1, None)],
         **CURVATURE_CONSTRAINTS,
     }
     _state_parameters: ClassVar[tuple[str, ...]] = (
@@ -135,6 +144,7 @@ class SourceAttributor(BaseAttributor):
         fisher: str = "true",
         boundaries: Sequence[int] | None = None,
         modules: Sequence[str] | None = None,
+        query_rank: int | None = None,
         random_state: int | None = 0,
         batch_size: int = 256,
         memory_limit: int = 2**30,
@@ -150,6 +160,7 @@ class SourceAttributor(BaseAttributor):
         self.fisher = fisher
         self.boundaries = boundaries
         self.modules = modules
+        self.query_rank = query_rank
         self.random_state = random_state
         self.batch_size = batch_size
         self.memory_limit = memory_limit
@@ -209,6 +220,7 @@ class SourceAttributor(BaseAttributor):
                 damping=float(self.damping),
                 matrix_function=self.matrix_function,
                 dtype=self._torch_dtype(),
+                query_rank=self.query_rank,
             )
 
         per_block = sum(m.n_examples * len(m.segment.checkpoints) for m in segments)

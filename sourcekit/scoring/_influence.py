@@ -3,18 +3,20 @@
     τ_IF[q, m] = −(1/N) ∇f(z_q, θ)ᵀ (H + λI)⁻¹ ∇L(z_m, θ)
 
 at the final parameters θ, with H a curvature approximation of the training objective
-(weight decay included) and λ the damping. Query side first: u = (H + λ)⁻¹ ∇f, then
-one pass over the training examples.
+(weight decay included) and λ the damping. Query side first: u = (H + λ)⁻¹ ∇f (per
+block, optionally replaced by its best rank-r approximation), then one pass over the
+training examples, contracted block by block
+(:func:`~sourcekit.scoring._contraction.gradient_dot`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from ..curvature._spectral import Inverse
+from ._contraction import gradient_dot, query_matrices
+from ._source import TrainingGradients
 
 __all__ = ["default_damping", "influence_scores"]
 
@@ -28,9 +30,7 @@ def default_damping(curvature: object, weight_decay: float = 0.0) -> dict[str, f
 def influence_scores(
     query_gradients: dict[str, torch.Tensor],
     curvature: object,
-    training_gradients: Callable[
-        [int, np.ndarray], Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]]
-    ],
+    training_gradients: TrainingGradients,
     step: int,
     examples: np.ndarray,
     *,
@@ -38,15 +38,20 @@ def influence_scores(
     n_examples: int,
     shift: float | dict[str, float],
     dtype: torch.dtype = torch.float32,
+    query_rank: int | None = None,
 ) -> torch.Tensor:
-    """Influence scores of shape (n_queries, n_train); ``shift`` is damping plus weight decay."""
+    """Influence scores of shape (n_queries, n_train); ``shift`` is damping plus weight decay.
+
+    ``query_rank`` replaces each block of u = (H + λ)⁻¹ ∇f by its best rank-r
+    approximation (None: exact).
+    """
     n_queries = next(iter(query_gradients.values())).shape[0]
     device = next(iter(query_gradients.values())).device
     v = {k: g.double() for k, g in query_gradients.items()}
     u = curvature.apply(Inverse(), v, shift)  # type: ignore[attr-defined]
-    flat_u = torch.cat([u[k].reshape(n_queries, -1) for k in u], dim=1).to(dtype)
+    queries = query_matrices(u, curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
     scores = torch.zeros(n_queries, n_train, dtype=dtype, device=device)
     for indices, grads in training_gradients(step, examples):
-        flat_g = torch.cat([grads[k].reshape(len(indices), -1) for k in u], dim=1).to(dtype)
-        scores[:, torch.from_numpy(indices).to(device)] = -(flat_u @ flat_g.T) / n_examples
+        dots = gradient_dot(queries, grads, dtype)
+        scores[:, torch.from_numpy(indices).to(device)] = -dots / n_examples
     return scores

@@ -20,7 +20,7 @@ a similarity only (positive: similar), with no counterfactual scale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from ..trajectory import Examples
+from ._contraction import gradient_dot
 from ._source import TrainingGradients
 
 __all__ = [
     "SIMILARITIES",
     "default_layer",
-    "gradient_dot",
     "gradient_similarity_scores",
     "layer_features",
     "layer_inputs",
@@ -44,25 +44,7 @@ __all__ = [
 SIMILARITIES = ("dot", "cosine")
 
 
-def gradient_dot(
-    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype
-) -> torch.Tensor:
-    """Inner products of per-example block gradients: Σ_blocks ⟨a_i, b_j⟩, shape (n_a, n_b).
-
-    ``a`` and ``b`` map block names to tensors of shape (n, d_out, d_in); the blocks of
-    ``a`` are used.
-    """
-    out: torch.Tensor | None = None
-    for name, a_k in a.items():
-        b_k = b[name]
-        part = a_k.reshape(a_k.shape[0], -1).to(dtype) @ b_k.reshape(b_k.shape[0], -1).to(dtype).T
-        out = part if out is None else out + part
-    if out is None:
-        raise ValueError("gradient_dot needs at least one block.")
-    return out
-
-
-def squared_norms(grads: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def squared_norms(grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """‖g_i‖² over all blocks, shape (n,)."""
     return sum(  # type: ignore[return-value]
         (g.reshape(g.shape[0], -1).to(dtype) ** 2).sum(dim=1) for g in grads.values()

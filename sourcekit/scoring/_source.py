@@ -8,7 +8,10 @@ gradients ḡ_ℓ(m) over the segment's checkpoints and N_ℓ examples in its st
 
 Every S̄ is symmetric, so for each query v ← ∇f(z_q, θ_T) and, for ℓ = L..1,
 u_ℓ = F_r,ℓ(H̄_ℓ) v; τ[q, m] −= (1/N_ℓ) mean_{c∈ℓ} u_ℓᵀ ∇L(z_m, θ_c); v ← F_S,ℓ(H̄_ℓ) v.
-Each segment applies its functions in its own eigenbasis.
+Each segment applies its functions in its own eigenbasis. The products u_ℓᵀ ∇L are
+contracted block by block with the training examples' layer inputs and output
+gradients (:func:`~sourcekit.scoring._contraction.gradient_dot`), optionally with each
+u_ℓ replaced by its best rank-r approximation per block (``query_rank``).
 
 Adam and AdamW segments use a diagonal preconditioner P̄ (from the recorded second
 moments) and the diagonal D of H̄ in the exponent, and the full curvature in the inverse:
@@ -19,7 +22,7 @@ replaced by its mean over each block, the one approximation beyond METHOD.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +32,14 @@ from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Invers
 from ..exceptions import TrajectoryError
 from ..gradients._layers import LayerBlock
 from ..trajectory import Segment, Trajectory
+from ._contraction import gradient_dot, query_matrices
 
 __all__ = ["SegmentModel", "adam_preconditioner", "segment_models", "source_scores"]
 
+# ``training_gradients(step, examples)`` yields (indices, per-example gradients per block);
+# the gradients may be FactoredGradients, contracted without forming them.
 TrainingGradients = Callable[
-    [int, np.ndarray], Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]]
+    [int, np.ndarray], Iterable[tuple[np.ndarray, Mapping[str, torch.Tensor]]]
 ]
 
 
@@ -194,6 +200,7 @@ def source_scores(
     damping: float,
     matrix_function: str = "exp",
     dtype: torch.dtype = torch.float32,
+    query_rank: int | None = None,
 ) -> torch.Tensor:
     """SOURCE scores of shape (n_queries, n_train).
 
@@ -208,6 +215,9 @@ def source_scores(
         with the gradients ∇L(z_m, θ_step) of the given examples (each example once).
     stage_examples : sequence of int arrays
         The examples of each stage (examples outside a segment's stage score 0 there).
+    query_rank : int, optional
+        Replace each preconditioned query matrix u_ℓ of a block by its best rank-r
+        approximation (truncated SVD) before contracting (None: exact).
     """
     n_queries = next(iter(query_gradients.values())).shape[0]
     device = next(iter(query_gradients.values())).device
@@ -215,14 +225,12 @@ def source_scores(
     v = {k: g.double() for k, g in query_gradients.items()}
     for model in reversed(list(segments)):
         u, v = precondition(model, v, damping, matrix_function)
-        flat_u = {k: u_k.reshape(n_queries, -1).to(dtype) for k, u_k in u.items()}
+        queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)
         for step in model.segment.checkpoints:
             for indices, grads in training_gradients(step, stage_examples[model.segment.stage]):
-                block_scores = torch.zeros(n_queries, len(indices), dtype=dtype, device=device)
-                for k, u_k in flat_u.items():
-                    block_scores += u_k @ grads[k].reshape(len(indices), -1).to(dtype).T
+                block_scores = gradient_dot(queries, grads, dtype)
                 scores.index_add_(
                     1, torch.from_numpy(indices).to(device), block_scores, alpha=-weight
                 )

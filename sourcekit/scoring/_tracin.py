@@ -22,7 +22,7 @@ import torch
 
 from ..trajectory import Trajectory
 from ..trajectory._segments import checkpoint_spans
-from ._similarity import gradient_dot
+from ._contraction import gradient_dot
 from ._source import TrainingGradients
 
 __all__ = ["TracInCheckpoint", "tracin_checkpoints", "tracin_scores"]

@@ -18,13 +18,14 @@ dropped): every φ_m lies in the span of Φ's rows, so this is the limit λ → 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..gradients._layers import LayerBlock
+from ..gradients._layers import FactoredGradients, LayerBlock
+from ._contraction import block_dot
 from ._source import TrainingGradients
 
 __all__ = [
@@ -148,10 +149,41 @@ class Projector:
             self._used += nbytes
         return piece
 
-    def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """φ = Rᵀ g for every example: ``grads`` {block: (n, d_out, d_in)} -> (n, k)."""
+    def _factored(self, grads: FactoredGradients, b: int, name: str) -> torch.Tensor:
+        """Rᵀ g of one block from its layer inputs and output gradients.
+
+        Each piece of R covers a range of the block's row-major (d_out, d_in) entries;
+        padded with zeros to whole output rows, its k columns are k query matrices,
+        contracted like any other (:func:`~sourcekit.scoring._contraction.block_dot`).
+        """
+        block = grads.blocks[name]
+        a, s = grads.a[name].to(self.device), grads.s[name].to(self.device)
+        out: torch.Tensor | None = None
+        for j, rows in enumerate(self.projection.pieces(b)):
+            top, bottom = rows.start // block.d_in, -(-rows.stop // block.d_in)
+            piece = self._piece(b, j)
+            padded = piece.new_zeros(self.projection.dim, (bottom - top) * block.d_in)
+            offset = rows.start - top * block.d_in
+            padded[:, offset : offset + piece.shape[0]] = piece.T
+            u = padded.reshape(self.projection.dim, bottom - top, block.d_in)
+            part = block_dot(block, u, a, s[..., top:bottom], self.dtype).T
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def __call__(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """φ = Rᵀ g for every example: ``grads`` {block: (n, d_out, d_in)} -> (n, k).
+
+        ``grads`` may be :class:`~sourcekit.gradients._layers.FactoredGradients`: the
+        projection is then contracted with the layer inputs and output gradients,
+        forming the gradients only where that is cheaper.
+        """
         out: torch.Tensor | None = None
         for b, (name, _) in enumerate(self.projection.blocks):
+            if isinstance(grads, FactoredGradients):
+                part = self._factored(grads, b, name)
+                out = part if out is None else out + part
+                continue
             flat = grads[name].reshape(grads[name].shape[0], -1).to(self.device, self.dtype)
             for j, rows in enumerate(self.projection.pieces(b)):
                 part = flat[:, rows] @ self._piece(b, j)
@@ -186,7 +218,7 @@ def projected_training_gradients(
     training_gradients: TrainingGradients,
     step: int,
     examples: np.ndarray,
-    projector: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    projector: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     *,
     n_train: int,
     dtype: torch.dtype,
