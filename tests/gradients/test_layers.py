@@ -3,7 +3,7 @@ per-example gradients that equal autograd's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from sourcekit.exceptions import UnsupportedModuleError
-from sourcekit.gradients import cross_entropy, margin
-from sourcekit.gradients._layers import LayerBlock, block_gradients, collect, find_blocks
+from sourcekit.gradients import LAYER_TYPES, LayerType, cross_entropy, margin, register_layer_type
+from sourcekit.gradients._layer_types import layer_type
+from sourcekit.gradients._layers import (
+    FactoredGradients,
+    LayerBlock,
+    block_gradient,
+    block_gradients,
+    collect,
+    find_blocks,
+    squared_gradient_sum,
+)
 
 EPS64 = float(np.finfo(np.float64).eps)
 # Hook-based and autograd per-example gradients are float64 sums of the same products in
@@ -59,6 +68,51 @@ def conv_net() -> nn.Module:
     )
 
 
+class Conv1D(nn.Module):
+    """The layout of the ``Conv1D`` of Hugging Face's GPT-2: weight (in, out), y = x W + b.
+
+    Defined here (same class name, attributes and forward) so that the tests never need
+    ``transformers``; sourcekit recognises it by name and layout.
+    """
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(0.5 * torch.randn(nx, nf))
+        self.bias = nn.Parameter(0.1 * torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+def conv1d_sequence() -> nn.Module:
+    """Transposed Conv1D layers applied to (n, T, d) inputs: outputs (n, T, C)."""
+    return nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(3, 5))
+
+
+class TokenModel(nn.Module):
+    """Tokens (n, T) -> Embedding (row 0 is padding) -> Conv1D -> tanh -> mean -> Linear: (n, C)."""
+
+    def __init__(self, vocabulary: int = 9, padding_idx: int | None = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, 4, padding_idx=padding_idx)
+        self.proj = Conv1D(5, 4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(self.embed(tokens))).mean(dim=1))
+
+
+def token_data(n: int, generator: torch.Generator, vocabulary: int = 9) -> torch.Tensor:
+    """(n, 6) tokens; the first two positions repeat a token and the last is often padding."""
+    tokens = torch.randint(0, vocabulary, (n, 6), generator=generator)
+    tokens[:, 1] = tokens[:, 0]  # a row used twice by one example: its gradients add up
+    tokens[::2, -1] = 0  # the padding row receives no gradient
+    return tokens
+
+
 def model_data(
     name: str, n: int = 7, seed: int = 0
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -70,9 +124,12 @@ def model_data(
     if name == "mlp":
         x = torch.randn(n, 4, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (n,), generator=g)
-    elif name in ("sequence", "pooled_sequence"):
+    elif name == "tokens":
+        x = token_data(n, g)
+        y = torch.randint(0, 3, (n,), generator=g)
+    elif name in ("sequence", "pooled_sequence", "conv1d"):
         x = torch.randn(n, 6, 4, generator=g, dtype=torch.float64)
-        shape = (n, 6) if name == "sequence" else (n,)
+        shape = (n,) if name == "pooled_sequence" else (n, 6)
         y = torch.randint(0, 3, shape, generator=g)
     else:
         x = torch.randn(n, 2, 9, 9, generator=g, dtype=torch.float64)
@@ -85,6 +142,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "sequence": sequence_mlp,
     "pooled_sequence": pooled_sequence_mlp,
     "conv": conv_net,
+    "conv1d": conv1d_sequence,
+    "tokens": TokenModel,
 }
 
 
@@ -151,6 +210,42 @@ def test_find_blocks_describes_conv2d_layers() -> None:
     assert blocks[2].kind == "linear"
 
 
+def test_find_blocks_describes_transposed_conv1d_and_embedding_layers() -> None:
+    blocks = find_blocks(TokenModel())
+    # The embedding reads as a layer with one-hot inputs: d_in = the vocabulary, no bias,
+    # its table (vocabulary, dim) stored transposed like Conv1D's (in, out) weight.
+    assert blocks == [
+        LayerBlock("embed", "embedding", "embed.weight", None, 4, 9, True, True),
+        LayerBlock("proj", "conv1d", "proj.weight", "proj.bias", 5, 4 + 1, True, False),
+        LayerBlock("head", "linear", "head.weight", "head.bias", 3, 5 + 1),
+    ]
+    assert [b.diagonal for b in blocks] == [True, False, False]
+
+
+def test_a_class_named_conv1d_needs_the_transposed_layout() -> None:
+    class Conv1D(nn.Module):  # same name, but no ``nf``: not GPT-2's layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 2))
+
+    with pytest.raises(UnsupportedModuleError, match=r"'0' \(Conv1D\)"):
+        find_blocks(nn.Sequential(Conv1D(), nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [
+        ({"max_norm": 1.0}, "max_norm=1.0"),
+        ({"scale_grad_by_freq": True}, "scale_grad_by_freq=True"),
+    ],
+)
+def test_embeddings_that_rewrite_or_rescale_are_refused(options: dict, what: str) -> None:
+    model = nn.Sequential(nn.Embedding(5, 3, **options), nn.Linear(3, 2))
+    with pytest.raises(UnsupportedModuleError, match=rf"Embedding layer '0' uses .*{what}"):
+        find_blocks(model)
+    assert [b.name for b in find_blocks(model, modules=["1"])] == ["1"]  # excluded: fine
+
+
 def test_find_blocks_skips_layers_without_parameters() -> None:
     model = nn.Sequential(
         nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.ReLU(), nn.Linear(4, 2)
@@ -209,7 +304,7 @@ def test_modules_naming_unknown_layers_lists_the_available_ones() -> None:
 
 
 # --- LayerBlock.matrix / split -----------------------------------------------------------
-@pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "conv1d", "tokens"])
 def test_matrix_and_split_are_inverse(name: str) -> None:
     model, _, _ = model_data(name)
     shapes = {k: v.shape for k, v in model.named_parameters()}
@@ -371,4 +466,169 @@ def test_a_layer_used_twice_gets_the_sum_of_both_uses_or_is_refused() -> None:
     want = reference_gradients(
         model, lambda out, _: out.sum(dim=1), x, x, ["layer.weight", "layer.bias"]
     )
+    assert_gradients_match(split_all(blocks, got, model), want)
+
+
+# --- layers of the registry beyond nn.Linear and nn.Conv2d ----------------------------------
+def test_conv1d_blocks_read_the_weight_transposed() -> None:
+    model, x, _ = model_data("conv1d")
+    layer = model[0]
+    block = find_blocks(model)[0]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    # y = x W + b with W (in, out): the block's matrix is [Wᵀ | b], and y = [Wᵀ | b] [x; 1].
+    matrix = block.matrix(params)
+    assert torch.equal(matrix[:, :-1], layer.weight.detach().T)
+    x1 = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+    torch.testing.assert_close(x1 @ matrix.T, layer(x).detach(), rtol=0, atol=1e-14)
+
+
+def test_embedding_gradients_scatter_the_output_gradients_to_the_rows_used() -> None:
+    model, x, y = model_data("tokens")
+    blocks = find_blocks(model)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(x), y).sum())
+    embed = blocks[0]
+    a, s = capture.a["embed"], capture.s["embed"]
+    assert a.dtype == torch.int64 and a.shape == x.shape
+    assert torch.equal(a == -1, x == 0)  # padding positions select nothing
+    g = block_gradient(embed, a, s)  # (n, dim, vocabulary)
+    for i in range(len(x)):
+        want = torch.zeros(4, 9, dtype=torch.float64)
+        for t in range(x.shape[1]):
+            if x[i, t] != 0:
+                want[:, x[i, t]] += s[i, t]
+        assert torch.equal(g[i], want)  # the same additions, in the same order
+    assert torch.all(g[:, :, 0] == 0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_squared_gradient_sums_equal_the_formed_gradients_squared(name: str) -> None:
+    model, x, y = model_data(name)
+    blocks = find_blocks(model)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(x), y).sum())
+    for b in blocks:
+        g = block_gradient(b, capture.a[b.name], capture.s[b.name])
+        want = (g * g).sum(dim=0)
+        got = squared_gradient_sum(b, capture.a[b.name], capture.s[b.name])
+        # Both square the same per-example entries (sums of ≤ T products) and add n of
+        # them: a few ulps of the result.
+        torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS64 * float(want.abs().max()))
+
+
+def test_factored_gradients_form_each_block_on_demand() -> None:
+    model, x, y = model_data("tokens")
+    blocks = find_blocks(model)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(x), y).sum())
+        formed = block_gradients(capture.a, capture.s, blocks)
+    grads = FactoredGradients(blocks, dict(capture.a), dict(capture.s))
+    assert list(grads) == [b.name for b in blocks] and len(grads) == 3
+    assert all(torch.equal(grads[k], formed[k]) for k in formed)
+    assert "embed" in repr(grads)
+
+
+class _XW(nn.Module):
+    """A custom layer computing y = x W + b, unknown to sourcekit until registered."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+@pytest.fixture
+def xw_type() -> Iterator[LayerType]:
+    entry = LayerType(
+        "xw",
+        matches=lambda m: isinstance(m, _XW),
+        shape=lambda m: (m.weight.shape[1], m.weight.shape[0]),
+        transposed=True,
+    )
+    register_layer_type(entry)
+    try:
+        yield entry
+    finally:
+        register_layer_type(entry, remove=True)
+
+
+def test_a_registered_layer_type_is_one_entry(xw_type: LayerType) -> None:
+    model = nn.Sequential(_XW(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    blocks = find_blocks(model)
+    assert blocks[0] == LayerBlock("0", "xw", "0.weight", "0.bias", 5, 5, True, False)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(x), y).sum())
+        got = block_gradients(capture.a, capture.s, blocks)
+    want = reference_gradients(model, cross_entropy, x, y, parameter_names(blocks))
+    assert_gradients_match(split_all(blocks, got, model), want)
+
+
+def test_an_unregistered_layer_type_is_refused_until_registered() -> None:
+    model = nn.Sequential(_XW(4, 5), nn.Linear(5, 3))
+    with pytest.raises(UnsupportedModuleError, match="register_layer_type"):
+        find_blocks(model)
+
+
+def test_the_registry_refuses_duplicates_and_names_unknown_kinds() -> None:
+    assert list(LAYER_TYPES)[:4] == ["linear", "conv2d", "conv1d", "embedding"]
+    with pytest.raises(ValueError, match="'linear' is registered already"):
+        register_layer_type(LAYER_TYPES["linear"])
+    with pytest.raises(UnsupportedModuleError, match=r"'xw'.*register_layer_type"):
+        layer_type("xw")
+
+
+def test_hooks_on_new_layer_types_leave_the_model_untouched() -> None:
+    model, x, y = model_data("tokens")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with collect(model, find_blocks(model)) as capture:
+        capture.backward(cross_entropy(model(x), y).sum())
+    assert _no_hooks_left(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_tiny_gpt2_from_transformers_gives_autograd_gradients() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=17,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,  # a tied table would be used by two layers, one outside the blocks
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        gpt2 = transformers.GPT2LMHeadModel(config).double().eval()
+
+    class LogitsOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.gpt2(tokens).logits
+
+    model = LogitsOnly()
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    # The token embedding (the position embedding's input has batch size 1 and is broadcast:
+    # it has no per-example gradient to read), and every Conv1D.
+    blocks = find_blocks(model, modules=["gpt2.transformer.wte", *conv1d])
+    assert {b.kind for b in blocks} == {"conv1d", "embedding"}
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 17, (3, 6), generator=g)
+    targets = torch.randint(0, 17, (3, 6), generator=g)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(tokens), targets).sum())
+        got = block_gradients(capture.a, capture.s, blocks)
+    want = reference_gradients(model, cross_entropy, tokens, targets, parameter_names(blocks))
     assert_gradients_match(split_all(blocks, got, model), want)

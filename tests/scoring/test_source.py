@@ -28,11 +28,13 @@ from sourcekit import (
     TrajectoryRecorder,
     UnrolledAttributor,
 )
+from sourcekit.gradients._layers import find_blocks
 from sourcekit.gradients._per_example import TrainingGradients
 from sourcekit.scoring._source import precondition
 from sourcekit.trajectory._replay import resolve_device
 
 from .. import _cases
+from ..gradients.test_layers import TokenModel, token_data
 
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)
@@ -130,6 +132,39 @@ def test_discrete_source_with_hessian_equals_unrolling_for_a_nonlinear_model():
         .transform(queries)
     )
     # 5 chained products in float64 of 31-parameter matrices: a few hundred eps of scale.
+    np.testing.assert_allclose(approx, exact, rtol=0, atol=1e3 * EPS64 * np.abs(exact).max())
+
+
+def make_token_model64() -> nn.Module:
+    torch.manual_seed(3)
+    return TokenModel(padding_idx=None).double()
+
+
+def test_discrete_source_with_hessian_equals_unrolling_through_embeddings_and_conv1d():
+    # The same theorem for a model with an embedding table (one-hot inputs, tokens repeated
+    # within an example), a transposed Conv1D and a Linear head: the dense Hessian covers
+    # all 79 parameters jointly, so nothing about the layer types is approximated. (With a
+    # padding_idx the update rule's Jacobian is not symmetric, as the padding row never
+    # moves although the forward pass reads it; the symmetric dense Hessian then is not
+    # exact, hence no padding here.)
+    g = torch.Generator().manual_seed(5)
+    data = Examples(token_data(10, g), torch.randint(0, 3, (10,), generator=g))
+    run = full_batch_run(
+        data,
+        make_token_model64,
+        [("train", None, 0.5, 4, 0.0)],
+        loss="cross_entropy",
+        measurement="margin",
+    )
+    queries = Examples(token_data(4, g), torch.randint(0, 3, (4,), generator=g))
+    exact = UnrolledAttributor(device="cpu").fit(run).transform(queries)
+    approx = (
+        source(n_segments=4, curvature="hessian", matrix_function="discrete")
+        .fit(run)
+        .transform(queries)
+    )
+    assert [b.kind for b in find_blocks(run.build_model())] == ["embedding", "conv1d", "linear"]
+    # 4 chained products in float64 of 79-parameter matrices: a few hundred eps of scale.
     np.testing.assert_allclose(approx, exact, rtol=0, atol=1e3 * EPS64 * np.abs(exact).max())
 
 
