@@ -8,22 +8,26 @@ positions (sequence positions, or the spatial positions of a convolution):
 
     ⟨U_q, G_m⟩ = Σ_t s_{m,t}ᵀ U_q a_{m,t}.
 
-Two ways to compute it for q queries and n examples (multiply-adds, leading terms):
+Two ways to compute it for q queries and n examples (P = d_out d_in):
 
-- **formed**: build G (n T d_out d_in, or n d_out d_in when T = 1), then one matrix
-  product, q n d_out d_in; G takes n d_out d_in numbers of memory;
+- **formed**: build G (n T P multiply-adds, or an outer product when T = 1; n P numbers
+  written), then one matrix product, q n P;
 - **contracted**: per position, U_q a_t (or s_tᵀ U_q, whichever side is narrower) and a
-  dot product with the other factor, q n T d_out d_in, with an intermediate of
-  n T q min(d_out, d_in) numbers. With low-rank query matrices
-  U_q = L_q R_qᵀ (rank r), (s_tᵀ L_q)(R_qᵀ a_t) costs q n T r (d_out + d_in). For one-hot
-  inputs (embedding tables) U_q a_t is a column lookup: q n T d_out.
+  dot product with the other factor: q n T P multiply-adds and n T q min(d_out, d_in)
+  numbers written. With low-rank query matrices U_q = L_q R_qᵀ (rank r),
+  (s_tᵀ L_q)(R_qᵀ a_t) costs q n T r (d_out + d_in) and writes 2 n T q r numbers. For
+  one-hot inputs (embedding tables) U_q a_t is a column lookup: n T q d_out numbers
+  gathered.
 
-For full-rank query matrices the formed path is never more than a factor of
-(T + q)/(q T) ≤ 1 + 1/q behind in arithmetic, and ahead when T > 1 and q > 1; the
-contraction avoids G's memory and wins for one-hot inputs and for low-rank queries.
-:func:`gradient_dot` estimates both costs per block (arithmetic plus the numbers written
-to intermediates) and takes the cheaper; ties go to the contraction, which needs less
-memory. Both paths compute the same numbers, up to rounding.
+For full-rank query matrices the contraction never does less arithmetic (equal when
+T = 1, a factor q T/(q + T) more otherwise); it wins by writing less when T = 1 and
+q < max(d_out, d_in), and for low-rank queries and one-hot inputs. :func:`choose_path`
+prices both per block in multiply-adds, counting each number written to an intermediate
+as ``_STREAM`` of them and each number gathered by index as ``_GATHER`` (measured on a
+CPU: a matrix product does about 10 multiply-adds in the time an elementwise pass writes
+one number, and 100 in the time an indexed gather moves one), and takes the cheaper;
+ties go to the contraction, which needs less memory. Both paths compute the same
+numbers, up to rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,8 +56,13 @@ PATHS = ("auto", "formed", "contracted")
 _PATH: ContextVar[str] = ContextVar("sourcekit_contraction_path", default="auto")
 
 # Numbers an intermediate (formed gradients, or per-position products) may hold at once;
-# larger batches are processed in chunks of examples (64 MiB in float32).
-_CHUNK_NUMBERS = 2**24
+# larger batches are processed in chunks of examples (8 MiB in float32: big enough for
+# efficient matrix products, small enough to stay in cache).
+_CHUNK_NUMBERS = 2**21
+# The cost, in multiply-adds of a matrix product, of one number written to an
+# intermediate and read back, and of one number gathered by index (see the module notes).
+_STREAM = 10
+_GATHER = 100
 
 
 @contextmanager
@@ -72,20 +81,21 @@ def contraction_path(path: str) -> Iterator[None]:
         _PATH.reset(token)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LowRank:
-    """Query matrices in factored form, U_q = left_q right_qᵀ.
+    """Query matrices in factored form, U_q = left_q right_qᵀ (rank r).
 
     Attributes
     ----------
     left : tensor of shape (q, d_out, r)
-        The left singular vectors times the singular values.
     right : tensor of shape (q, d_in, r)
-        The right singular vectors.
+        One of the two has orthonormal columns (the top singular vectors of the
+        narrower side); the other carries the singular values.
     """
 
     left: torch.Tensor
     right: torch.Tensor
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -96,10 +106,14 @@ class LowRank:
         return (self.left.shape[0], self.left.shape[1], self.right.shape[1])
 
     def dense(self) -> torch.Tensor:
-        """The matrices U_q themselves, shape (q, d_out, d_in)."""
-        return self.left @ self.right.transpose(-1, -2)
+        """The matrices U_q themselves, shape (q, d_out, d_in) (computed once)."""
+        if self._dense is None:
+            self._dense = self.left @ self.right.transpose(-1, -2)
+        return self._dense
 
     def to(self, dtype: torch.dtype) -> LowRank:
+        if self.left.dtype == dtype and self.right.dtype == dtype:
+            return self
         return LowRank(self.left.to(dtype), self.right.to(dtype))
 
 
@@ -109,13 +123,20 @@ Query = torch.Tensor | LowRank
 def low_rank(u: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` approximation of each matrix of ``u`` (q, d_out, d_in).
 
-    Truncated SVD in float64: U_q = Σ_i σ_i l_i r_iᵀ ≈ Σ_{i≤r} σ_i l_i r_iᵀ, optimal in
-    the spectral and Frobenius norms (Eckart-Young). The error of a score is then
-    |⟨U_q − U_q^(r), G⟩| ≤ Σ_{i>r} σ_i ‖G‖₂, since |l_iᵀ G r_i| ≤ ‖G‖₂.
+    The truncated SVD U_q = Σ_i σ_i l_i r_iᵀ ≈ Σ_{i≤r} σ_i l_i r_iᵀ, optimal in the
+    spectral and Frobenius norms (Eckart-Young), computed in float64 as the projection
+    onto the top r eigenvectors of the smaller Gram matrix (U Uᵀ or Uᵀ U): with L those
+    of U Uᵀ, U_r = L (Lᵀ U) (2-3 times faster than a full SVD for batches of small
+    matrices). The error of a score is |⟨U_q − U_q^(r), G⟩| ≤ Σ_{i>r} σ_i ‖G‖₂, since
+    |l_iᵀ G r_i| ≤ ‖G‖₂. A rank of at least min(d_out, d_in) reproduces U.
     """
-    left, sigma, right_h = torch.linalg.svd(u.double(), full_matrices=False)
-    r = min(int(rank), sigma.shape[-1])
-    return LowRank(left[..., :r] * sigma[:, None, :r], right_h[:, :r, :].transpose(-1, -2))
+    u = u.double()
+    r = max(1, min(int(rank), u.shape[-1], u.shape[-2]))
+    if u.shape[-2] <= u.shape[-1]:
+        basis = torch.linalg.eigh(u @ u.transpose(-1, -2))[1][..., -r:]  # (q, d_out, r)
+        return LowRank(basis, u.transpose(-1, -2) @ basis)
+    basis = torch.linalg.eigh(u.transpose(-1, -2) @ u)[1][..., -r:]  # (q, d_in, r)
+    return LowRank(u @ basis, basis)
 
 
 def query_matrices(
@@ -155,18 +176,18 @@ def choose_path(
     q, d_out, d_in = _shape(query)
     t = positions
     gradients = n * d_out * d_in
-    if one_hot:
-        formed = gradients + n * t * d_out + q * gradients + gradients
-        contracted = q * n * t * d_out + n * t * q * d_out
+    if one_hot:  # G: zero-filled, then n T rows of s scattered into it
+        formed = _STREAM * gradients + _GATHER * n * t * d_out + q * gradients
+        contracted = (_GATHER + _STREAM) * n * t * q * d_out
     else:
-        formed = (gradients if t == 1 else t * gradients) + q * gradients + gradients
+        formed = _STREAM * gradients + q * gradients + (t * gradients if t > 1 else 0)
         if isinstance(query, LowRank):
             r = query.rank
             formed += q * d_out * d_in * r  # the dense matrices, rebuilt
-            contracted = q * n * t * r * (d_out + d_in) + 2 * n * t * q * r
+            contracted = q * n * t * r * (d_out + d_in) + _STREAM * 2 * n * t * q * r
         else:
             narrow = min(d_out, d_in)
-            contracted = q * n * t * d_out * d_in + n * t * q * narrow
+            contracted = q * n * t * d_out * d_in + _STREAM * n * t * q * narrow
     costs = {"formed": float(formed), "contracted": float(contracted)}
     forced = _PATH.get()
     if forced != "auto":
@@ -181,10 +202,10 @@ def _contract_dense(u: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.
     a2, s2 = a.reshape(n * t, d_in), s.reshape(n * t, d_out)
     if d_in <= d_out:  # s_tᵀ U_q: (nT, q, d_in), then the dot product with a_t
         x = (s2 @ u.permute(1, 0, 2).reshape(d_out, q * d_in)).reshape(n * t, q, d_in)
-        per_position = torch.bmm(x, a2[:, :, None])[..., 0]
+        per_position = (x * a2[:, None, :]).sum(dim=-1)
     else:  # U_q a_t: (nT, q, d_out), then the dot product with s_t
         x = (a2 @ u.reshape(q * d_out, d_in).T).reshape(n * t, q, d_out)
-        per_position = torch.bmm(x, s2[:, :, None])[..., 0]
+        per_position = (x * s2[:, None, :]).sum(dim=-1)
     return per_position.reshape(n, t, q).sum(dim=1).T
 
 
@@ -210,8 +231,9 @@ def _contract_one_hot(u: Query, indices: torch.Tensor, s: torch.Tensor) -> torch
         sl = (s2 @ u.left.permute(1, 0, 2).reshape(s2.shape[1], -1)).reshape(rows.shape)
         per_position = (sl * rows).sum(dim=-1)
     else:
-        columns = u.permute(2, 0, 1)[cols]  # (nT, q, d_out)
-        per_position = torch.bmm(columns, s2[:, :, None])[..., 0]
+        table = u.permute(2, 0, 1).reshape(u.shape[2], -1)  # (vocabulary, q d_out)
+        columns = torch.nn.functional.embedding(cols, table).reshape(n * t, u.shape[0], -1)
+        per_position = (columns * s2[:, None, :]).sum(dim=-1)
     return (per_position * keep[:, None]).reshape(n, t, -1).sum(dim=1).T
 
 
@@ -236,8 +258,8 @@ def block_dot(
     n, t = a.shape[0], a.shape[1]
     q, d_out, d_in = _shape(query)
     path, _ = choose_path(n, t, query, block.one_hot)
-    if path == "formed":
-        per_example = d_out * d_in * (t if t > 1 and not block.one_hot else 1)
+    if path == "formed":  # G itself (the sum over positions is a batched matrix product)
+        per_example = d_out * d_in
     elif block.one_hot:
         per_example = t * q * d_out
     elif isinstance(query, LowRank):

@@ -138,30 +138,32 @@ def test_float32_contraction_is_float64_rounded() -> None:
 # --- which path ---------------------------------------------------------------------------
 def test_the_cost_model_picks_the_cheaper_path() -> None:
     full = torch.zeros(100, 64, 65)
-    # One position, full rank: the same multiply-adds either way; the tie goes to the
-    # contraction, which does not store n × d_out × d_in gradients.
-    assert choose_path(256, 1, full)[0] == "contracted"
+    # One position, full rank: the same multiply-adds either way; forming G writes n P
+    # numbers, contracting n q min(d_out, d_in): the contraction wins when q < max(d).
+    assert choose_path(256, 1, full)[0] == "formed"
+    assert choose_path(256, 1, torch.zeros(10, 64, 65))[0] == "contracted"
     # Many positions and many queries: forming G once is cheaper than q T products.
     path, costs = choose_path(256, 32, full)
     assert path == "formed" and costs["formed"] < costs["contracted"]
     # Low rank: q n T r (d_out + d_in) against (T + q) n d_out d_in.
     rank4 = LowRank(torch.zeros(100, 64, 4), torch.zeros(100, 65, 4))
     assert choose_path(256, 1, rank4)[0] == "contracted"
-    assert choose_path(256, 32, LowRank(torch.zeros(100, 64, 1), torch.zeros(100, 65, 1)))[0] == (
-        "contracted"
-    )
-    # One-hot inputs over a large table: a column lookup against a dense table per example.
-    table = torch.zeros(100, 16, 5000)
-    assert choose_path(256, 32, table, one_hot=True)[0] == "contracted"
+    rank1 = LowRank(torch.zeros(100, 512, 1), torch.zeros(100, 513, 1))
+    assert choose_path(256, 32, rank1)[0] == "contracted"
+    assert choose_path(256, 32, rank4)[0] == "formed"  # narrow layers, many positions
+    # One-hot inputs: a column lookup per position against a dense (d_out × vocabulary)
+    # gradient per example; the lookup wins for large tables.
+    assert choose_path(256, 32, torch.zeros(100, 16, 50_000), one_hot=True)[0] == "contracted"
+    assert choose_path(256, 32, torch.zeros(100, 16, 64), one_hot=True)[0] == "formed"
 
 
 def test_a_forced_path_is_used_and_an_unknown_one_refused() -> None:
     full = torch.zeros(100, 64, 65)
     with contraction_path("formed"):
-        assert choose_path(256, 1, full)[0] == "formed"
+        assert choose_path(256, 1, full[:10])[0] == "formed"
     with contraction_path("contracted"):
         assert choose_path(256, 32, full)[0] == "contracted"
-    assert choose_path(256, 1, full)[0] == "contracted"  # restored on exit
+    assert choose_path(256, 1, full[:10])[0] == "contracted"  # restored on exit
     with pytest.raises(ValueError, match=r"one of \('auto', 'formed', 'contracted'\); got 'fast'"):
         with contraction_path("fast"):
             pass
