@@ -149,12 +149,15 @@ def query_matrices(
 
     Blocks with one-hot inputs (embedding tables) stay exact: their contraction is a
     lookup already, and the SVD of a (d_out × vocabulary) matrix per query would cost
-    more than it saves.
+    more than it saves. Their matrices are stored column-major over the vocabulary, so
+    that the lookup reads whole rows of memory (and no copy is made per batch).
     """
     one_hot = {b.name for b in blocks if b.one_hot}
     out: dict[str, Query] = {}
     for name, u_k in u.items():
-        if rank is None or name in one_hot:
+        if name in one_hot:
+            out[name] = u_k.to(dtype).permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        elif rank is None:
             out[name] = u_k.to(dtype)
         else:
             out[name] = low_rank(u_k, rank).to(dtype)
@@ -231,16 +234,24 @@ def _contract_one_hot(u: Query, indices: torch.Tensor, s: torch.Tensor) -> torch
         sl = (s2 @ u.left.permute(1, 0, 2).reshape(s2.shape[1], -1)).reshape(rows.shape)
         per_position = (sl * rows).sum(dim=-1)
     else:
-        table = u.permute(2, 0, 1).reshape(u.shape[2], -1)  # (vocabulary, q d_out)
+        table = u.permute(2, 0, 1).reshape(u.shape[2], -1)  # (vocabulary, q d_out): a view
+        # when ``u`` comes from query_matrices, a copy otherwise
         columns = torch.nn.functional.embedding(cols, table).reshape(n * t, u.shape[0], -1)
         per_position = (columns * s2[:, None, :]).sum(dim=-1)
     return (per_position * keep[:, None]).reshape(n, t, -1).sum(dim=1).T
 
 
-def _formed(block: LayerBlock, u: Query, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _flat(u: Query) -> torch.Tensor:
+    """The query matrices as rows (q, d_out d_in), for the formed path."""
     dense = u.dense() if isinstance(u, LowRank) else u
+    return dense.reshape(dense.shape[0], -1)
+
+
+def _formed(
+    block: LayerBlock, flat_u: torch.Tensor, a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     g = block_gradient(block, a, s)
-    return dense.reshape(dense.shape[0], -1) @ g.reshape(g.shape[0], -1).T
+    return flat_u @ g.reshape(g.shape[0], -1).T
 
 
 def block_dot(
@@ -267,11 +278,12 @@ def block_dot(
     else:
         per_example = t * q * min(d_out, d_in)
     chunk = max(1, _CHUNK_NUMBERS // max(1, per_example))
+    flat_u = _flat(query) if path == "formed" else None
     parts = []
     for start in range(0, n, chunk):
         a_c, s_c = a[start : start + chunk], s[start : start + chunk]
-        if path == "formed":
-            parts.append(_formed(block, query, a_c, s_c))
+        if flat_u is not None:
+            parts.append(_formed(block, flat_u, a_c, s_c))
         elif block.one_hot:
             parts.append(_contract_one_hot(query, a_c, s_c))
         elif isinstance(query, LowRank):
