@@ -50,6 +50,7 @@ __all__ = [
     "gradient_dot",
     "low_rank",
     "query_matrices",
+    "squared_norms",
 ]
 
 PATHS = ("auto", "formed", "contracted")
@@ -334,3 +335,41 @@ def gradient_dot(
     if out is None:
         raise ValueError("gradient_dot needs at least one block.")
     return out
+
+
+def _block_squared_norms(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """‖G_m‖² of one block, (n,): Σ_{t,t'} (s_tᵀ s_t')(a_tᵀ a_t') when that is cheaper."""
+    n, t = a.shape[0], a.shape[1]
+    # Position Grams: n T² (d_in + d_out), or n T² d_out for one-hot rows (an equality
+    # test), against n T d_out d_in to form G (plus its n d_out d_in zeros when one-hot).
+    gram_cost = t * t * (block.d_out + (0 if block.one_hot else block.d_in))
+    if gram_cost >= (1 if block.one_hot else t) * block.n_params:
+        g = block_gradient(block, a, s)
+        return (g.reshape(n, -1) ** 2).sum(dim=1)
+    s_gram = s @ s.transpose(1, 2)  # (n, T, T)
+    if block.one_hot:  # e_iᵀ e_j = [i = j], and padding (-1) selects nothing
+        a_gram = ((a[:, :, None] == a[:, None, :]) & (a[:, :, None] >= 0)).to(s.dtype)
+    else:
+        a_gram = a @ a.transpose(1, 2)
+    return (s_gram * a_gram).sum(dim=(1, 2))
+
+
+def squared_norms(grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """‖G_m‖² summed over the blocks, shape (n,), without forming G when cheaper.
+
+    For :class:`~sourcekit.gradients._layers.FactoredGradients`, ‖Σ_t s_t a_tᵀ‖² =
+    Σ_{t,t'} (s_tᵀ s_t')(a_tᵀ a_t') costs n T² (d_in + d_out) instead of n T d_out d_in.
+    """
+    total: torch.Tensor | None = None
+    for name in grads:
+        if isinstance(grads, FactoredGradients):
+            a = grads.a[name]
+            a = a.to(dtype) if a.is_floating_point() else a
+            part = _block_squared_norms(grads.blocks[name], a, grads.s[name].to(dtype))
+        else:
+            g = grads[name]
+            part = (g.reshape(g.shape[0], -1).to(dtype) ** 2).sum(dim=1)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("squared_norms needs at least one block.")
+    return total

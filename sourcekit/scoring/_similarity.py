@@ -20,7 +20,7 @@ a similarity only (positive: similar), with no counterfactual scale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..trajectory import Examples
-from ._contraction import gradient_dot
+from ._contraction import gradient_dot, squared_norms
 from ._source import TrainingGradients
 
 __all__ = [
@@ -42,13 +42,6 @@ __all__ = [
 ]
 
 SIMILARITIES = ("dot", "cosine")
-
-
-def squared_norms(grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """‖g_i‖² over all blocks, shape (n,)."""
-    return sum(  # type: ignore[return-value]
-        (g.reshape(g.shape[0], -1).to(dtype) ** 2).sum(dim=1) for g in grads.values()
-    )
 
 
 def _cosine(dots: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from sourcekit.scoring._contraction import (
     gradient_dot,
     low_rank,
     query_matrices,
+    squared_norms,
 )
 from sourcekit.scoring._trak import RandomProjection
 
@@ -243,3 +244,42 @@ def test_projecting_factored_gradients_equals_projecting_formed_ones(
         }
         tol = 2 * terms(grads) * EPS64 * magnitude(queries, grads)
         assert torch.all((got - formed).abs() <= tol.T)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_squared_norms_of_factored_gradients_equal_the_formed_ones(name: str) -> None:
+    grads = factored(name)
+    formed = {k: grads[k] for k in grads}
+    want = squared_norms(formed, torch.float64)
+    got = squared_norms(grads, torch.float64)
+    # Σ_{t,t'} (s_tᵀ s_t')(a_tᵀ a_t') against Σ G²: the same products regrouped; each
+    # path is within a few hundred eps of Σ_{t,t'} |s_t||s_t'||a_t||a_t'|, which is at most
+    # T Σ_t ‖s_t‖²‖a_t‖² by Cauchy-Schwarz (‖a_t‖ = 1 for a one-hot row).
+    scale = torch.zeros(len(want), dtype=torch.float64)
+    for k in grads:
+        a, s_k = grads.a[k], grads.s[k]
+        a_norms = (a**2).sum(dim=2) if a.is_floating_point() else (a >= 0).double()
+        scale += a.shape[1] * ((s_k**2).sum(dim=2) * a_norms).sum(dim=1)
+    assert torch.all((got - want).abs() <= 256 * EPS64 * scale)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_squared_norms_from_position_grams_equal_the_formed_ones(one_hot: bool) -> None:
+    # Wide blocks, so that the Gram form is the one used: T (d_in + d_out) < d_out d_in
+    # for dense inputs, T² < vocabulary for one-hot rows.
+    g = torch.Generator().manual_seed(4)
+    if one_hot:
+        block = LayerBlock("e", "embedding", "e.weight", None, 3, 50, True, True)
+        a = torch.randint(-1, 50, (6, 5), generator=g)
+        a[:, 1] = a[:, 0]  # repeated rows add up
+    else:
+        block = LayerBlock("l", "linear", "l.weight", None, 8, 9)
+        a = torch.randn(6, 3, 9, generator=g, dtype=torch.float64)
+    s = torch.randn(6, a.shape[1], block.d_out, generator=g, dtype=torch.float64)
+    grads = FactoredGradients([block], {block.name: a}, {block.name: s})
+    want = (grads[block.name] ** 2).sum(dim=(1, 2))
+    got = squared_norms(grads, torch.float64)
+    # As above: a few hundred eps of T Σ_t ‖s_t‖²‖a_t‖² (one-hot rows have norm 1 or 0).
+    a_norms = (a >= 0).double() if one_hot else (a**2).sum(dim=2)
+    scale = a.shape[1] * ((s**2).sum(dim=2) * a_norms).sum(dim=1)
+    assert torch.all((got - want).abs() <= 256 * EPS64 * scale)
