@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import NonFiniteError
+from ..exceptions import NonFiniteError, UnsupportedModuleError
 from ..trajectory import Examples, Trajectory
 from ._layers import FactoredGradients, LayerBlock, block_gradients, collect
 
@@ -92,6 +92,18 @@ def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
             f"NaN or infinity in the {what} at checkpoint step {step}. The run may have diverged "
             "there; choose other checkpoints (checkpoint_steps) or check the recorded data."
         )
+
+
+def _check_per_example(a: dict[str, torch.Tensor], n: int) -> None:
+    """Every block's inputs must have one row per example of the batch."""
+    for name, inputs in a.items():
+        if inputs.shape[0] != n:
+            raise UnsupportedModuleError(
+                f"The layer {name!r} received inputs for {inputs.shape[0]} example(s) in a batch of "
+                f"{n}: its input is shared by the examples (for instance position indices "
+                "broadcast over the batch), so it has no per-example gradients. Exclude it with "
+                "modules=[...] naming the layers to attribute through."
+            )
 
 
 @dataclass
@@ -184,6 +196,7 @@ def checkpoint_batches(
                             result.fisher.append(grads)
                     else:
                         result.fisher.append(grads)
+                _check_per_example(capture.a, len(idx))
                 result.a = dict(capture.a)
             capture.clear()
             yield result
@@ -208,6 +221,7 @@ def measurement_gradients(
             with torch.enable_grad():
                 values = measurement(model(batch.inputs), batch.targets)
                 capture.backward(values.sum())
+            _check_per_example(capture.a, len(batch))
             for name, g in block_gradients(capture.a, capture.s, blocks).items():
                 _check_finite(g, "query measurement gradients", step)
                 parts[name].append(g)

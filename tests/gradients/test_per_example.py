@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import hessian
 
 from sourcekit import Examples, Trajectory
-from sourcekit.exceptions import NonFiniteError
+from sourcekit.exceptions import NonFiniteError, UnsupportedModuleError
 from sourcekit.gradients import cross_entropy, margin, squared_error
 from sourcekit.gradients._layers import LayerBlock, block_gradients, find_blocks
 from sourcekit.gradients._per_example import (
@@ -459,3 +459,37 @@ def test_training_gradients_do_not_reuse_a_cache_of_other_examples() -> None:
     cached = _batches(model, blocks, trajectory.train, np.arange(0, 6), trajectory.loss)
     seen, _ = _collect(_training_gradients(trajectory, blocks, {4: cached}), 4, np.arange(6, 12))
     assert np.array_equal(np.sort(seen), np.arange(6, 12))
+
+
+class _SharedPositions(nn.Module):
+    """A position embedding looked up once for the whole batch and broadcast over it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1])[None]  # (1, T): one row for every example
+        return self.head((x + self.pos(positions)).mean(dim=1))
+
+
+def test_a_layer_whose_input_is_shared_by_the_batch_is_refused() -> None:
+    model = _SharedPositions().double()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    data = Examples(x, torch.randint(0, 3, (5,)))
+    with pytest.raises(UnsupportedModuleError, match=r"'pos' received inputs for 1 example"):
+        _batches(model, find_blocks(model), data, np.arange(5), cross_entropy)
+    with pytest.raises(UnsupportedModuleError, match="modules="):
+        measurement_gradients(
+            model,
+            find_blocks(model),
+            data,
+            margin,
+            batch_size=5,
+            device=CPU,
+            dtype=torch.float64,
+            step=0,
+        )
+    blocks = find_blocks(model, modules=["head"])  # excluded: the other layers work
+    assert len(_batches(model, blocks, data, np.arange(5), cross_entropy)) == 2
