@@ -118,6 +118,19 @@ def _block(name: str, module: nn.Module) -> LayerBlock | None:
     )
 
 
+def _check_not_tied(name: str, module: nn.Module, owners: dict[int, list[str]]) -> None:
+    for p in module.parameters(recurse=False):
+        others = [o for o in owners[id(p)] if o != name]
+        if others:
+            raise UnsupportedModuleError(
+                f"The layer {name!r} shares a parameter with {others} (tied weights, e.g. an "
+                "embedding table reused as the output layer). The per-example gradient of a "
+                "shared parameter sums all its uses, which sourcekit's layer blocks do not "
+                "combine. Exclude these layers with modules=[...], or untie the weights (for "
+                "Hugging Face models, tie_word_embeddings=False)."
+            )
+
+
 def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[LayerBlock]:
     """The attribution blocks of ``model``.
 
@@ -146,11 +159,16 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
             )
     else:
         selected = [n for n, m in named.items() if list(m.parameters(recurse=False))]
+    owners: dict[int, list[str]] = {}
+    for module_name, module in named.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module_name)
     blocks = []
     for name in selected:
         module = named[name]
         block = _block(name, module)
         if block is not None:
+            _check_not_tied(name, module, owners)
             blocks.append(block)
         elif not list(module.parameters(recurse=False)):
             raise ValueError(

@@ -632,3 +632,24 @@ def test_a_tiny_gpt2_from_transformers_gives_autograd_gradients() -> None:
         got = block_gradients(capture.a, capture.s, blocks)
     want = reference_gradients(model, cross_entropy, tokens, targets, parameter_names(blocks))
     assert_gradients_match(split_all(blocks, got, model), want)
+
+
+class _TiedTable(nn.Module):
+    """An embedding table reused, transposed, as the output layer (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("modules", [None, ["embed", "mix"], ["out"]])
+def test_tied_weights_are_refused_with_the_layers_that_share_them(modules: list | None) -> None:
+    with pytest.raises(UnsupportedModuleError, match=r"shares a parameter with \['(out|embed)'\]"):
+        find_blocks(_TiedTable(), modules)
+    assert [b.name for b in find_blocks(_TiedTable(), ["mix"])] == ["mix"]
