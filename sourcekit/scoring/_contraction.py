@@ -174,7 +174,8 @@ def choose_path(
 ) -> tuple[str, dict[str, float]]:
     """The cheaper path for one block, and the cost estimates of both.
 
-    Costs count multiply-adds plus the numbers written to intermediates, for ``n``
+    Costs are in multiply-adds, with each number written to an intermediate counted as
+    ``_STREAM`` and each number gathered by index as ``_GATHER`` of them, for ``n``
     examples with ``positions`` positions each and the query matrices ``query``.
     """
     q, d_out, d_in = _shape(query)
@@ -223,22 +224,16 @@ def _contract_low_rank(u: LowRank, a: torch.Tensor, s: torch.Tensor) -> torch.Te
     return (sl * ar).reshape(n, t, q, r).sum(dim=(1, 3)).T
 
 
-def _contract_one_hot(u: Query, indices: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _contract_one_hot(u: torch.Tensor, indices: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Σ_t s_tᵀ U_q e_{i_t} = Σ_t s_tᵀ U_q[:, i_t] (a column lookup): (q, n)."""
     n, t = indices.shape
     flat = indices.reshape(-1)
     keep = (flat >= 0).to(s.dtype)
-    cols = flat.clamp_min(0)
     s2 = s.reshape(n * t, -1)
-    if isinstance(u, LowRank):
-        rows = u.right.permute(1, 0, 2)[cols]  # (nT, q, r)
-        sl = (s2 @ u.left.permute(1, 0, 2).reshape(s2.shape[1], -1)).reshape(rows.shape)
-        per_position = (sl * rows).sum(dim=-1)
-    else:
-        table = u.permute(2, 0, 1).reshape(u.shape[2], -1)  # (vocabulary, q d_out): a view
-        # when ``u`` comes from query_matrices, a copy otherwise
-        columns = torch.nn.functional.embedding(cols, table).reshape(n * t, u.shape[0], -1)
-        per_position = (columns * s2[:, None, :]).sum(dim=-1)
+    # (vocabulary, q d_out): a view when ``u`` comes from query_matrices, a copy otherwise
+    table = u.permute(2, 0, 1).reshape(u.shape[2], -1)
+    columns = torch.nn.functional.embedding(flat.clamp_min(0), table)
+    per_position = (columns.reshape(n * t, u.shape[0], -1) * s2[:, None, :]).sum(dim=-1)
     return (per_position * keep[:, None]).reshape(n, t, -1).sum(dim=1).T
 
 
@@ -262,9 +257,12 @@ def block_dot(
 
     ``a`` (n, T, d_in) (one-hot blocks: indices (n, T)) and ``s`` (n, T, d_out') with
     d_out' the rows of ``query`` (a slice of the block's output rows is allowed).
-    Examples are processed in chunks that keep every intermediate within 2**24 numbers.
+    Examples are processed in chunks that keep every intermediate within
+    ``_CHUNK_NUMBERS`` numbers.
     """
     query = query.to(dtype)
+    if block.one_hot and isinstance(query, LowRank):  # a lookup needs no factors
+        query = query.dense()
     a = a.to(dtype) if a.is_floating_point() else a
     s = s.to(dtype)
     n, t = a.shape[0], a.shape[1]
@@ -285,7 +283,7 @@ def block_dot(
         a_c, s_c = a[start : start + chunk], s[start : start + chunk]
         if flat_u is not None:
             parts.append(_formed(block, flat_u, a_c, s_c))
-        elif block.one_hot:
+        elif isinstance(query, torch.Tensor) and block.one_hot:
             parts.append(_contract_one_hot(query, a_c, s_c))
         elif isinstance(query, LowRank):
             parts.append(_contract_low_rank(query, a_c, s_c))
