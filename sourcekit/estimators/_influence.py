@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .._distributed import shard
 from .._validation import Interval
 from ..base import BaseAttributor
 from ..curvature._fit import CacheBudget, LossCache, fit_curvature
@@ -124,7 +125,7 @@ class InfluenceAttributor(BaseAttributor):
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
         settings = fit_settings(self)
         cache = LossCache()
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
         curvature = fit_curvature(
             self.curvature,
             trajectory,
@@ -156,7 +157,7 @@ class InfluenceAttributor(BaseAttributor):
         shift = (
             {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
         )
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return influence_scores(
@@ -171,4 +172,4 @@ class InfluenceAttributor(BaseAttributor):
                 dtype=self._torch_dtype(),
             )
 
-        return score_in_query_blocks(self, queries, trajectory.n_train, score)
+        return score_in_query_blocks(self, queries, len(examples), score)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._distributed import is_main, shard
 from .._validation import InstanceOf, Interval, Options
 from ..base import BaseAttributor
 from ..curvature._fit import CacheBudget, LossCache, fit_curvature
@@ -168,7 +169,10 @@ class SourceAttributor(BaseAttributor):
         cache = LossCache()
         curvatures = []
         for segment in tqdm(
-            segments, desc="fitting segments", disable=not self.progress, leave=False
+            segments,
+            desc="fitting segments",
+            disable=not (self.progress and is_main()),
+            leave=False,
         ):
             stage = trajectory.stages[segment.stage]
             curvatures.append(
@@ -177,7 +181,7 @@ class SourceAttributor(BaseAttributor):
                     trajectory,
                     blocks,
                     segment.checkpoints,
-                    stage.examples,
+                    shard(stage.examples),
                     settings,
                     budget=budget,
                     loss_cache=cache,
@@ -197,7 +201,7 @@ class SourceAttributor(BaseAttributor):
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
         segments = self.state_["segments"]
-        stage_examples = [s.examples for s in trajectory.stages]
+        stage_examples = [shard(s.examples) for s in trajectory.stages]
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return source_scores(
@@ -211,5 +215,7 @@ class SourceAttributor(BaseAttributor):
                 dtype=self._torch_dtype(),
             )
 
-        per_block = sum(m.n_examples * len(m.segment.checkpoints) for m in segments)
+        per_block = sum(
+            len(stage_examples[m.segment.stage]) * len(m.segment.checkpoints) for m in segments
+        )
         return score_in_query_blocks(self, queries, per_block, score)
