@@ -127,6 +127,9 @@ def helper_checks(rank: int) -> dict[str, Any]:
 
 def worker(out_dir: str) -> None:
     """One rank: the environment says which (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    # Imported after the group is created, torch._dynamo keeps gloo's threads alive past
+    # destroy_process_group and the exit aborts (docs/cost.md, "Rules and pitfalls").
+    import torch._dynamo
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -159,10 +162,6 @@ def worker(out_dir: str) -> None:
         dist.barrier()  # no rank leaves while another is still exchanging
     finally:
         dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's teardown ("terminate called without an
-    # active exception") after a clean run: the results are written, leave at once.
-    sys.stdout.flush()
-    os._exit(0)
 
 
 def _free_port() -> int:
