@@ -1,9 +1,9 @@
 """Sharding the training set over ``torch.distributed`` ranks, and the few collectives it needs.
 
 When a process group is initialised (``torchrun`` and ``dist.init_process_group``), the
-attributors that stream the training set split it over the ranks: rank r streams the
-training examples m with ``m % world_size == r`` (:func:`shard`), in every stage and at
-every checkpoint, so that each example is owned by one rank throughout. The seams are:
+attributors that stream the training set split it over the ranks: every training
+example has one owning rank (:func:`owners`, balanced within every stage), which
+streams it in every stage and at every checkpoint (:func:`shard`). The seams are:
 
 - covariance sums and the counts that normalise them are summed over the ranks before
   they are divided or eigendecomposed (:func:`all_reduce_sum`), so every rank holds the
@@ -34,6 +34,7 @@ __all__ = [
     "broadcast_int",
     "is_distributed",
     "is_main",
+    "owners",
     "rank",
     "shard",
     "world_size",
@@ -100,21 +101,79 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard(
-    indices: np.ndarray, *, rank: int | None = None, world_size: int | None = None
+def owners(
+    n_train: int, stages: Sequence[np.ndarray] = (), *, world_size: int | None = None
 ) -> np.ndarray:
-    """The training examples of ``indices`` that this rank streams: those with m % W == r.
+    """The rank that streams each training example, balanced within every stage.
 
-    Ownership depends on the example's index alone, not on its position in
-    ``indices``, so an example that belongs to several stages is streamed by the same
-    rank in all of them and its score column is computed in one place. The split is
-    balanced within one example for a contiguous range of indices, and close to it
-    for any other subset.
+    The examples are grouped by the set of stages they belong to (for two stages: the
+    first only, the second only, both, neither); taken group by group in index order,
+    they are dealt to the ranks in turn. Every group, hence every stage (a union of
+    groups), and the whole training set are split evenly up to one example per group,
+    whatever the stages' index patterns (contiguous ranges, random subsets, every other
+    example), and an example of several stages is owned by one rank in all of them, so
+    its score column is computed in one place. With a single group the owner of
+    example m is m % world_size.
+
+    Parameters
+    ----------
+    n_train : int
+        Number of training examples.
+    stages : sequence of int arrays, optional
+        The examples of each stage.
+    world_size : int, optional
+        Default: that of the initialised process group (1 without one).
+
+    Returns
+    -------
+    ndarray of int, shape (n_train,)
+        The owning rank of every example.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sourcekit._distributed import owners
+    >>> owners(6, world_size=4).tolist()
+    [0, 1, 2, 3, 0, 1]
+    >>> # stage 0: every example, stage 1: the even ones; both stay balanced over 2 ranks
+    >>> owner = owners(8, [np.arange(8), np.arange(0, 8, 2)], world_size=2)
+    >>> owner.tolist()
+    [0, 0, 1, 1, 0, 0, 1, 1]
+    >>> np.bincount(owner[::2]).tolist(), np.bincount(owner).tolist()
+    ([2, 2], [4, 4])
+    """
+    w = _group_size() if world_size is None else int(world_size)
+    if w < 1:
+        raise ValueError(
+            f"The 'world_size' must be at least 1; got {w}. Pass the process group's size, or "
+            "nothing to read it from torch.distributed."
+        )
+    signature = np.zeros(n_train, dtype=object if len(stages) > 62 else np.int64)
+    for s, examples in enumerate(stages):
+        signature[np.asarray(examples, dtype=np.int64)] += 1 << s
+    _, group = np.unique(signature, return_inverse=True)
+    order = np.lexsort((np.arange(n_train), group.reshape(-1)))  # by group, then by index
+    owner = np.empty(n_train, dtype=np.int64)
+    owner[order] = np.arange(n_train) % w
+    return owner
+
+
+def shard(
+    indices: np.ndarray,
+    owner: np.ndarray | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> np.ndarray:
+    """The examples of ``indices`` that this rank streams.
 
     Parameters
     ----------
     indices : ndarray of int
         Training-example indices (a stage's examples, or ``arange(n_train)``).
+    owner : ndarray of int, optional
+        The owning rank of every training example (:func:`owners`); default: example m
+        belongs to rank m % world_size.
     rank, world_size : int, optional
         Default: those of the initialised process group (0 and 1 without one).
 
@@ -126,11 +185,12 @@ def shard(
     Examples
     --------
     >>> import numpy as np
-    >>> from sourcekit._distributed import shard
+    >>> from sourcekit._distributed import owners, shard
     >>> shard(np.arange(7), rank=1, world_size=3)
     array([1, 4])
-    >>> shard(np.arange(4, 12), rank=0, world_size=2)  # a stage holding examples 4..11
-    array([ 4,  6,  8, 10])
+    >>> owner = owners(8, [np.arange(8), np.arange(0, 8, 2)], world_size=2)
+    >>> shard(np.arange(0, 8, 2), owner, rank=1, world_size=2)  # the second stage, rank 1
+    array([2, 6])
     >>> shard(np.arange(5)).tolist()  # one process: everything
     [0, 1, 2, 3, 4]
     """
@@ -144,7 +204,8 @@ def shard(
     indices = np.asarray(indices, dtype=np.int64)
     if w == 1:
         return indices
-    return indices[indices % w == r]
+    mine = owner[indices] == r if owner is not None else indices % w == r
+    return indices[mine]
 
 
 def _comm_device(device: torch.device) -> torch.device:

@@ -322,7 +322,7 @@ def fit_curvature(
                 else:
                     budget.give_back(sum(e.nbytes() for e in kept))
                     kept = None
-        if loss_cache is not None and keep_loss:
+        if loss_cache is not None and keep_loss and loss_batches:  # (a rank's shard may be empty)
             loss_cache.batches[step] = loss_batches
         fisher_cache[step] = kept
         sums = [*diag_sum.values()] if kind == "diagonal" else [*a_sum.values(), *s_sum.values()]

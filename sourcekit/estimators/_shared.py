@@ -3,8 +3,8 @@ TRAK, gradient similarity): parameter constraints, query gradients at a checkpoi
 query-block scoring loop and the cache of training-loss factors filled while fitting.
 
 Under ``torch.distributed`` the attributors stream only this rank's shard of every
-stage (``sourcekit._distributed.shard``); the scoring loop here exchanges the score
-columns at the end, so that every rank returns the whole matrix."""
+stage (:func:`local_examples`); the scoring loop here exchanges the score columns at the
+end, so that every rank returns the whole matrix."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._distributed import all_gather_columns, broadcast_int, is_main, shard
+from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, MEMORY, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, CacheBudget, FitSettings
@@ -37,6 +37,7 @@ __all__ = [
     "QueryGradientsAt",
     "cache_training_factors",
     "fit_settings",
+    "local_examples",
     "query_gradients",
     "query_slices",
     "resolve_seed",
@@ -66,6 +67,27 @@ CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
     "random_state": [None, Interval(int, 0, None)],
     **GRADIENT_CONSTRAINTS,
 }
+
+
+# The owner of every training example, per (trajectory fingerprint, world size).
+_OWNERS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def local_examples(trajectory: Trajectory, indices: np.ndarray) -> np.ndarray:
+    """The examples of ``indices`` that this rank streams (all of them in one process).
+
+    Ownership is balanced within every stage of the trajectory
+    (``sourcekit._distributed.owners``) and is the same in all of them.
+    """
+    w = world_size()
+    if w == 1:
+        return np.asarray(indices, dtype=np.int64)
+    key = (trajectory.fingerprint, w)
+    if key not in _OWNERS:
+        if len(_OWNERS) >= 4:
+            _OWNERS.pop(next(iter(_OWNERS)))
+        _OWNERS[key] = owners(trajectory.n_train, [s.examples for s in trajectory.stages])
+    return shard(indices, _OWNERS[key])
 
 
 def resolve_seed(random_state: int | None) -> int:
@@ -191,7 +213,8 @@ def score_query_blocks(
         parts.append(score(grads_at, training))
     bar.close()
     scores = torch.cat(parts)
-    return all_gather_columns(scores, shard(np.arange(trajectory.n_train))).cpu()
+    mine = local_examples(trajectory, np.arange(trajectory.n_train))
+    return all_gather_columns(scores, mine).cpu()
 
 
 def score_in_query_blocks(
@@ -258,5 +281,6 @@ def cache_training_factors(
             kept.append(batch)
         if not fits:
             break  # the budget is spent: stop caching rather than start more partial passes
-        cache[step] = kept
+        if kept:  # a rank's shard of a stage may be empty: nothing to cache
+            cache[step] = kept
     return cache

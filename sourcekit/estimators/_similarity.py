@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._distributed import all_gather_columns, shard
+from .._distributed import all_gather_columns
 from .._validation import InstanceOf, Options
 from ..base import DEVICE, DTYPE, POSITIVE_INT, BaseAttributor
 from ..gradients._layers import find_blocks
@@ -23,7 +23,12 @@ from ..scoring._similarity import (
 )
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import GRADIENT_CONSTRAINTS, cache_training_factors, score_in_query_blocks
+from ._shared import (
+    GRADIENT_CONSTRAINTS,
+    cache_training_factors,
+    local_examples,
+    score_in_query_blocks,
+)
 
 __all__ = ["GradientSimilarityAttributor", "RepresentationSimilarityAttributor"]
 
@@ -111,7 +116,7 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
-        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         cache = cache_training_factors(
             trajectory,
             blocks,
@@ -126,7 +131,7 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return gradient_similarity_scores(
@@ -237,15 +242,15 @@ class RepresentationSimilarityAttributor(BaseAttributor):
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
         model = self._model(trajectory)
         layer = default_layer(model) if self.layer is None else self.layer
-        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         features = layer_features(
             model,
             layer,
-            trajectory.train[examples],
+            trajectory.train[examples if len(examples) else np.arange(1)],
             batch_size=self.batch_size,
             device=resolve_device(self.device),
             dtype=self._torch_dtype(),
-        )
+        )[: len(examples)]  # an empty shard still needs the features' width
         return {"layer": layer, "features": features, "examples": examples}
 
     @property

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._distributed import is_main, shard
+from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import BaseAttributor
 from ..curvature._fit import CacheBudget, LossCache, fit_curvature
@@ -17,7 +17,12 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
-from ._shared import CURVATURE_CONSTRAINTS, fit_settings, score_in_query_blocks
+from ._shared import (
+    CURVATURE_CONSTRAINTS,
+    fit_settings,
+    local_examples,
+    score_in_query_blocks,
+)
 
 __all__ = ["SourceAttributor"]
 
@@ -181,7 +186,7 @@ class SourceAttributor(BaseAttributor):
                     trajectory,
                     blocks,
                     segment.checkpoints,
-                    shard(stage.examples),
+                    local_examples(trajectory, stage.examples),
                     settings,
                     budget=budget,
                     loss_cache=cache,
@@ -201,7 +206,7 @@ class SourceAttributor(BaseAttributor):
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
         segments = self.state_["segments"]
-        stage_examples = [shard(s.examples) for s in trajectory.stages]
+        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return source_scores(

@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._distributed import shard
 from .._validation import InstanceOf
 from ..base import BaseAttributor
 from ..gradients._layers import find_blocks
@@ -19,6 +18,7 @@ from ._shared import (
     GRADIENT_CONSTRAINTS,
     QueryGradientsAt,
     cache_training_factors,
+    local_examples,
     score_query_blocks,
 )
 
@@ -117,7 +117,10 @@ class TracInAttributor(BaseAttributor):
         cache = cache_training_factors(
             trajectory,
             blocks,
-            [(t.step, shard(trajectory.stages[t.stage].examples)) for t in terms],
+            [
+                (t.step, local_examples(trajectory, trajectory.stages[t.stage].examples))
+                for t in terms
+            ],
             memory_limit=self.memory_limit // 2,
             batch_size=self.batch_size,
             device=resolve_device(self.device),
@@ -136,7 +139,7 @@ class TracInAttributor(BaseAttributor):
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
         terms = self.checkpoints_
-        stage_examples = [shard(s.examples) for s in trajectory.stages]
+        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
 
         def score(grads_at: QueryGradientsAt, training: TrainingGradients) -> torch.Tensor:
             return tracin_scores(

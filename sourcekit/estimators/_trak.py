@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._distributed import all_gather_columns, all_reduce_sum, is_main, shard
+from .._distributed import all_gather_columns, all_reduce_sum, is_main
 from .._validation import Interval, Options
 from ..base import BaseAttributor
 from ..exceptions import NonFiniteError
@@ -27,7 +27,13 @@ from ..scoring._trak import (
 )
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import GRADIENT_CONSTRAINTS, query_gradients, query_slices, resolve_seed
+from ._shared import (
+    GRADIENT_CONSTRAINTS,
+    local_examples,
+    query_gradients,
+    query_slices,
+    resolve_seed,
+)
 
 __all__ = ["TRAKAttributor"]
 
@@ -166,7 +172,7 @@ class TRAKAttributor(BaseAttributor):
         training = TrainingGradients(
             trajectory, blocks, None, batch_size=self.batch_size, device=device, dtype=dtype
         )
-        examples = shard(np.arange(trajectory.n_train, dtype=np.int64))
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         checkpoints = []
         for step in tqdm(
             self._steps(trajectory),
