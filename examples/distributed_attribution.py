@@ -2,9 +2,10 @@
 
 The attributors need nothing new to run on several GPUs or machines: start the script
 with ``torchrun`` and initialise the default process group. Every rank then streams its
-own shard of the training examples (the examples m with m % world_size == rank), the
-curvature sums are added up over the ranks, and the score columns are exchanged, so that
-``transform`` returns the whole (n_queries, n_train) matrix on every rank.
+own shard of the training examples (for this one-stage run, the examples m with
+m % world_size == rank), the curvature sums are added up over the ranks, and the score
+columns are exchanged, so that ``transform`` returns the whole (n_queries, n_train)
+matrix on every rank.
 
     python examples/distributed_attribution.py                        # one process
     torchrun --nproc_per_node=2 examples/distributed_attribution.py   # 2 processes, this machine
@@ -57,7 +58,7 @@ try:
     queries = task.test[:6]
     scores = source.transform(queries)  # (6, 1437) on every rank
 
-    shard = (trajectory.n_train - rank + world - 1) // world  # examples m with m % world == rank
+    shard = len(range(rank, trajectory.n_train, world))  # the examples m with m % world == rank
     print(
         f"rank {rank} of {world}: streamed {shard} of {trajectory.n_train} training examples "
         f"per checkpoint, holds scores of shape {scores.shape}, sum {scores.sum():.6f}"
