@@ -179,7 +179,7 @@ class RepresentationSimilarityAttributor(BaseAttributor):
     ----------
     state_ : dict
         ``layer`` (the module used), ``features``, the training representations
-        (n_train, d), and ``examples``, the training examples of its rows (all of them
+        (n, d), and ``examples``, the training example of each row (all n_train of them
         in one process; this rank's shard under ``torch.distributed``).
     layer_ : str
         The module whose input is the representation.
