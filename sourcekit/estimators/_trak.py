@@ -180,7 +180,12 @@ class TRAKAttributor(BaseAttributor):
             disable=not (self.progress and is_main()),
             leave=False,
         ):
-            features = projected_training_gradients(training, step, examples, project, dtype=dtype)
+            if len(examples):
+                features = projected_training_gradients(
+                    training, step, examples, project, dtype=dtype
+                )
+            else:  # more ranks than training examples
+                features = torch.zeros(0, self.projection_dim, dtype=dtype, device=device)
             gram = projected_gram(features)
             all_reduce_sum([gram])  # ΦᵀΦ over every rank's shard
             if not torch.isfinite(gram).all():

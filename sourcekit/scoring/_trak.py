@@ -23,7 +23,7 @@ only the shard's columns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,22 +212,23 @@ def projected_training_gradients(
     training_gradients: TrainingGradients,
     step: int,
     examples: np.ndarray,
-    projector: Projector,
+    projector: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Φ: the projected ∇L(z_m, θ_step) of ``examples``, shape (len(examples), k), in that order."""
     examples = np.asarray(examples, dtype=np.int64)
-    features = torch.zeros(
-        len(examples), projector.projection.dim, dtype=dtype, device=projector.device
-    )
     if len(examples) == 0:
-        return features
+        raise ValueError("TRAK needs at least one training example.")
     row = np.full(int(examples.max()) + 1, -1, dtype=np.int64)
     row[examples] = np.arange(len(examples))
+    features: torch.Tensor | None = None
     for indices, grads in training_gradients(step, examples):
         phi = projector(grads).to(dtype)
+        if features is None:
+            features = torch.zeros(len(examples), phi.shape[1], dtype=dtype, device=phi.device)
         features[torch.from_numpy(row[indices]).to(phi.device)] = phi
+    assert features is not None
     return features
 
 
