@@ -322,12 +322,12 @@ def fit_curvature(
                 else:
                     budget.give_back(sum(e.nbytes() for e in kept))
                     kept = None
+        sums = [*a_sum.values(), *s_sum.values(), *diag_sum.values()]
+        flat = _sum_over_ranks(sums, [c for b in blocks for c in counts[b.name]])
+        counts = {b.name: flat[2 * i : 2 * i + 2] for i, b in enumerate(blocks)}
         if loss_cache is not None and keep_loss and loss_batches:  # (a rank's shard may be empty)
             loss_cache.batches[step] = loss_batches
         fisher_cache[step] = kept
-        sums = [*diag_sum.values()] if kind == "diagonal" else [*a_sum.values(), *s_sum.values()]
-        flat = _sum_over_ranks(sums, [c for b in blocks for c in counts[b.name]])
-        counts = {b.name: flat[2 * i : 2 * i + 2] for i, b in enumerate(blocks)}
         for b in blocks:
             for what, matrix in (
                 ("input covariance", a_sum[b.name]),
@@ -376,9 +376,9 @@ def fit_curvature(
             for b in blocks:
                 _, q_s, _, q_a = bases[b.name]
                 total[b.name] += _squared_rotated(b, batch, q_s, q_a)
+        (n,) = _sum_over_ranks(list(total.values()), [n])
         if batches is not None:
             budget.give_back(sum(e.nbytes() for e in batches))
-        (n,) = _sum_over_ranks(list(total.values()), [n])
         for b in blocks:
             corrected[b.name] += total[b.name] / (n * len(steps))
     factors = {}
