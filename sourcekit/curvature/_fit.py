@@ -322,8 +322,8 @@ def fit_curvature(
                 else:
                     budget.give_back(sum(e.nbytes() for e in kept))
                     kept = None
-        sums = [*a_sum.values(), *s_sum.values(), *diag_sum.values()]
-        flat = _sum_over_ranks(sums, [c for b in blocks for c in counts[b.name]])
+        partial = [*a_sum.values(), *s_sum.values(), *diag_sum.values()]
+        flat = _sum_over_ranks(partial, [c for b in blocks for c in counts[b.name]])
         counts = {b.name: flat[2 * i : 2 * i + 2] for i, b in enumerate(blocks)}
         if loss_cache is not None and keep_loss and loss_batches:  # (a rank's shard may be empty)
             loss_cache.batches[step] = loss_batches
