@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from ._distributed import all_agree, is_distributed, rank, world_size
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
@@ -180,13 +181,18 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             type(self).__qualname__,
             trajectory.fingerprint,
             tuple((name, repr(getattr(self, name))) for name in self._state_parameters),
+            ("shard", rank(), world_size()),  # a rank's state holds its shard's data
         )
         memory = as_memory(getattr(self, "memory", None))
         if memory is None:
             compute = lambda: self._fit_state(trajectory)  # noqa: E731
         else:
             on_disk = memory.cache(_compute_state, ignore=["attributor", "trajectory"])
-            compute = lambda: on_disk((__version__, *key), self, trajectory)  # noqa: E731
+            args = ((__version__, *key), self, trajectory)
+            compute = lambda: on_disk(*args)  # noqa: E731
+            # Fitting runs collectives: if any rank lacks the state on disk, all fit it.
+            if is_distributed() and not all_agree(on_disk.check_call_in_cache(*args)):
+                compute = lambda: on_disk.call(*args)[0]  # noqa: E731
         if "random_state" in self._state_parameters and getattr(self, "random_state", 0) is None:
             # Fresh randomness at every fit (scikit-learn's meaning of None): no caching.
             self.state_ = self._fit_state(trajectory)

@@ -18,6 +18,11 @@ mean_c E[Jᵀ ∇²_z L J], and "hessian" the dense Hessian of the mean training
 The layer inputs and output gradients of a pass are kept in memory, within a byte
 budget, so that the eigenvalue correction (and later the scoring of training examples)
 does not need another pass over the data.
+
+Under ``torch.distributed`` each rank passes its shard of the examples (see
+``sourcekit._distributed.shard``): the sums above and the counts that normalise them are
+summed over the ranks before they are divided or eigendecomposed, so every rank returns
+the same curvature, that of all the examples.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, hessian
 
+from .._distributed import all_reduce_sum, is_distributed
 from ..exceptions import NonFiniteError
 from ..gradients._layers import LayerBlock, block_gradients, squared_gradient_sum
 from ..gradients._per_example import (
@@ -124,6 +130,20 @@ def _sum_fisher(
         counts[block.name][1] += a.shape[0]
 
 
+def _sum_over_ranks(sums: Sequence[torch.Tensor], counts: Sequence[int]) -> list[int]:
+    """Sum ``sums`` (in place) and ``counts`` over the ranks; return the summed counts.
+
+    The seam between a pass over this rank's shard of the examples and the
+    normalisation: in one process nothing changes; under ``torch.distributed`` every
+    rank then holds the sums and counts of the whole training set.
+    """
+    if not is_distributed():
+        return list(counts)
+    table = torch.tensor(list(counts), dtype=torch.int64)
+    all_reduce_sum([*sums, table])
+    return table.tolist()
+
+
 def _squared_rotated(
     block: LayerBlock, batch: BatchFactors, q_s: torch.Tensor | None, q_a: torch.Tensor | None
 ) -> torch.Tensor:
@@ -195,7 +215,9 @@ def fit_curvature(
     steps : sequence of int
         The checkpoints to average over (a segment's, or the final step).
     indices : ndarray of int
-        The training examples to average over (the segment's stage).
+        The training examples to average over (the segment's stage), or this rank's
+        shard of them under ``torch.distributed``: the sums and counts are then summed
+        over the ranks, so every rank must make the same call with its own shard.
     settings : FitSettings
         Fisher targets, seed, batch size, device and precision of the passes.
     budget : CacheBudget, optional
@@ -301,7 +323,10 @@ def fit_curvature(
                 else:
                     budget.give_back(sum(e.nbytes() for e in kept))
                     kept = None
-        if loss_cache is not None and keep_loss:
+        partial = [*a_sum.values(), *s_sum.values(), *diag_sum.values()]
+        flat = _sum_over_ranks(partial, [c for b in blocks for c in counts[b.name]])
+        counts = {b.name: flat[2 * i : 2 * i + 2] for i, b in enumerate(blocks)}
+        if loss_cache is not None and keep_loss and loss_batches:  # (a rank's shard may be empty)
             loss_cache.batches[step] = loss_batches
         fisher_cache[step] = kept
         for sums, what in (
@@ -349,6 +374,7 @@ def fit_curvature(
             for b in kronecker:
                 _, q_s, _, q_a = bases[b.name]
                 total[b.name] += _squared_rotated(b, batch, q_s, q_a)
+        (n,) = _sum_over_ranks(list(total.values()), [n])
         if batches is not None:
             budget.give_back(sum(e.nbytes() for e in batches))
         for b in kronecker:
@@ -445,6 +471,7 @@ def _fit_dense(
         )
     dev = settings.device
     total = torch.zeros(n_params, n_params, dtype=torch.float64, device=dev)
+    (n_examples,) = _sum_over_ranks([], [len(indices)])
     for step in steps:
         model = model_at(trajectory, step, blocks, device=dev, dtype=torch.float64)
         if kind == "exact":
@@ -453,10 +480,11 @@ def _fit_dense(
             )
         else:
             part = _hessian_sum(model, blocks, trajectory, indices, settings.batch_size, dev)
+        _sum_over_ranks([part], [])
         if not torch.isfinite(part).all():
             raise NonFiniteError(
                 f"NaN or infinity in the dense {kind} curvature at checkpoint step {step}. The run "
                 "may have diverged there; choose other checkpoints or check the recorded data."
             )
-        total += part / (len(indices) * len(steps))
+        total += part / (n_examples * len(steps))
     return DenseCurvature(kind, blocks, total)

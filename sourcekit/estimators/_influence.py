@@ -15,7 +15,12 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
-from ._shared import CURVATURE_CONSTRAINTS, fit_settings, score_in_query_blocks
+from ._shared import (
+    CURVATURE_CONSTRAINTS,
+    fit_settings,
+    local_examples,
+    score_in_query_blocks,
+)
 
 __all__ = ["InfluenceAttributor"]
 
@@ -135,7 +140,7 @@ class InfluenceAttributor(BaseAttributor):
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
         settings = fit_settings(self)
         cache = LossCache()
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         curvature = fit_curvature(
             self.curvature,
             trajectory,
@@ -167,7 +172,7 @@ class InfluenceAttributor(BaseAttributor):
         shift = (
             {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
         )
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return influence_scores(
@@ -183,4 +188,4 @@ class InfluenceAttributor(BaseAttributor):
                 query_rank=self.query_rank,
             )
 
-        return score_in_query_blocks(self, queries, trajectory.n_train, score)
+        return score_in_query_blocks(self, queries, len(examples), score)

@@ -1,6 +1,10 @@
 """Pieces shared by the gradient-based attributors (SOURCE, influence functions, TracIn,
 TRAK, gradient similarity): parameter constraints, query gradients at a checkpoint, the
-query-block scoring loop and the cache of training-loss factors filled while fitting."""
+query-block scoring loop and the cache of training-loss factors filled while fitting.
+
+Under ``torch.distributed`` the attributors stream only this rank's shard of every
+stage (:func:`local_examples`); the scoring loop here exchanges the score columns at the
+end, so that every rank returns the whole matrix."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, MEMORY, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, CacheBudget, FitSettings
@@ -32,6 +37,7 @@ __all__ = [
     "QueryGradientsAt",
     "cache_training_factors",
     "fit_settings",
+    "local_examples",
     "query_gradients",
     "query_slices",
     "resolve_seed",
@@ -63,10 +69,35 @@ CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
 }
 
 
+# The owner of every training example, per (trajectory fingerprint, world size).
+_OWNERS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def local_examples(trajectory: Trajectory, indices: np.ndarray) -> np.ndarray:
+    """The examples of ``indices`` that this rank streams (all of them in one process).
+
+    Ownership is balanced within every stage of the trajectory
+    (``sourcekit._distributed.owners``) and is the same in all of them.
+    """
+    w = world_size()
+    if w == 1:
+        return np.asarray(indices, dtype=np.int64)
+    key = (trajectory.fingerprint, w)
+    if key not in _OWNERS:
+        if len(_OWNERS) >= 4:
+            _OWNERS.pop(next(iter(_OWNERS)))
+        _OWNERS[key] = owners(trajectory.n_train, [s.examples for s in trajectory.stages])
+    return shard(indices, _OWNERS[key])
+
+
 def resolve_seed(random_state: int | None) -> int:
-    """``random_state``, or fresh entropy when it is None (scikit-learn's convention)."""
+    """``random_state``, or fresh entropy when it is None (scikit-learn's convention).
+
+    Under ``torch.distributed`` the fresh seed is rank 0's, so that every rank samples
+    the same Fisher targets and projections.
+    """
     if random_state is None:
-        return int(np.random.SeedSequence().generate_state(1)[0])
+        return broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
     return int(random_state)
 
 
@@ -137,7 +168,11 @@ def score_query_blocks(
     TracIn, call it once per checkpoint). The blocks are as large as
     ``attributor.memory_limit`` allows (usually one); the training gradients come from
     the fitted cache (``state_["cache"]``) or are streamed, with a progress bar counting
-    the training examples scored (``examples_per_block`` per block).
+    the training examples scored (``examples_per_block`` per block, on this rank).
+
+    ``score`` fills the columns of this rank's shard of the training examples (all of
+    them in one process); the columns of the other ranks are gathered from them at the
+    end, so every rank returns the whole (n_queries, n_train) matrix.
     """
     trajectory = attributor.trajectory_
     blocks = attributor.state_["blocks"]
@@ -148,7 +183,7 @@ def score_query_blocks(
         total=len(slices) * examples_per_block,
         desc="scoring",
         unit="example",
-        disable=not attributor.progress,
+        disable=not (attributor.progress and is_main()),
         leave=False,
     )
     training = TrainingGradients(
@@ -177,7 +212,9 @@ def score_query_blocks(
 
         parts.append(score(grads_at, training))
     bar.close()
-    return torch.cat(parts).cpu()
+    scores = torch.cat(parts)
+    mine = local_examples(trajectory, np.arange(trajectory.n_train))
+    return all_gather_columns(scores, mine).cpu()
 
 
 def score_in_query_blocks(
@@ -218,7 +255,7 @@ def cache_training_factors(
     budget = CacheBudget(memory_limit)
     cache: dict[int, list[BatchFactors]] = {}
     for step, examples in tqdm(
-        checkpoints, desc="caching gradients", disable=not progress, leave=False
+        checkpoints, desc="caching gradients", disable=not (progress and is_main()), leave=False
     ):
         model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
         kept: list[BatchFactors] = []
@@ -244,5 +281,6 @@ def cache_training_factors(
             kept.append(batch)
         if not fits:
             break  # the budget is spent: stop caching rather than start more partial passes
-        cache[step] = kept
+        if kept:  # a rank's shard of a stage may be empty: nothing to cache
+            cache[step] = kept
     return cache

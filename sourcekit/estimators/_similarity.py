@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._distributed import all_gather_columns
 from .._validation import InstanceOf, Options
 from ..base import DEVICE, DTYPE, POSITIVE_INT, BaseAttributor
 from ..gradients._layers import find_blocks
@@ -22,7 +23,12 @@ from ..scoring._similarity import (
 )
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import GRADIENT_CONSTRAINTS, cache_training_factors, score_in_query_blocks
+from ._shared import (
+    GRADIENT_CONSTRAINTS,
+    cache_training_factors,
+    local_examples,
+    score_in_query_blocks,
+)
 
 __all__ = ["GradientSimilarityAttributor", "RepresentationSimilarityAttributor"]
 
@@ -110,7 +116,7 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         cache = cache_training_factors(
             trajectory,
             blocks,
@@ -125,7 +131,7 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return gradient_similarity_scores(
@@ -139,7 +145,7 @@ class GradientSimilarityAttributor(BaseAttributor):
                 dtype=self._torch_dtype(),
             )
 
-        return score_in_query_blocks(self, queries, trajectory.n_train, score)
+        return score_in_query_blocks(self, queries, len(examples), score)
 
 
 class RepresentationSimilarityAttributor(BaseAttributor):
@@ -172,8 +178,9 @@ class RepresentationSimilarityAttributor(BaseAttributor):
     Attributes
     ----------
     state_ : dict
-        ``layer`` (the module used) and ``features``, the training representations
-        (n_train, d).
+        ``layer`` (the module used), ``features``, the training representations
+        (n, d), and ``examples``, the training example of each row (all n_train of them
+        in one process; this rank's shard under ``torch.distributed``).
     layer_ : str
         The module whose input is the representation.
     trajectory_, n_train_, fingerprint_
@@ -235,15 +242,16 @@ class RepresentationSimilarityAttributor(BaseAttributor):
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
         model = self._model(trajectory)
         layer = default_layer(model) if self.layer is None else self.layer
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         features = layer_features(
             model,
             layer,
-            trajectory.train,
+            trajectory.train[examples if len(examples) else np.arange(1)],
             batch_size=self.batch_size,
             device=resolve_device(self.device),
             dtype=self._torch_dtype(),
-        )
-        return {"layer": layer, "features": features}
+        )[: len(examples)]  # an empty shard still needs the features' width
+        return {"layer": layer, "features": features, "examples": examples}
 
     @property
     def layer_(self) -> str:
@@ -259,4 +267,8 @@ class RepresentationSimilarityAttributor(BaseAttributor):
             device=resolve_device(self.device),
             dtype=self._torch_dtype(),
         )
-        return representation_similarity(features, self.state_["features"], self.similarity).cpu()
+        examples = self.state_["examples"]
+        local = representation_similarity(features, self.state_["features"], self.similarity)
+        scores = local.new_zeros(len(queries), self.n_train_)
+        scores[:, torch.from_numpy(examples).to(scores.device)] = local
+        return all_gather_columns(scores, examples).cpu()

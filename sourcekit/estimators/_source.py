@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import BaseAttributor
 from ..curvature._fit import CacheBudget, LossCache, fit_curvature
@@ -16,7 +17,12 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
-from ._shared import CURVATURE_CONSTRAINTS, fit_settings, score_in_query_blocks
+from ._shared import (
+    CURVATURE_CONSTRAINTS,
+    fit_settings,
+    local_examples,
+    score_in_query_blocks,
+)
 
 __all__ = ["SourceAttributor"]
 
@@ -179,7 +185,10 @@ class SourceAttributor(BaseAttributor):
         cache = LossCache()
         curvatures = []
         for segment in tqdm(
-            segments, desc="fitting segments", disable=not self.progress, leave=False
+            segments,
+            desc="fitting segments",
+            disable=not (self.progress and is_main()),
+            leave=False,
         ):
             stage = trajectory.stages[segment.stage]
             curvatures.append(
@@ -188,7 +197,7 @@ class SourceAttributor(BaseAttributor):
                     trajectory,
                     blocks,
                     segment.checkpoints,
-                    stage.examples,
+                    local_examples(trajectory, stage.examples),
                     settings,
                     budget=budget,
                     loss_cache=cache,
@@ -208,7 +217,7 @@ class SourceAttributor(BaseAttributor):
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
         segments = self.state_["segments"]
-        stage_examples = [s.examples for s in trajectory.stages]
+        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
             return source_scores(
@@ -223,5 +232,7 @@ class SourceAttributor(BaseAttributor):
                 query_rank=self.query_rank,
             )
 
-        per_block = sum(m.n_examples * len(m.segment.checkpoints) for m in segments)
+        per_block = sum(
+            len(stage_examples[m.segment.stage]) * len(m.segment.checkpoints) for m in segments
+        )
         return score_in_query_blocks(self, queries, per_block, score)

@@ -18,6 +18,7 @@ from ._shared import (
     GRADIENT_CONSTRAINTS,
     QueryGradientsAt,
     cache_training_factors,
+    local_examples,
     score_query_blocks,
 )
 
@@ -116,7 +117,10 @@ class TracInAttributor(BaseAttributor):
         cache = cache_training_factors(
             trajectory,
             blocks,
-            [(t.step, trajectory.stages[t.stage].examples) for t in terms],
+            [
+                (t.step, local_examples(trajectory, trajectory.stages[t.stage].examples))
+                for t in terms
+            ],
             memory_limit=self.memory_limit // 2,
             batch_size=self.batch_size,
             device=resolve_device(self.device),
@@ -135,7 +139,7 @@ class TracInAttributor(BaseAttributor):
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
         terms = self.checkpoints_
-        stage_examples = [s.examples for s in trajectory.stages]
+        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
 
         def score(grads_at: QueryGradientsAt, training: TrainingGradients) -> torch.Tensor:
             return tracin_scores(
@@ -147,5 +151,5 @@ class TracInAttributor(BaseAttributor):
                 dtype=self._torch_dtype(),
             )
 
-        per_block = int(sum(t.n_examples for t in terms))
+        per_block = sum(len(stage_examples[t.stage]) for t in terms)
         return score_query_blocks(self, queries, per_block, score)

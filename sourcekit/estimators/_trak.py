@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._distributed import all_gather_columns, all_reduce_sum, is_main
 from .._validation import Interval, Options
 from ..base import BaseAttributor
 from ..exceptions import NonFiniteError
@@ -19,13 +20,20 @@ from ..scoring._trak import (
     RandomProjection,
     TRAKCheckpoint,
     default_damping,
-    kernel_eigendecomposition,
+    gram_eigendecomposition,
+    projected_gram,
     projected_training_gradients,
     trak_scores,
 )
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import resolve_device
-from ._shared import GRADIENT_CONSTRAINTS, query_gradients, query_slices, resolve_seed
+from ._shared import (
+    GRADIENT_CONSTRAINTS,
+    local_examples,
+    query_gradients,
+    query_slices,
+    resolve_seed,
+)
 
 __all__ = ["TRAKAttributor"]
 
@@ -83,7 +91,8 @@ class TRAKAttributor(BaseAttributor):
     ----------
     state_ : dict
         ``blocks``, ``projection`` (the RandomProjection) and ``checkpoints`` (a
-        TRAKCheckpoint per checkpoint: Φ and the eigendecomposition of ΦᵀΦ/N).
+        TRAKCheckpoint per checkpoint: Φ and the eigendecomposition of ΦᵀΦ/N; under
+        ``torch.distributed``, Φ holds the rows of this rank's shard only).
     damping_ : float or dict of step to float
     trajectory_, n_train_, fingerprint_
         The fitted run, its number of training examples and its content fingerprint
@@ -163,21 +172,31 @@ class TRAKAttributor(BaseAttributor):
         training = TrainingGradients(
             trajectory, blocks, None, batch_size=self.batch_size, device=device, dtype=dtype
         )
-        examples = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         checkpoints = []
         for step in tqdm(
-            self._steps(trajectory), desc="projecting", disable=not self.progress, leave=False
+            self._steps(trajectory),
+            desc="projecting",
+            disable=not (self.progress and is_main()),
+            leave=False,
         ):
-            features = projected_training_gradients(
-                training, step, examples, project, n_train=trajectory.n_train, dtype=dtype
-            )
-            if not torch.isfinite(features).all():
+            if len(examples):
+                features = projected_training_gradients(
+                    training, step, examples, project, dtype=dtype
+                )
+            else:  # more ranks than training examples
+                features = torch.zeros(0, self.projection_dim, dtype=dtype, device=device)
+            gram = projected_gram(features)
+            all_reduce_sum([gram])  # ΦᵀΦ over every rank's shard
+            if not torch.isfinite(gram).all():
                 raise NonFiniteError(
                     f"NaN or infinity in the projected training gradients at checkpoint step {step}. "
                     "The run may have diverged there; use checkpoints='final' or check the data."
                 )
-            values, vectors = kernel_eigendecomposition(features)
-            checkpoints.append(TRAKCheckpoint(step, features, values, vectors))
+            values, vectors = gram_eigendecomposition(gram, trajectory.n_train)
+            checkpoints.append(
+                TRAKCheckpoint(step, features, values, vectors, examples, trajectory.n_train)
+            )
         return {"blocks": blocks, "projection": projection, "checkpoints": checkpoints}
 
     @property
@@ -213,4 +232,5 @@ class TRAKAttributor(BaseAttributor):
                 for c in checkpoints
             ]
             parts.append(trak_scores(features, checkpoints, lams, dtype=dtype))
-        return torch.cat(parts).cpu()
+        scores = torch.cat(parts)
+        return all_gather_columns(scores, checkpoints[0].columns).cpu()

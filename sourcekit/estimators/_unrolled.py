@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
 
+from .._distributed import is_distributed, world_size
 from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS, BaseAttributor
 from ..scoring._unrolled import unrolled_scores
 from ..trajectory import Examples, Trajectory
@@ -33,6 +35,11 @@ class UnrolledAttributor(BaseAttributor):
     linearly with the number of steps (about the activations and parameters of each
     step, several times over). The trajectory must hold the batch indices of every step,
     and the forward pass must be deterministic (no dropout).
+
+    It does not shard across ``torch.distributed`` ranks: the replay is one sequential
+    computation over the whole run, which does not split by training example. Under a
+    process group of several ranks every rank replays the whole run and returns the
+    same full matrix (no speed-up), and ``transform`` warns.
 
     Parameters
     ----------
@@ -85,6 +92,15 @@ class UnrolledAttributor(BaseAttributor):
         require_batches(trajectory, type(self).__name__)
 
     def _scores(self, queries: Examples) -> torch.Tensor:
+        if is_distributed():
+            warnings.warn(
+                f"UnrolledAttributor does not shard across the {world_size()} ranks of "
+                "torch.distributed: every rank replays the whole run and computes every score "
+                "(the result is the single-process one, with no speed-up). Run it in one "
+                "process, or on rank 0 only, to save the other ranks' time.",
+                UserWarning,
+                stacklevel=3,
+            )
         return unrolled_scores(
             self.trajectory_,
             queries,

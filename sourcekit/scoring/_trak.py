@@ -14,6 +14,11 @@ u = Q (Λ + λ)⁻¹ Qᵀ φ_q and τ = −(1/N) Φ u.
 
 With λ = 0 the inverse is the pseudo-inverse (eigenvalues at rounding level are
 dropped): every φ_m lies in the span of Φ's rows, so this is the limit λ → 0.
+
+Φ may hold only some of the training examples (a rank's shard under
+``torch.distributed``): ΦᵀΦ is then a partial sum (:func:`projected_gram`) that the
+caller sums over the ranks before :func:`gram_eigendecomposition`, and the scores fill
+only the shard's columns.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ __all__ = [
     "RandomProjection",
     "TRAKCheckpoint",
     "default_damping",
+    "gram_eigendecomposition",
     "kernel_eigendecomposition",
+    "projected_gram",
     "projected_training_gradients",
     "trak_scores",
 ]
@@ -200,18 +207,37 @@ class TRAKCheckpoint:
     Attributes
     ----------
     step : int
-    features : tensor of shape (N, k)
-        Φ: the projected training-loss gradients, rows in training-example order.
+    features : tensor of shape (n, k)
+        Φ: the projected training-loss gradients of ``examples``, one row each.
     eigenvalues : tensor of shape (k,), float64
-        Λ of ΦᵀΦ/N (clamped at 0).
+        Λ of ΦᵀΦ/N over all N training examples (clamped at 0).
     eigenvectors : tensor of shape (k, k), float64
         Q of ΦᵀΦ/N.
+    examples : ndarray of int, optional
+        The training example of each row of ``features`` (a rank's shard); None: the
+        rows are the examples 0..n-1.
+    n_train : int, optional
+        N, the number of training examples (the 1/N of the score); None: the rows.
     """
 
     step: int
     features: torch.Tensor
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
+    examples: np.ndarray | None = None
+    n_train: int | None = None
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The training examples of the rows of ``features``."""
+        if self.examples is None:
+            return np.arange(self.features.shape[0], dtype=np.int64)
+        return self.examples
+
+    @property
+    def n(self) -> int:
+        """N: the number of training examples of the kernel."""
+        return self.features.shape[0] if self.n_train is None else int(self.n_train)
 
 
 def projected_training_gradients(
@@ -220,27 +246,40 @@ def projected_training_gradients(
     examples: np.ndarray,
     projector: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     *,
-    n_train: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Φ: the projected ∇L(z_m, θ_step) of ``examples``, shape (n_train, k) (other rows 0)."""
+    """Φ: the projected ∇L(z_m, θ_step) of ``examples``, shape (len(examples), k), in that order."""
+    examples = np.asarray(examples, dtype=np.int64)
+    if len(examples) == 0:
+        raise ValueError("TRAK needs at least one training example.")
+    row = np.full(int(examples.max()) + 1, -1, dtype=np.int64)
+    row[examples] = np.arange(len(examples))
     features: torch.Tensor | None = None
     for indices, grads in training_gradients(step, examples):
         phi = projector(grads).to(dtype)
         if features is None:
-            features = torch.zeros(n_train, phi.shape[1], dtype=dtype, device=phi.device)
-        features[torch.from_numpy(indices).to(phi.device)] = phi
-    if features is None:
-        raise ValueError("TRAK needs at least one training example.")
+            features = torch.zeros(len(examples), phi.shape[1], dtype=dtype, device=phi.device)
+        features[torch.from_numpy(row[indices]).to(phi.device)] = phi
+    assert features is not None
     return features
 
 
-def kernel_eigendecomposition(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Λ, Q) of ΦᵀΦ/N in float64 (Φ of shape (N, k)); eigenvalues clamped at 0."""
+def projected_gram(features: torch.Tensor) -> torch.Tensor:
+    """ΦᵀΦ in float64, shape (k, k): the kernel's sum over the rows of Φ (n, k)."""
     phi = features.double()
-    gram = phi.T @ phi / phi.shape[0]
-    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+    return phi.T @ phi
+
+
+def gram_eigendecomposition(gram: torch.Tensor, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, Q) of ``gram``/N in float64 (``gram`` = ΦᵀΦ over all N examples); Λ clamped at 0."""
+    kernel = gram.double() / n_train
+    values, vectors = torch.linalg.eigh(0.5 * (kernel + kernel.T))
     return values.clamp_min(0.0), vectors
+
+
+def kernel_eigendecomposition(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, Q) of ΦᵀΦ/N in float64 (Φ of shape (N, k), every example); eigenvalues clamped at 0."""
+    return gram_eigendecomposition(projected_gram(features), features.shape[0])
 
 
 def default_damping(checkpoint: TRAKCheckpoint) -> float:
@@ -256,6 +295,9 @@ def trak_scores(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """TRAK scores of shape (n_queries, N), averaged over the checkpoints.
+
+    Only the columns of the checkpoints' ``examples`` are filled (all N when they hold
+    every example); the others are 0.
 
     Parameters
     ----------
@@ -278,7 +320,10 @@ def trak_scores(
         )
         u = ((phi_q.double().to(vectors.device) @ vectors) * inverse) @ vectors.T
         features = checkpoint.features
-        part = -(u.to(dtype) @ features.to(dtype).T) / features.shape[0]
-        scores = part if scores is None else scores + part
+        if scores is None:
+            scores = torch.zeros(phi_q.shape[0], checkpoint.n, dtype=dtype, device=features.device)
+        columns = torch.from_numpy(checkpoint.columns).to(features.device)
+        part = -(u.to(dtype).to(features.device) @ features.to(dtype).T) / checkpoint.n
+        scores.index_add_(1, columns, part)
     assert scores is not None
     return scores / len(checkpoints)
