@@ -38,10 +38,12 @@ __version__ = "0.1.0"
 __all__ = ["BaseAttributor", "clear_state_cache", "state_cache_info"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, **_DTYPES}
 
 # Shared constraints that most attributors declare.
 DEVICE = InstanceOf((str, torch.device), "'auto', 'cpu', 'cuda' or a torch.device")
 DTYPE = Options("float32", "float64")
+GRADIENT_DTYPE = Options(*_GRADIENT_DTYPES)
 PROGRESS = InstanceOf((bool,), "a bool")
 POSITIVE_INT = Interval(int, 1, None)
 
@@ -255,6 +257,12 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
 
     def _torch_dtype(self) -> torch.dtype:
         return _DTYPES[getattr(self, "dtype", "float32")]
+
+    def _pass_dtype(self) -> torch.dtype:
+        """The precision of the forward and backward passes: ``gradient_dtype`` if set,
+        else the working precision ``dtype``."""
+        chosen = getattr(self, "gradient_dtype", None)
+        return self._torch_dtype() if chosen is None else _GRADIENT_DTYPES[chosen]
 
     def _numpy_dtype(self) -> type:
         return np.float64 if getattr(self, "dtype", "float32") == "float64" else np.float32

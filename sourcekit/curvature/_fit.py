@@ -27,7 +27,7 @@ the same curvature, that of all the examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,15 +76,84 @@ class CacheBudget:
         self.used = max(0, self.used - nbytes)
 
 
+class PassCache:
+    """The batches of one pass over a checkpoint, kept whole within a budget or not at all.
+
+    The first batch offered decides: the pass's bytes are projected from it (the same
+    bytes per example for the whole pass) and reserved in the budget. If they do not
+    fit, nothing is kept and :attr:`active` turns False at once, so that the pass can
+    stop computing what only the cache would have used (the training-loss gradients
+    during a curvature pass). The reservation is settled to the bytes actually kept
+    when the pass ends (:meth:`close`), or returned with :meth:`drop`.
+    """
+
+    def __init__(self, budget: CacheBudget, n_examples: int, active: bool = True) -> None:
+        self.budget = budget
+        self.n_examples = int(n_examples)
+        self.active = active
+        self.batches: list[BatchFactors] = []
+        self._reserved = 0
+        self._kept = 0
+
+    def wanted(self) -> bool:
+        """Whether batches are still being kept (asked before computing them)."""
+        return self.active
+
+    def offer(self, entry: BatchFactors) -> None:
+        if not self.active:
+            return
+        nbytes = entry.nbytes()
+        if not self.batches:
+            per_example = -(-nbytes // max(1, len(entry.indices)))  # ceiling
+            self._reserved = per_example * self.n_examples
+            if not self.budget.take(self._reserved):
+                self._reserved = 0
+                self.active = False
+                return
+        if self._kept + nbytes > self._reserved:  # uneven batches: reserve the rest, or give up
+            if not self.budget.take(self._kept + nbytes - self._reserved):
+                self.drop()
+                return
+            self._reserved = self._kept + nbytes
+        self.batches.append(entry)
+        self._kept += nbytes
+
+    def drop(self) -> None:
+        """Keep nothing, and return the reserved bytes."""
+        self.budget.give_back(self._reserved)
+        self._reserved = self._kept = 0
+        self.batches = []
+        self.active = False
+
+    def close(self) -> list[BatchFactors] | None:
+        """The kept batches (None if the pass was not kept); unused bytes go back."""
+        if not self.active or not self.batches:
+            self.drop()
+            return None
+        self.budget.give_back(self._reserved - self._kept)
+        self._reserved = self._kept
+        return self.batches
+
+
 @dataclass
 class FitSettings:
-    """How passes over the training data are run."""
+    """How passes over the training data are run.
+
+    ``dtype`` is the working precision of the covariances and of their rotations;
+    ``gradient_dtype`` that of the forward and backward passes and of the kept batches
+    (None: ``dtype``). Eigendecompositions always run in float64.
+    """
 
     fisher: str = "true"
     random_state: int | None = 0
     batch_size: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    gradient_dtype: torch.dtype | None = None
+
+    @property
+    def pass_dtype(self) -> torch.dtype:
+        return self.dtype if self.gradient_dtype is None else self.gradient_dtype
 
 
 @dataclass
@@ -112,21 +181,47 @@ def _eigh(matrix: torch.Tensor, what: str, name: str) -> tuple[torch.Tensor, tor
     return values.clamp_min(0.0), vectors
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """Σ over examples and positions of x xᵀ, in the input's precision, returned in float64."""
-    flat = x.reshape(-1, x.shape[-1])
+# Numbers a chunk of per-example matrices may hold (16 MiB in float32).
+_CHUNK_NUMBERS = 2**22
+
+
+def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over examples and positions of x xᵀ, formed in ``dtype``, returned in float64.
+
+    Inputs captured in a lower precision (``gradient_dtype``) are widened first: the
+    products of a batch are summed in the working precision, never in bfloat16.
+    """
+    x = x.to(dtype)
+    n, t, d = x.shape
+    if t > 1 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        # Positions last in memory (a convolution's unfolded patches, (n, d, T) seen as
+        # (n, T, d)): one product per example reads them in place, where flattening the
+        # positions would first copy the whole batch.
+        rows = x.transpose(1, 2)
+        chunk = max(1, _CHUNK_NUMBERS // (d * d))
+        total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        for start in range(0, n, chunk):
+            part = rows[start : start + chunk]
+            total += (part @ part.transpose(1, 2)).sum(dim=0).double()
+        return total
+    flat = x.reshape(-1, d)
     return (flat.T @ flat).double()
 
 
 def _sum_fisher(
-    blocks: Sequence[LayerBlock], batch: BatchFactors, a_sums: dict, s_sums: dict, counts: dict
+    blocks: Sequence[LayerBlock],
+    batch: BatchFactors,
+    a_sums: dict,
+    s_sums: dict,
+    counts: dict,
+    dtype: torch.dtype,
 ) -> None:
     for block in blocks:
         a = batch.a[block.name]
-        a_sums[block.name] += _gram(a)
+        a_sums[block.name] += _gram(a, dtype)
         counts[block.name][0] += a.shape[0] * a.shape[1]
         for variant in batch.fisher:
-            s_sums[block.name] += _gram(variant[block.name])
+            s_sums[block.name] += _gram(variant[block.name], dtype)
         counts[block.name][1] += a.shape[0]
 
 
@@ -145,20 +240,56 @@ def _sum_over_ranks(sums: Sequence[torch.Tensor], counts: Sequence[int]) -> list
 
 
 def _squared_rotated(
-    block: LayerBlock, batch: BatchFactors, q_s: torch.Tensor | None, q_a: torch.Tensor | None
+    block: LayerBlock,
+    batch: BatchFactors,
+    q_s: torch.Tensor | None,
+    q_a: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Σ over examples (and Fisher variants) of (Q_Sᵀ G Q_A)^∘2, without forming G when T = 1."""
+    """Σ over examples (and Fisher variants) of (Q_Sᵀ G Q_A)^∘2, summed in ``dtype``, as float64.
+
+    Two orders give the same numbers for T positions and V Fisher variants:
+
+    - rotate the factors first, Q_Aᵀ a_t and Q_Sᵀ s_t, then square the gradient they form
+      (without forming it when T = 1): T d_in² + V T d_out² (+ V T d_out d_in when
+      T > 1) multiply-adds per example;
+    - form G = Σ_t s_t a_tᵀ, then rotate it: V (T d_out d_in + d_out d_in (d_out + d_in)).
+
+    The cheaper is taken: the first for layers with few positions (an MLP, a short
+    sequence), the second for convolutions with many positions. The rotation runs in
+    ``dtype`` (the working precision; orthogonal matrices are well conditioned), the
+    batch's sum is returned in float64 for the accumulation across batches.
+    """
     a = batch.a[block.name]
-    a = a.double() if a.is_floating_point() else a
-    if q_a is not None:
-        a = a @ q_a
-    total = torch.zeros(block.d_out, block.d_in, dtype=torch.float64, device=a.device)
-    for variant in batch.fisher:
-        s = variant[block.name].double()
-        if q_s is not None:
-            s = s @ q_s
-        total += squared_gradient_sum(block, a, s)
-    return total
+    a = a.to(dtype) if a.is_floating_point() else a
+    variants = [v[block.name].to(dtype) for v in batch.fisher]
+    if (q_s is None and q_a is None) or block.one_hot:
+        total = sum(squared_gradient_sum(block, a, s) for s in variants)
+        return torch.as_tensor(total).double()
+    n, t, d_in = a.shape
+    d_out = block.d_out
+    q_s = None if q_s is None else q_s.to(dtype)
+    q_a = None if q_a is None else q_a.to(dtype)
+    n_variants = len(variants)
+    rotate_first = t * d_in**2 + n_variants * t * d_out**2 <= n_variants * d_out * d_in * (
+        d_out + d_in
+    )
+    total = torch.zeros(d_out, d_in, dtype=dtype, device=a.device)
+    if rotate_first:
+        a_r = a if q_a is None else a @ q_a
+        for s in variants:
+            total += squared_gradient_sum(block, a_r, s if q_s is None else s @ q_s)
+        return total.double()
+    chunk = max(1, _CHUNK_NUMBERS // (d_out * d_in))
+    for s in variants:
+        for start in range(0, n, chunk):
+            g = torch.einsum("nto,nti->noi", s[start : start + chunk], a[start : start + chunk])
+            if q_s is not None:
+                g = q_s.T @ g
+            if q_a is not None:
+                g = g @ q_a
+            total += (g * g).sum(dim=0)
+    return total.double()
 
 
 def _fisher_batches(
@@ -168,10 +299,10 @@ def _fisher_batches(
     indices: np.ndarray,
     settings: FitSettings,
     *,
-    want_loss: bool,
+    want_loss: bool | Callable[[], bool],
 ) -> Iterator[BatchFactors]:
     """One pass over ``indices`` at checkpoint ``step`` with the settings' Fisher targets."""
-    model = model_at(trajectory, step, blocks, device=settings.device, dtype=settings.dtype)
+    model = model_at(trajectory, step, blocks, device=settings.device, dtype=settings.pass_dtype)
     return checkpoint_batches(
         model,
         blocks,
@@ -183,7 +314,7 @@ def _fisher_batches(
         noise=FisherNoise(fisher_seed(settings.random_state, step)),
         batch_size=settings.batch_size,
         device=settings.device,
-        dtype=settings.dtype,
+        dtype=settings.pass_dtype,
         step=step,
     )
 
@@ -298,37 +429,28 @@ def fit_curvature(
         s_sum = {name: torch.zeros_like(m) for name, m in s_mean.items()}
         diag_sum = {name: torch.zeros_like(m) for name, m in diag_mean.items()}
         counts = {b.name: [0, 0] for b in blocks}
-        kept: list[BatchFactors] | None = [] if kind == "ekfac" and kronecker else None
-        keep_loss = loss_cache is not None
-        loss_batches: list[BatchFactors] = []
+        # The training-loss factors (what scoring needs) and the Fisher factors (what the
+        # eigenvalue correction needs) are kept while the budget allows; once the loss
+        # factors cannot be kept, the pass stops computing them.
+        loss_kept = PassCache(budget, len(indices), active=loss_cache is not None)
+        fisher_kept = PassCache(budget, len(indices), active=kind == "ekfac" and bool(kronecker))
         for batch in _fisher_batches(
-            trajectory, blocks, step, indices, settings, want_loss=keep_loss
+            trajectory, blocks, step, indices, settings, want_loss=loss_kept.wanted
         ):
             for b in diagonal:
-                diag_sum[b.name] += _squared_rotated(b, batch, None, None)
+                diag_sum[b.name] += _squared_rotated(b, batch, None, None, settings.dtype)
                 counts[b.name][1] += len(batch.indices)
-            _sum_fisher(kronecker, batch, a_sum, s_sum, counts)
-            if keep_loss:
-                entry = BatchFactors(batch.indices, batch.a, [], batch.loss)
-                if budget.take(entry.nbytes()):
-                    loss_batches.append(entry)
-                else:
-                    keep_loss = False
-                    budget.give_back(sum(e.nbytes() for e in loss_batches))
-                    loss_batches = []
-            if kept is not None:
-                entry = BatchFactors(batch.indices, batch.a, batch.fisher, None)
-                if budget.take(entry.nbytes()):
-                    kept.append(entry)
-                else:
-                    budget.give_back(sum(e.nbytes() for e in kept))
-                    kept = None
+            _sum_fisher(kronecker, batch, a_sum, s_sum, counts, settings.dtype)
+            if batch.loss is not None:
+                loss_kept.offer(BatchFactors(batch.indices, batch.a, [], batch.loss))
+            fisher_kept.offer(BatchFactors(batch.indices, batch.a, batch.fisher, None))
         partial = [*a_sum.values(), *s_sum.values(), *diag_sum.values()]
         flat = _sum_over_ranks(partial, [c for b in blocks for c in counts[b.name]])
         counts = {b.name: flat[2 * i : 2 * i + 2] for i, b in enumerate(blocks)}
-        if loss_cache is not None and keep_loss and loss_batches:  # (a rank's shard may be empty)
-            loss_cache.batches[step] = loss_batches
-        fisher_cache[step] = kept
+        kept_loss = loss_kept.close()
+        if loss_cache is not None and kept_loss:  # (a rank's shard may be empty)
+            loss_cache.batches[step] = kept_loss
+        fisher_cache[step] = fisher_kept.close()
         for sums, what in (
             (a_sum, "input covariance"),
             (s_sum, "output-gradient covariance"),
@@ -373,7 +495,7 @@ def fit_curvature(
             n += len(batch.indices)
             for b in kronecker:
                 _, q_s, _, q_a = bases[b.name]
-                total[b.name] += _squared_rotated(b, batch, q_s, q_a)
+                total[b.name] += _squared_rotated(b, batch, q_s, q_a, settings.dtype)
         (n,) = _sum_over_ranks(list(total.values()), [n])
         if batches is not None:
             budget.give_back(sum(e.nbytes() for e in batches))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
-from ..base import DEVICE, DTYPE, MEMORY, POSITIVE_INT, PROGRESS
+from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, CacheBudget, FitSettings
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import (
@@ -58,6 +58,7 @@ GRADIENT_CONSTRAINTS: dict[str, list[Any]] = {
     "memory": [None, MEMORY],
     "device": [DEVICE],
     "dtype": [DTYPE],
+    "gradient_dtype": [None, GRADIENT_DTYPE],
     "progress": [PROGRESS],
 }
 
@@ -112,6 +113,7 @@ def fit_settings(attributor: Any) -> FitSettings:
         attributor.batch_size,
         resolve_device(attributor.device),
         attributor._torch_dtype(),
+        attributor._pass_dtype(),
     )
 
 
@@ -124,10 +126,13 @@ def query_gradients(
     device: torch.device,
     dtype: torch.dtype,
     step: int | None = None,
+    pass_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """∇f(z_q, θ_step) per block for all queries (default: the final checkpoint θ_T)."""
+    """∇f(z_q, θ_step) per block for all queries (default: the final checkpoint θ_T), in
+    ``dtype``, from passes in ``pass_dtype`` (default: ``dtype``)."""
     step = trajectory.n_steps if step is None else step
-    model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
+    pass_dtype = dtype if pass_dtype is None else pass_dtype
+    model = model_at(trajectory, step, blocks, device=device, dtype=pass_dtype)
     return measurement_gradients(
         model,
         blocks,
@@ -135,8 +140,9 @@ def query_gradients(
         trajectory.measurement,
         batch_size=batch_size,
         device=device,
-        dtype=dtype,
+        dtype=pass_dtype,
         step=step,
+        output_dtype=dtype,
     )
 
 
@@ -192,7 +198,8 @@ def score_query_blocks(
         attributor.state_["cache"],
         batch_size=attributor.batch_size,
         device=device,
-        dtype=dtype,
+        dtype=attributor._pass_dtype(),
+        output_dtype=dtype,
         progress=bar,
     )
     parts = []
@@ -208,6 +215,7 @@ def score_query_blocks(
                 device=device,
                 dtype=dtype,
                 step=step,
+                pass_dtype=attributor._pass_dtype(),
             )
 
         parts.append(score(grads_at, training))

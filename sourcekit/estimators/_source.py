@@ -99,6 +99,12 @@ class SourceAttributor(BaseAttributor):
     device : str or torch.device, default="auto"
     dtype : {"float32", "float64"}, default="float32"
         Precision of gradients and scores (eigendecompositions are always float64).
+    gradient_dtype : {"bfloat16", "float16", "float32", "float64"} or None, default=None
+        Precision of the forward and backward passes that produce per-example
+        gradients, and of the gradients kept between fitting and scoring (None: ``dtype``).
+        "bfloat16" halves their memory and, on GPUs, speeds the passes up; they are
+        widened to ``dtype`` before they are combined, so curvature and scores stay
+        in ``dtype``. The precision page of the documentation measures the agreement.
     progress : bool, default=False
 
     Attributes
@@ -138,6 +144,7 @@ class SourceAttributor(BaseAttributor):
         "memory_limit",
         "device",
         "dtype",
+        "gradient_dtype",
     )
 
     def __init__(
@@ -157,6 +164,7 @@ class SourceAttributor(BaseAttributor):
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
+        gradient_dtype: str | None = None,
         progress: bool = False,
     ) -> None:
         self.n_segments = n_segments
@@ -173,6 +181,7 @@ class SourceAttributor(BaseAttributor):
         self.memory = memory
         self.device = device
         self.dtype = dtype
+        self.gradient_dtype = gradient_dtype
         self.progress = progress
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:

@@ -85,6 +85,12 @@ class TRAKAttributor(BaseAttributor):
     device : str or torch.device, default="auto"
     dtype : {"float32", "float64"}, default="float32"
         Precision of gradients, projections and scores (eigendecompositions are float64).
+    gradient_dtype : {"bfloat16", "float16", "float32", "float64"} or None, default=None
+        Precision of the forward and backward passes that produce per-example
+        gradients, and of the gradients kept between fitting and scoring (None: ``dtype``).
+        "bfloat16" halves their memory and, on GPUs, speeds the passes up; they are
+        widened to ``dtype`` before they are combined, so curvature and scores stay
+        in ``dtype``. The precision page of the documentation measures the agreement.
     progress : bool, default=False
 
     Attributes
@@ -126,6 +132,7 @@ class TRAKAttributor(BaseAttributor):
         "random_state",
         "device",
         "dtype",
+        "gradient_dtype",
     )
 
     def __init__(
@@ -142,6 +149,7 @@ class TRAKAttributor(BaseAttributor):
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
+        gradient_dtype: str | None = None,
         progress: bool = False,
     ) -> None:
         self.projection_dim = projection_dim
@@ -155,6 +163,7 @@ class TRAKAttributor(BaseAttributor):
         self.memory = memory
         self.device = device
         self.dtype = dtype
+        self.gradient_dtype = gradient_dtype
         self.progress = progress
 
     def _steps(self, trajectory: Trajectory) -> list[int]:
@@ -170,7 +179,13 @@ class TRAKAttributor(BaseAttributor):
         device, dtype = resolve_device(self.device), self._torch_dtype()
         project = projection.projector(device, dtype, self.memory_limit // 2)
         training = TrainingGradients(
-            trajectory, blocks, None, batch_size=self.batch_size, device=device, dtype=dtype
+            trajectory,
+            blocks,
+            None,
+            batch_size=self.batch_size,
+            device=device,
+            dtype=self._pass_dtype(),
+            output_dtype=dtype,
         )
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         checkpoints = []
@@ -227,6 +242,7 @@ class TRAKAttributor(BaseAttributor):
                         device=device,
                         dtype=dtype,
                         step=c.step,
+                        pass_dtype=self._pass_dtype(),
                     )
                 )
                 for c in checkpoints

@@ -86,6 +86,50 @@ class FisherNoise:
         return out
 
 
+_LOW = (torch.bfloat16, torch.float16)
+_LOW_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)``; a half-precision kernel missing on this device becomes a clear error.
+
+    Some CPU builds of torch lack float16 kernels for common layers; the error then
+    names the ``gradient_dtype`` parameter and what to use instead.
+    """
+    try:
+        return model(inputs)
+    except (RuntimeError, NotImplementedError) as err:
+        dtype = inputs.dtype if inputs.is_floating_point() else None
+        if dtype is None:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype not in _LOW or "not implemented for" not in str(err):
+            raise
+        raise ValueError(
+            f"The 'gradient_dtype' parameter is {_LOW_NAMES[dtype]!r}, but a layer of the model "
+            f"has no {_LOW_NAMES[dtype]} kernel on {inputs.device.type!r} ({err}). Use "
+            "gradient_dtype='bfloat16' (supported by CPU builds of torch), or None for the "
+            "working precision, or run on a GPU (device='cuda')."
+        ) from err
+
+
+def _widened(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and floating targets of a low-precision pass in float32, for the loss.
+
+    The loss (a log-sum-exp, a squared error) is computed in float32; its gradient flows
+    back into the network in the pass's precision.
+    """
+    if outputs.dtype not in _LOW:
+        return outputs, targets
+    return outputs.float(), targets.float() if targets.is_floating_point() else targets
+
+
+def _as(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The floating tensors of ``tensors`` in ``dtype`` (unchanged when None)."""
+    if dtype is None:
+        return tensors
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+
+
 def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(
@@ -134,7 +178,7 @@ def checkpoint_batches(
     loss: Callable,
     *,
     fisher: str | None,
-    want_loss: bool,
+    want_loss: bool | Callable[[], bool],
     noise: FisherNoise | None,
     batch_size: int,
     device: torch.device,
@@ -148,8 +192,15 @@ def checkpoint_batches(
     ``"empirical"`` uses the recorded targets, ``"expected"`` backpropagates the columns of
     a square root of the loss's output Hessian (the exact Gauss-Newton matrix; one
     backward pass per output), None skips them. ``want_loss`` adds the gradients of each
-    example's training loss. All gradients are per example (of a sum, not a mean).
+    example's training loss; given as a callable it is asked before every batch, so that
+    a caller that stops keeping them stops paying for their backward pass. All gradients
+    are per example (of a sum, not a mean).
+
+    ``dtype`` is the precision of the passes (the model's, from :func:`model_at`): in
+    bfloat16 or float16 the layer inputs and output gradients are kept in it, while the
+    loss itself is computed in float32 from the outputs.
     """
+    wants_loss = want_loss if callable(want_loss) else lambda: bool(want_loss)
     if fisher == "true" and getattr(loss, "sample_targets", None) is None:
         raise ValueError(
             "fisher='true' samples targets from the model's predictive distribution, but the "
@@ -167,10 +218,11 @@ def checkpoint_batches(
             batch = data[idx].to(device, dtype)
             result = BatchFactors(idx, {})
             with torch.enable_grad():
-                outputs = model(batch.inputs)
+                outputs, targets = _widened(_forward(model, batch.inputs), batch.targets)
                 passes: list[tuple[str, torch.Tensor]] = []
-                if want_loss or fisher == "empirical":
-                    values = loss(outputs, batch.targets)
+                loss_wanted = wants_loss()
+                if loss_wanted or fisher == "empirical":
+                    values = loss(outputs, targets)
                     _check_finite(values.detach(), "training losses", step)
                     passes.append(("loss", values.sum()))
                 if fisher == "true":
@@ -191,7 +243,7 @@ def checkpoint_batches(
                     capture.backward(total, retain_graph=keep_graph)
                     grads = dict(capture.s)
                     if kind == "loss":
-                        result.loss = grads if want_loss else None
+                        result.loss = grads if loss_wanted else None
                         if fisher == "empirical":
                             result.fisher.append(grads)
                     else:
@@ -212,17 +264,24 @@ def measurement_gradients(
     device: torch.device,
     dtype: torch.dtype,
     step: int,
+    output_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """∇_θ f(z_q, θ) for every query, per block: {name: (n_queries, d_out, d_in)}."""
+    """∇_θ f(z_q, θ) for every query, per block: {name: (n_queries, d_out, d_in)}.
+
+    The passes run in ``dtype`` (the model's); the gradients are formed and returned in
+    ``output_dtype`` (default: ``dtype``), so that a low-precision pass's layer inputs
+    and output gradients are widened before their sum over positions.
+    """
     parts: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
     with collect(model, blocks) as capture:
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size].to(device, dtype)
             with torch.enable_grad():
-                values = measurement(model(batch.inputs), batch.targets)
+                values = measurement(*_widened(_forward(model, batch.inputs), batch.targets))
                 capture.backward(values.sum())
             _check_per_example(capture.a, len(batch))
-            for name, g in block_gradients(capture.a, capture.s, blocks).items():
+            a, s = _as(capture.a, output_dtype), _as(capture.s, output_dtype)
+            for name, g in block_gradients(a, s, blocks).items():
                 _check_finite(g, "query measurement gradients", step)
                 parts[name].append(g)
             capture.clear()
@@ -235,9 +294,13 @@ class TrainingGradients:
     ``source(step, indices)`` yields ``(batch_indices, grads)`` for every example of
     ``indices`` once, where ``grads`` is a :class:`FactoredGradients`: a mapping from
     block name to the gradients (n, d_out, d_in), formed only when indexed, that also
-    holds the layer inputs and output gradients for contraction scoring. Batches cached while fitting (layer inputs and
-    output gradients) are reused; otherwise the model is loaded at ``step`` and the
-    examples streamed in batches of ``batch_size``.
+    holds the layer inputs and output gradients for contraction scoring. Batches cached
+    while fitting (layer inputs and output gradients) are reused; otherwise the model is
+    loaded at ``step`` and the examples streamed in batches of ``batch_size``.
+
+    ``dtype`` is the precision of the passes (and of the cached batches); the batches
+    handed out are widened to ``output_dtype`` (default: ``dtype``), the precision the
+    scores are computed in.
     """
 
     def __init__(
@@ -249,6 +312,7 @@ class TrainingGradients:
         batch_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        output_dtype: torch.dtype | None = None,
         progress: Any = None,
     ) -> None:
         self.trajectory = trajectory
@@ -257,7 +321,13 @@ class TrainingGradients:
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
+        self.output_dtype = None if output_dtype == dtype else output_dtype
         self.progress = progress  # a tqdm bar counting scored examples, or None
+
+    def _factored(self, batch: BatchFactors) -> FactoredGradients:
+        assert batch.loss is not None
+        a, s = _as(batch.a, self.output_dtype), _as(batch.loss, self.output_dtype)
+        return FactoredGradients(self.blocks, a, s)
 
     def _tick(self, n: int) -> None:
         if self.progress is not None:
@@ -271,8 +341,7 @@ class TrainingGradients:
             np.sort(np.concatenate([b.indices for b in cached])), np.sort(indices)
         ):
             for batch in cached:
-                assert batch.loss is not None
-                yield batch.indices, FactoredGradients(self.blocks, batch.a, batch.loss)
+                yield batch.indices, self._factored(batch)
                 self._tick(len(batch.indices))
             return
         model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
@@ -290,6 +359,5 @@ class TrainingGradients:
             dtype=self.dtype,
             step=step,
         ):
-            assert batch.loss is not None
-            yield batch.indices, FactoredGradients(self.blocks, batch.a, batch.loss)
+            yield batch.indices, self._factored(batch)
             self._tick(len(batch.indices))

@@ -1,0 +1,77 @@
+"""Every attributor gives the same scores on CUDA as on the CPU (``gpu`` tests skip without CUDA).
+
+The attributors are discovered as in ``test_common``; each is fitted twice on the same
+tiny case, once with ``device="cpu"`` and once with ``device="cuda"``, in float64.
+Everything random (sampled Fisher targets, TRAK's projection) is generated on the CPU
+from the seed and moved, so both runs compute the same quantities and differ only by
+rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sourcekit import BaseAttributor
+
+from . import _cases
+from .test_common import ATTRIBUTORS, CASE, _params
+
+# The tolerance, relative to the largest score. In float64 (eps = 1.1e-16) a reduction
+# of at most a few hundred terms (the case has 38 parameters, 12 examples, 9 steps)
+# rounds differently on another device by at most ~100 eps of its magnitude. An
+# eigendecomposition moves its eigenvectors by eps over the relative gap between
+# eigenvalues; the smallest gap of the case's covariances is 2.7e-4 (measured), so by at
+# most ~4e3 eps. Damped inverses (influence functions) amplify relative errors by their
+# condition number, at most ~50 here (damping 0.1 x the mean eigenvalue). Adding up a
+# dozen such steps: 12 x 4e3 x 50 eps ≈ 3e-10. 1e-8 leaves a thirtyfold margin and
+# still catches a real discrepancy (a tensor on the wrong device, other random draws),
+# which moves scores by O(1) of their scale.
+RELATIVE_TOLERANCE = 1e-8
+
+
+def _on(cls: type[BaseAttributor], device: str) -> BaseAttributor:
+    params = {**_params(cls), "device": device}
+    if "dtype" in params or "dtype" in cls().get_params(deep=False):
+        params["dtype"] = "float64"
+    return cls(**params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", ATTRIBUTORS, ids=lambda c: c.__name__)
+def test_cuda_scores_equal_cpu_scores(cls: type[BaseAttributor]) -> None:
+    trajectory, queries = _cases.trajectory(CASE), _cases.queries(CASE, 6)
+    cpu = _on(cls, "cpu").fit(trajectory).transform(queries)
+    cuda = _on(cls, "cuda").fit(trajectory).transform(queries)
+    assert cuda.dtype == cpu.dtype == np.float64
+    np.testing.assert_allclose(
+        cuda, cpu, rtol=0, atol=RELATIVE_TOLERANCE * float(np.abs(cpu).max())
+    )
+
+
+@pytest.mark.gpu
+def test_the_fitted_state_lives_on_the_device() -> None:
+    from sourcekit import SourceAttributor
+
+    source = SourceAttributor(device="cuda").fit(_cases.trajectory(CASE))
+    for model in source.state_["segments"]:
+        for factors in model.curvature.factors.values():
+            assert factors.eigenvalues.device.type == "cuda"
+            assert factors.eigenvalues.dtype == torch.float64  # eigendecomposed in float64
+    for batches in source.state_["cache"].values():
+        for batch in batches:
+            assert all(t.device.type == "cuda" for t in batch.a.values())
+
+
+@pytest.mark.gpu
+def test_bfloat16_gradients_on_cuda_agree_with_cpu_float64() -> None:
+    from sourcekit import SourceAttributor
+
+    from .estimators.test_gradient_dtype import PEARSON_BF16
+
+    trajectory, queries = _cases.trajectory(CASE), _cases.queries(CASE, 6)
+    exact = SourceAttributor(device="cpu", dtype="float64").fit(trajectory).transform(queries)
+    fast = SourceAttributor(device="cuda", gradient_dtype="bfloat16").fit(trajectory)
+    pearson = np.corrcoef(fast.transform(queries).ravel(), exact.ravel())[0, 1]
+    assert pearson > PEARSON_BF16
