@@ -69,7 +69,7 @@ class GradientSimilarityAttributor(BaseAttributor):
         gradients, and of the gradients kept between fitting and scoring (None: ``dtype``).
         "bfloat16" halves their memory and, on GPUs, speeds the passes up; they are
         widened to ``dtype`` before they are combined, so curvature and scores stay
-        in ``dtype``. The precision page of the documentation measures the agreement.
+        in ``dtype``. "Cost and memory" in the documentation measures the agreement.
     progress : bool, default=False
         Show progress bars.
 

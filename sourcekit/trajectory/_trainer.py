@@ -23,6 +23,7 @@ from ._architecture import Architecture
 from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._recorder import TrajectoryRecorder
+from ._replay import resolve_device
 from ._trajectory import Trajectory
 
 __all__ = ["TrainingStage", "learning_rate_schedule", "train"]
@@ -183,6 +184,7 @@ def train(
     measurement: str | Callable = "margin",
     architecture_kwargs: dict | None = None,
     random_state: int = 0,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Trajectory:
     """Train a model stage by stage and return the recorded :class:`Trajectory`.
@@ -192,6 +194,11 @@ def train(
     an ``nn.Module`` given instead is copied with the weights it has (a pretrained
     starting point stays as it is). Each stage shuffles with its own seed derived from
     ``random_state``, so the run is deterministic given its seed and starting weights.
+
+    ``device`` is where the steps run (``"cpu"``, the default, ``"cuda"``, ``"auto"`` or a
+    ``torch.device``); batches are moved there one at a time, and checkpoints are always
+    stored on the CPU. Runs on different devices round differently, so a run is
+    reproducible on the device it was recorded on.
 
     Examples
     --------
@@ -210,7 +217,14 @@ def train(
         raise ValueError("train() needs at least one TrainingStage.")
     arch = Architecture(architecture, architecture_kwargs)
     loss_fn = resolve_function(loss, LOSSES, "loss")
-    model = _init_model(arch, int(random_state))
+    try:
+        where = resolve_device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"The 'device' argument of train() must be 'cpu', 'cuda', 'auto', 'cuda:<index>' or "
+            f"a torch.device; got {device!r} ({err})."
+        ) from err
+    model = _init_model(arch, int(random_state)).to(where)
     model.train()
     n = len(train)
     plan = []
@@ -274,9 +288,9 @@ def train(
                         for group in optimizer.param_groups:
                             group["lr"] = float(lrs[done])
                         optimizer.zero_grad(set_to_none=True)
-                        batch = torch.from_numpy(idx)
-                        outputs = model(train.inputs[batch])
-                        loss_fn(outputs, train.targets[batch]).mean().backward()
+                        data = train[idx].to(where)
+                        outputs = model(data.inputs)
+                        loss_fn(outputs, data.targets).mean().backward()
                         optimizer.step()
                         recorder.step(idx)
                         done += 1

@@ -240,3 +240,32 @@ def test_factory_returning_something_else() -> None:
 def test_steps_per_epoch() -> None:
     t = _cases.trajectory("linear_sgd")
     assert t.n_steps == 2 * math.ceil(8 / 3)
+
+
+def _two_epochs(**kwargs: object) -> sourcekit.Trajectory:
+    data = _cases.train_examples("linear_gd")
+    stage = TrainingStage(SGD, epochs=2, batch_size=4, n_checkpoints=2)
+    return train(
+        _cases.make_linear, data, [stage], loss="squared_error", progress=False, **kwargs
+    )
+
+
+def test_the_device_argument_runs_there_and_stores_on_the_cpu() -> None:
+    on_cpu = _two_epochs(device="cpu")
+    assert _same_checkpoints(on_cpu, _two_epochs())  # the CPU is the default
+    assert on_cpu.fingerprint == _two_epochs().fingerprint
+    assert all(t.device.type == "cpu" for t in on_cpu.checkpoint(0).params.values())
+    with pytest.raises(ValueError, match=r"'device' argument of train\(\) must be .*got 'gpu'"):
+        _two_epochs(device="gpu")
+
+
+@pytest.mark.gpu
+def test_a_run_recorded_on_cuda_matches_the_cpu_run_to_rounding() -> None:
+    cpu, cuda = _two_epochs(device="cpu"), _two_epochs(device="cuda")
+    assert cpu.stored_steps == cuda.stored_steps
+    for step in cpu.stored_steps:
+        for name, value in cpu.checkpoint(step).params.items():
+            other = cuda.checkpoint(step).params[name]
+            assert other.device.type == "cpu"
+            # float32 SGD on a linear model: a few roundings per step, a handful of steps
+            torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6)
