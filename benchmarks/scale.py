@@ -16,10 +16,16 @@ For each workload, measured in one run, every measurement in a fresh process:
 (i)   SOURCE's total time, fit + transform of ``--queries`` queries (n_segments=3,
       EK-FAC, true Fisher: the defaults), against its floor C x (one forward and
       backward pass of the mean training loss over the training set at one checkpoint,
-      batches of 256 as SOURCE streams them), and the ratio;
-(ii)  where SOURCE's time goes: covariances, eigendecompositions, the EK-FAC eigenvalue
-      correction, query gradients, query preconditioning, the score contraction, and
-      the rest (the forward and backward passes, unfolding convolution patches);
+      batches of 256 as SOURCE streams them), and the ratio, for four settings: the
+      defaults; random_state=1 (other sampled Fisher targets: the Pearson correlation
+      of its scores with the defaults' is the method's own sampling noise);
+      curvature_examples = N / 4 (curvature from a quarter of the examples; its Pearson
+      correlation with the defaults' scores); and a memory_limit large enough to keep
+      the factors of several checkpoints;
+(ii)  where SOURCE's time goes, for the defaults and for curvature_examples = N / 4:
+      covariances, eigendecompositions, the EK-FAC eigenvalue correction, query
+      gradients, query preconditioning, the score contraction, and the rest (the
+      forward and backward passes, unfolding convolution patches);
 (iii) peak memory (resident set size on a CPU, torch.cuda.max_memory_allocated on a
       GPU) above the process's baseline after loading, against the bound the
       documentation states: ``memory_limit`` (the factor cache and the query blocks)
@@ -62,7 +68,7 @@ from sourcekit.trajectory._replay import resolve_device
 MEMORY_LIMITS = {
     "cpu": {"default": 2**30, "large": 2**33, "small": 2**28},
     "gpu": {"default": 2**30, "large": 2**36, "small": 2**32},
-    "tiny": {"default": 2**30, "large": 2**31, "small": 2**16},
+    "tiny": {"default": 2**30, "large": 2**31, "small": 2**24},
 }
 BATCH_SIZE = 256
 
@@ -192,6 +198,8 @@ def measure_source(
         modules=modules,
         memory_limit=settings["memory_limit"],
         batch_size=settings["batch_size"],
+        curvature_examples=settings.get("curvature_examples"),
+        random_state=settings.get("random_state", 0),
         device=device,
     )
     _sync(device)
@@ -203,6 +211,8 @@ def measure_source(
     _sync(device)
     done = time.perf_counter()
     peak = _peak_bytes(device)
+    if settings.get("save"):
+        np.save(settings["save"], scores)
     blocks = source.state_["blocks"]
     return {
         "fit_s": fitted - start,
@@ -293,16 +303,46 @@ def main() -> None:
             },
             os.path.join(path, "queries.pt"),
         )
+        subset = workload.details["n_train"] // 4
+        saved = {name: os.path.join(path, f"{name}.npy") for name in ("default", "seed", "subset")}
         runs = {
             "floor": run_child(args, "floor", path),
             "default": run_child(
-                args, "source", path, memory_limit=limits["default"], profile=True
+                args,
+                "source",
+                path,
+                memory_limit=limits["default"],
+                profile=True,
+                save=saved["default"],
+            ),
+            "seed": run_child(
+                args,
+                "source",
+                path,
+                memory_limit=limits["default"],
+                random_state=1,
+                save=saved["seed"],
+            ),
+            "subset": run_child(
+                args,
+                "source",
+                path,
+                memory_limit=limits["default"],
+                curvature_examples=subset,
+                profile=True,
+                save=saved["subset"],
             ),
             "large": run_child(args, "source", path, memory_limit=limits["large"]),
             "small memory": run_child(args, "source", path, True, memory_limit=limits["small"]),
             "large memory": run_child(args, "source", path, True, memory_limit=limits["large"]),
             "working set": run_child(args, "source", path, True, memory_limit=1, queries=2),
         }
+        scores = {name: np.load(file) for name, file in saved.items()}
+        for name in ("seed", "subset"):
+            runs[name]["pearson"] = float(
+                np.corrcoef(scores[name].ravel(), scores["default"].ravel())[0, 1]
+            )
+        runs["subset"]["n"] = subset
         rows.append((workload, trained, runs))
 
     where = "GPU" if device.type == "cuda" else f"CPU, torch threads {args.threads}"
@@ -314,26 +354,41 @@ def main() -> None:
         print(f"  {workloads.describe(workload)} (trained in {trained:.1f} s)")
     print("\n(i) SOURCE's total time against its floor")
     print(
-        f"{'workload':<13}{'memory_limit MiB':>17}{'cached':>8}{'pass s':>8}{'floor s':>9}"
-        f"{'fit s':>8}{'transform s':>13}{'SOURCE s':>10}{'/ floor':>9}"
+        f"{'workload':<13}{'setting':<30}{'cached':>7}{'pass s':>8}{'floor s':>9}"
+        f"{'fit s':>8}{'transform s':>13}{'SOURCE s':>10}{'/ floor':>9}{'Pearson':>9}"
     )
     for workload, _, runs in rows:
         floor = runs["floor"]
-        for name in ("default", "large"):
+        settings = {
+            "default": f"memory_limit {_mb(limits['default'])} MiB",
+            "seed": "random_state=1",
+            "subset": f"curvature_examples={runs['subset']['n']}",
+            "large": f"memory_limit {_mb(limits['large'])} MiB",
+        }
+        for name, setting in settings.items():
             r = runs[name]
+            pearson = f"{r['pearson']:.4f}" if "pearson" in r else "-"
             print(
-                f"{workload.name:<13}{_mb(limits[name]):>17}"
-                f"{r['cached_checkpoints']:>4}/{floor['C']:<3}{floor['pass_s']:>8.2f}"
+                f"{workload.name:<13}{setting:<30}"
+                f"{r['cached_checkpoints']:>3}/{floor['C']:<3}{floor['pass_s']:>8.2f}"
                 f"{floor['floor_s']:>9.2f}{r['fit_s']:>8.2f}{r['transform_s']:>13.2f}"
-                f"{r['total_s']:>10.2f}{r['total_s'] / floor['floor_s']:>9.2f}"
+                f"{r['total_s']:>10.2f}{r['total_s'] / floor['floor_s']:>9.2f}{pearson:>9}"
             )
-    print("\n(ii) where SOURCE's time goes at the default memory_limit, in multiples of the floor")
-    print(f"{'workload':<13}" + "".join(f"{c:>16}" for c in (*CATEGORIES, "passes, rest")))
+    print("\n(ii) where SOURCE's time goes, in multiples of the floor")
+    print(
+        f"{'workload':<13}{'setting':<24}"
+        + "".join(f"{c:>16}" for c in (*CATEGORIES, "passes, rest"))
+    )
     for workload, _, runs in rows:
-        r, floor_s = runs["default"], runs["floor"]["floor_s"]
-        rest = r["total_s"] - sum(r["breakdown"].values())
-        parts = [r["breakdown"].get(c, 0.0) for c in CATEGORIES] + [rest]
-        print(f"{workload.name:<13}" + "".join(f"{p / floor_s:>16.2f}" for p in parts))
+        for name in ("default", "subset"):
+            r, floor_s = runs[name], runs["floor"]["floor_s"]
+            rest = r["total_s"] - sum(r["breakdown"].values())
+            parts = [r["breakdown"].get(c, 0.0) for c in CATEGORIES] + [rest]
+            setting = "default" if name == "default" else f"curvature_examples={r['n']}"
+            print(
+                f"{workload.name:<13}{setting:<24}"
+                + "".join(f"{p / floor_s:>16.2f}" for p in parts)
+            )
     unit = "GPU allocated" if device.type == "cuda" else "resident"
     print(
         f"\n(iii) peak memory ({unit}, MiB above the baseline after loading) against "

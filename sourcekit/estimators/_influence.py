@@ -17,6 +17,7 @@ from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
 from ._shared import (
     CURVATURE_CONSTRAINTS,
+    curvature_subset,
     fit_settings,
     local_examples,
     score_in_query_blocks,
@@ -46,6 +47,13 @@ class InfluenceAttributor(BaseAttributor):
     fisher : {"true", "empirical", "expected"}, default="true"
         Targets of the curvature's output gradients (as in
         :class:`~sourcekit.SourceAttributor`).
+    curvature_examples : int or None, default=None
+        Estimate each curvature from at most this many examples of its stage, a random
+        subset drawn from ``random_state`` (the same for every checkpoint of the stage);
+        None uses all of them. Scores still cover every training example. The passes
+        that estimate curvature then cost ``curvature_examples / N`` of a full pass, and
+        the training gradients are computed when scoring instead of being kept from
+        fitting.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types
@@ -106,6 +114,7 @@ class InfluenceAttributor(BaseAttributor):
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "curvature",
         "fisher",
+        "curvature_examples",
         "modules",
         "random_state",
         "memory_limit",
@@ -120,6 +129,7 @@ class InfluenceAttributor(BaseAttributor):
         *,
         curvature: str = "ekfac",
         fisher: str = "true",
+        curvature_examples: int | None = None,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,
         random_state: int | None = 0,
@@ -134,6 +144,7 @@ class InfluenceAttributor(BaseAttributor):
         self.damping = damping
         self.curvature = curvature
         self.fisher = fisher
+        self.curvature_examples = curvature_examples
         self.modules = modules
         self.query_rank = query_rank
         self.random_state = random_state
@@ -149,16 +160,18 @@ class InfluenceAttributor(BaseAttributor):
         blocks = find_blocks(trajectory.architecture.build(), self.modules)
         settings = fit_settings(self)
         cache = LossCache()
-        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
+        everything = np.arange(trajectory.n_train, dtype=np.int64)
+        examples = curvature_subset(everything, self.curvature_examples, settings.random_state, 0)
         curvature = fit_curvature(
             self.curvature,
             trajectory,
             blocks,
             [trajectory.n_steps],
-            examples,
+            local_examples(trajectory, examples),
             settings,
             budget=CacheBudget(self.memory_limit // 2),
-            loss_cache=cache,
+            # scoring needs every example's gradients: a subset's are not kept
+            loss_cache=cache if len(examples) == len(everything) else None,
         )
         return {"blocks": blocks, "curvature": curvature, "cache": cache.batches}
 

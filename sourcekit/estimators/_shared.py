@@ -36,6 +36,7 @@ __all__ = [
     "GRADIENT_CONSTRAINTS",
     "QueryGradientsAt",
     "cache_training_factors",
+    "curvature_subset",
     "fit_settings",
     "local_examples",
     "query_gradients",
@@ -65,6 +66,7 @@ GRADIENT_CONSTRAINTS: dict[str, list[Any]] = {
 CURVATURE_CONSTRAINTS: dict[str, list[Any]] = {
     "curvature": [Options(*CURVATURES)],
     "fisher": [Options(*FISHER)],
+    "curvature_examples": [None, POSITIVE_INT],
     "random_state": [None, Interval(int, 0, None)],
     **GRADIENT_CONSTRAINTS,
 }
@@ -100,6 +102,22 @@ def resolve_seed(random_state: int | None) -> int:
     if random_state is None:
         return broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
     return int(random_state)
+
+
+def curvature_subset(
+    examples: np.ndarray, limit: int | None, seed: int | None, stage: int
+) -> np.ndarray:
+    """At most ``limit`` of ``examples`` (sorted), drawn without replacement, to estimate a
+    curvature from; all of them when ``limit`` is None or not smaller.
+
+    The draw depends only on (seed, stage), so every checkpoint of a stage, and every rank
+    under ``torch.distributed``, uses the same subset.
+    """
+    examples = np.asarray(examples, dtype=np.int64)
+    if limit is None or limit >= len(examples):
+        return examples
+    rng = np.random.default_rng(np.random.SeedSequence([seed or 0, 7919, stage]))
+    return np.sort(rng.choice(examples, size=limit, replace=False))
 
 
 def fit_settings(attributor: Any) -> FitSettings:

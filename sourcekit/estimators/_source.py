@@ -19,6 +19,7 @@ from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
 from ._shared import (
     CURVATURE_CONSTRAINTS,
+    curvature_subset,
     fit_settings,
     local_examples,
     score_in_query_blocks,
@@ -69,6 +70,13 @@ class SourceAttributor(BaseAttributor):
         Fisher, seeded by ``random_state``), the recorded ones, or the exact expectation.
         Ignored by the dense kinds ("exact" is the expectation, "hessian" uses the
         recorded targets).
+    curvature_examples : int or None, default=None
+        Estimate each curvature from at most this many examples of its stage, a random
+        subset drawn from ``random_state`` (the same for every checkpoint of the stage);
+        None uses all of them. Scores still cover every training example. The passes
+        that estimate curvature then cost ``curvature_examples / N`` of a full pass, and
+        the training gradients are computed when scoring instead of being kept from
+        fitting.
     boundaries : list of int, optional
         Steps where segments start (overrides ``n_segments``; stage starts are added).
     modules : list of str, optional
@@ -139,6 +147,7 @@ class SourceAttributor(BaseAttributor):
         "boundaries",
         "curvature",
         "fisher",
+        "curvature_examples",
         "modules",
         "random_state",
         "memory_limit",
@@ -155,6 +164,7 @@ class SourceAttributor(BaseAttributor):
         curvature: str = "ekfac",
         matrix_function: str = "exp",
         fisher: str = "true",
+        curvature_examples: int | None = None,
         boundaries: Sequence[int] | None = None,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,
@@ -172,6 +182,7 @@ class SourceAttributor(BaseAttributor):
         self.curvature = curvature
         self.matrix_function = matrix_function
         self.fisher = fisher
+        self.curvature_examples = curvature_examples
         self.boundaries = boundaries
         self.modules = modules
         self.query_rank = query_rank
@@ -200,16 +211,20 @@ class SourceAttributor(BaseAttributor):
             leave=False,
         ):
             stage = trajectory.stages[segment.stage]
+            examples = curvature_subset(
+                stage.examples, self.curvature_examples, settings.random_state, segment.stage
+            )
             curvatures.append(
                 fit_curvature(
                     self.curvature,
                     trajectory,
                     blocks,
                     segment.checkpoints,
-                    local_examples(trajectory, stage.examples),
+                    local_examples(trajectory, examples),
                     settings,
                     budget=budget,
-                    loss_cache=cache,
+                    # scoring needs every example's gradients: a subset's are not kept
+                    loss_cache=cache if len(examples) == len(stage.examples) else None,
                 )
             )
         return {
