@@ -195,8 +195,12 @@ def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, t, d = x.shape
     if t > 1 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         # Positions last in memory (a convolution's unfolded patches, (n, d, T) seen as
-        # (n, T, d)): one product per example reads them in place, where flattening the
-        # positions would first copy the whole batch.
+        # (n, T, d)). With many positions, one product per example reads them in place;
+        # with few (deep layers, T < d / 2) those products are too thin to run fast, and
+        # one product over all examples, after copying them side by side, is faster.
+        if 2 * t < d:
+            side_by_side = x.transpose(1, 2).transpose(0, 1).reshape(d, n * t)
+            return (side_by_side @ side_by_side.T).double()
         rows = x.transpose(1, 2)
         chunk = max(1, _CHUNK_NUMBERS // (d * d))
         total = torch.zeros(d, d, dtype=torch.float64, device=x.device)

@@ -139,15 +139,26 @@ def _conv2d_check(name: str, module: nn.Module) -> None:
 
 
 def _conv2d_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patches a Conv2d multiplies, (n, T, c_in kh kw), in ``F.unfold``'s order.
+
+    The padded input is viewed with strides as (n, c_in, kh, kw, H_out, W_out) and
+    copied once into (n, c_in kh kw, T); the same numbers as ``F.unfold``, whose CPU
+    kernel is several times slower on images with few channels. Returned transposed
+    (positions first), without a second copy.
+    """
     assert isinstance(module, nn.Conv2d)
-    patches = F.unfold(
-        x,
-        module.kernel_size,
-        dilation=module.dilation,
-        padding=module.padding,  # type: ignore[arg-type]  # str padding is refused by the check
-        stride=module.stride,
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    assert not isinstance(module.padding, str)  # refused by the check
+    ph, pw = module.padding
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
+    n, c, height, width = padded.shape
+    h_out = (height - dh * (kh - 1) - 1) // sh + 1
+    w_out = (width - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = padded.stride()
+    windows = padded.as_strided(
+        (n, c, kh, kw, h_out, w_out), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw)
     )
-    return patches.transpose(1, 2)
+    return windows.reshape(n, c * kh * kw, h_out * w_out).transpose(1, 2)
 
 
 def _conv2d_shape(module: nn.Module) -> tuple[int, int]:

@@ -51,9 +51,7 @@ def test_source_fits_each_segment_on_its_stage_subset(run):
         stage = run.stages[model.segment.stage]
         subset = curvature_subset(stage.examples, 4, settings.random_state, model.segment.stage)
         assert len(subset) == min(4, len(stage.examples))
-        direct = fit_curvature(
-            "ekfac", run, blocks, model.segment.checkpoints, subset, settings
-        )
+        direct = fit_curvature("ekfac", run, blocks, model.segment.checkpoints, subset, settings)
         for name, factors in model.curvature.factors.items():
             torch.testing.assert_close(
                 factors.eigenvalues, direct.factors[name].eigenvalues, rtol=0, atol=0

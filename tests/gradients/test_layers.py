@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from sourcekit.exceptions import UnsupportedModuleError
@@ -653,3 +655,28 @@ def test_tied_weights_are_refused_with_the_layers_that_share_them(modules: list 
     with pytest.raises(UnsupportedModuleError, match=r"shares a parameter with \['(out|embed)'\]"):
         find_blocks(_TiedTable(), modules)
     assert [b.name for b in find_blocks(_TiedTable(), ["mix"])] == ["mix"]
+
+
+@given(
+    kernel=st.sampled_from([1, 2, 3, (3, 1)]),
+    stride=st.sampled_from([1, 2, (2, 1)]),
+    dilation=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1, (2, 0)]),
+    channels=st.integers(1, 3),
+    height=st.integers(5, 9),
+    width=st.integers(5, 9),
+    channels_last=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_conv2d_patches_are_those_of_unfold(
+    kernel, stride, dilation, padding, channels, height, width, channels_last
+):
+    # The strided view copies the same numbers in the same order: equal bit for bit.
+    conv = nn.Conv2d(channels, 2, kernel, stride=stride, dilation=dilation, padding=padding)
+    x = torch.randn(3, channels, height, width, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    expected = torch.nn.functional.unfold(
+        x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+    ).transpose(1, 2)
+    assert torch.equal(layer_type("conv2d").inputs(conv, x), expected)

@@ -245,9 +245,7 @@ def test_steps_per_epoch() -> None:
 def _two_epochs(**kwargs: object) -> sourcekit.Trajectory:
     data = _cases.train_examples("linear_gd")
     stage = TrainingStage(SGD, epochs=2, batch_size=4, n_checkpoints=2)
-    return train(
-        _cases.make_linear, data, [stage], loss="squared_error", progress=False, **kwargs
-    )
+    return train(_cases.make_linear, data, [stage], loss="squared_error", progress=False, **kwargs)
 
 
 def test_the_device_argument_runs_there_and_stores_on_the_cpu() -> None:
