@@ -186,15 +186,26 @@ def _attributor(method: str, args: argparse.Namespace) -> Any:
     import sourcekit
 
     common = {"progress": not args.quiet, "device": args.device}
+    gradients = {"gradient_dtype": getattr(args, "gradient_dtype", None)}
+    subset = getattr(args, "curvature_examples", None)
+    if subset is not None and method not in ("source", "influence"):
+        raise ValueError(
+            f"--curvature-examples applies to --method source or influence, not {method!r}."
+        )
+    if gradients["gradient_dtype"] is not None and method == "unrolled":
+        raise ValueError("--gradient-dtype does not apply to --method unrolled (exact unrolling).")
+    curvature = {**gradients, "curvature_examples": subset}
     if method == "source":
         damping = 1e-3 if args.damping is None else args.damping
-        return sourcekit.SourceAttributor(n_segments=args.n_segments, damping=damping, **common)
+        return sourcekit.SourceAttributor(
+            n_segments=args.n_segments, damping=damping, **curvature, **common
+        )
     if method == "influence":
-        return sourcekit.InfluenceAttributor(damping=args.damping, **common)
+        return sourcekit.InfluenceAttributor(damping=args.damping, **curvature, **common)
     if method == "tracin":
-        return sourcekit.TracInAttributor(device=args.device)
+        return sourcekit.TracInAttributor(device=args.device, **gradients)
     if method == "trak":
-        return sourcekit.TRAKAttributor(damping=args.damping, device=args.device)
+        return sourcekit.TRAKAttributor(damping=args.damping, device=args.device, **gradients)
     return sourcekit.UnrolledAttributor(**common)
 
 
@@ -320,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attribute.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu or cuda"
+    )
+    attribute.add_argument(
+        "--gradient-dtype",
+        choices=["bfloat16", "float16", "float32", "float64"],
+        default=None,
+        help="precision of the per-example gradient passes (default: float32, the working "
+        "precision); not for --method unrolled",
+    )
+    attribute.add_argument(
+        "--curvature-examples",
+        type=int,
+        default=None,
+        help="estimate the curvature from this many training examples per stage, a seeded "
+        "random subset (default: all); --method source or influence",
     )
     attribute.add_argument(
         "--out", default="scores.npy", help="output .npy file (default: scores.npy)"

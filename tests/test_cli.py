@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sourcekit import SourceAttributor, Trajectory
+from sourcekit import InfluenceAttributor, SourceAttributor, Trajectory
 from sourcekit.cli import build_parser, main
 
 from . import _cases
@@ -176,6 +176,36 @@ def test_attribute_with_every_method(saved: Path, tmp_path: Path, method: str) -
     assert main([*argv, "--method", method, "--out", str(out), "--quiet"]) == 0
     scores = np.load(out)
     assert scores.shape == (4, 12) and np.isfinite(scores).all()
+
+
+def test_attribute_passes_the_precision_and_the_curvature_subset(
+    saved: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores.npy"
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
+    options = ["--gradient-dtype", "bfloat16", "--curvature-examples", "5", "--quiet"]
+    assert main([*argv, *options, "--method", "influence", "--out", str(out)]) == 0
+    expected = (
+        InfluenceAttributor(gradient_dtype="bfloat16", curvature_examples=5, device="cpu")
+        .fit(Trajectory.load(saved))
+        .transform(_cases.queries("mlp_momentum"))
+    )
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "match"),
+    [
+        ("tracin", ["--curvature-examples", "5"], "--curvature-examples applies to --method"),
+        ("unrolled", ["--gradient-dtype", "bfloat16"], "--gradient-dtype does not apply"),
+    ],
+)
+def test_attribute_refuses_options_the_method_lacks(  # type: ignore[no-untyped-def]
+    saved: Path, tmp_path: Path, capsys, method: str, option: list, match: str
+) -> None:
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
+    assert main([*argv, "--method", method, *option, "--quiet"]) == 2
+    assert match in capsys.readouterr().err
 
 
 def test_attribute_reports_bad_input(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
