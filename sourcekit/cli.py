@@ -186,26 +186,36 @@ def _attributor(method: str, args: argparse.Namespace) -> Any:
     import sourcekit
 
     common = {"progress": not args.quiet, "device": args.device}
-    gradients = {"gradient_dtype": getattr(args, "gradient_dtype", None)}
+    gradient_dtype = getattr(args, "gradient_dtype", None)
     subset = getattr(args, "curvature_examples", None)
     if subset is not None and method not in ("source", "influence"):
         raise ValueError(
             f"--curvature-examples applies to --method source or influence, not {method!r}."
         )
-    if gradients["gradient_dtype"] is not None and method == "unrolled":
+    if gradient_dtype is not None and method == "unrolled":
         raise ValueError("--gradient-dtype does not apply to --method unrolled (exact unrolling).")
-    curvature = {**gradients, "curvature_examples": subset}
     if method == "source":
         damping = 1e-3 if args.damping is None else args.damping
         return sourcekit.SourceAttributor(
-            n_segments=args.n_segments, damping=damping, **curvature, **common
+            n_segments=args.n_segments,
+            damping=damping,
+            gradient_dtype=gradient_dtype,
+            curvature_examples=subset,
+            **common,
         )
     if method == "influence":
-        return sourcekit.InfluenceAttributor(damping=args.damping, **curvature, **common)
+        return sourcekit.InfluenceAttributor(
+            damping=args.damping,
+            gradient_dtype=gradient_dtype,
+            curvature_examples=subset,
+            **common,
+        )
     if method == "tracin":
-        return sourcekit.TracInAttributor(device=args.device, **gradients)
+        return sourcekit.TracInAttributor(device=args.device, gradient_dtype=gradient_dtype)
     if method == "trak":
-        return sourcekit.TRAKAttributor(damping=args.damping, device=args.device, **gradients)
+        return sourcekit.TRAKAttributor(
+            damping=args.damping, device=args.device, gradient_dtype=gradient_dtype
+        )
     return sourcekit.UnrolledAttributor(**common)
 
 
