@@ -430,3 +430,54 @@ def test_unrolling_and_source_leave_the_trajectory_unchanged():
             assert torch.equal(value, params[name])
     run._fingerprint = None
     assert run.fingerprint == before
+
+
+def _factored_stream(seed: int, batch_size: int, one_hot: bool = False):  # type: ignore[no-untyped-def]
+    """A ``training_gradients`` callable over 7 examples with T = 3 positions."""
+    from sourcekit.gradients._layers import FactoredGradients, LayerBlock
+
+    kind, d_in = ("embedding", 5) if one_hot else ("linear", 4)
+    block = LayerBlock("b", kind, "b.weight", None, d_out=2, d_in=d_in, one_hot=one_hot)
+
+    def stream(step: int, examples: np.ndarray):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(seed + step)
+        if one_hot:
+            a = torch.randint(-1, d_in, (len(examples), 3), generator=g)
+        else:
+            a = torch.randn(len(examples), 3, d_in, generator=g, dtype=torch.float64)
+        s = torch.randn(len(examples), 3, 2, generator=g, dtype=torch.float64)
+        for start in range(0, len(examples), batch_size):
+            rows = slice(start, start + batch_size)
+            yield examples[rows], FactoredGradients([block], {"b": a[rows]}, {"b": s[rows]})
+
+    return stream
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("batch_sizes", [(3, 3), (3, 2)])
+def test_segment_sums_equal_the_sum_of_each_checkpoints_gradients(one_hot, batch_sizes):
+    from sourcekit.scoring._source import segment_gradient_sums
+
+    examples = np.arange(7)
+    streams = {
+        step: _factored_stream(10, b, one_hot) for step, b in zip((1, 4), batch_sizes, strict=True)
+    }
+
+    def training(step: int, ex: np.ndarray):  # type: ignore[no-untyped-def]
+        return streams[step](step, ex)
+
+    expected = torch.zeros(7, 2, 5 if one_hot else 4, dtype=torch.float64)
+    for step in (1, 4):
+        for indices, grads in training(step, examples):
+            expected[torch.from_numpy(indices)] += grads["b"].double()
+    total = torch.zeros_like(expected)
+    counts = np.zeros(7, dtype=np.int64)
+    summed = 0
+    for indices, grads, count in segment_gradient_sums(training, (1, 4), examples):
+        total[torch.from_numpy(indices)] += grads["b"].double()
+        counts[indices] += count
+        summed += count > 1
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+    assert (counts == 2).all()
+    # equal batches are summed into one; batches over other examples are yielded apart
+    assert summed == (3 if batch_sizes == (3, 3) else 0)
