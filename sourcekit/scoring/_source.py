@@ -22,16 +22,15 @@ replaced by its mean over each block, the one approximation beyond METHOD.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import zip_longest
 
 import numpy as np
 import torch
 
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
 from ..exceptions import TrajectoryError
-from ..gradients._layers import FactoredGradients, LayerBlock
+from ..gradients._layers import LayerBlock
 from ..trajectory import Segment, Trajectory
 from ._contraction import gradient_dot, query_matrices
 
@@ -191,41 +190,6 @@ def precondition(
     return u, _multiply(decay_diag, v)
 
 
-def segment_gradient_sums(
-    training_gradients: Callable[[int, np.ndarray], Iterable[tuple[np.ndarray, Mapping]]],
-    steps: Sequence[int],
-    examples: np.ndarray,
-) -> Iterator[tuple[np.ndarray, Mapping[str, torch.Tensor], int]]:
-    """Σ over ``steps`` of the training gradients, batch by batch: ``(indices, grads, count)``.
-
-    A per-example gradient G = Σ_t s_t a_tᵀ sums over positions, so the sum of one
-    example's gradients at several checkpoints is the gradient whose positions are
-    those of all of them: concatenating the layer inputs and output gradients of the
-    checkpoints' batches along the positions gives it without forming anything, and
-    one contraction with the query matrices then replaces one per checkpoint. Batches
-    that cover different examples (a checkpoint cached with other batch boundaries) or
-    that are not factored are yielded one checkpoint at a time; ``count`` says how many
-    checkpoints a yielded batch sums, so that every example is counted once per step.
-    """
-    streams = [training_gradients(step, examples) for step in steps]
-    for batches in zip_longest(*streams):
-        present = [b for b in batches if b is not None]
-        factored = [g for i, g in present if isinstance(g, FactoredGradients)]
-        if (
-            len(present) == 1
-            or len(factored) < len(steps)
-            or not all(np.array_equal(i, present[0][0]) for i, _ in present)
-        ):
-            for indices, grads in present:
-                yield indices, grads, 1
-            continue
-        names = list(factored[0].blocks)
-        a = {k: torch.cat([g.a[k] for g in factored], dim=1) for k in names}
-        s = {k: torch.cat([g.s[k] for g in factored], dim=1) for k in names}
-        blocks = list(factored[0].blocks.values())
-        yield present[0][0], FactoredGradients(blocks, a, s), len(factored)
-
-
 def source_scores(
     query_gradients: dict[str, torch.Tensor],
     segments: Sequence[SegmentModel],
@@ -264,12 +228,13 @@ def source_scores(
         queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)
-        for indices, grads, count in segment_gradient_sums(
-            training_gradients, model.segment.checkpoints, stage_examples[model.segment.stage]
-        ):
-            block_scores = gradient_dot(queries, grads, dtype)
-            scores.index_add_(1, torch.from_numpy(indices).to(device), block_scores, alpha=-weight)
-            seen[indices] += count
+        for step in model.segment.checkpoints:
+            for indices, grads in training_gradients(step, stage_examples[model.segment.stage]):
+                block_scores = gradient_dot(queries, grads, dtype)
+                scores.index_add_(
+                    1, torch.from_numpy(indices).to(device), block_scores, alpha=-weight
+                )
+                seen[indices] += 1
         expected = np.zeros(n_train, dtype=np.int64)
         expected[stage_examples[model.segment.stage]] = len(model.segment.checkpoints)
         if not np.array_equal(seen, expected):
