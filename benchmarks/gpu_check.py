@@ -53,6 +53,8 @@ import sourcekit
 from sourcekit.base import clear_state_cache
 
 ROOT = Path(__file__).resolve().parent.parent
+# The repository's own ``tests`` package, ahead of any installed package of that name.
+sys.path.insert(0, str(ROOT))
 
 # The device check's tolerance, relative to the largest CPU score (as in
 # tests/test_devices.py). In float64 (eps = 1.1e-16) a reduction over the case's few
@@ -94,33 +96,11 @@ def _error(err: BaseException) -> str:
 
 # --- (i) the device check ---------------------------------------------------------------------
 def _check_setup() -> tuple[list[type], str, Any]:
-    """The attributors, the case and the per-class settings of ``tests/test_common.py``."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    try:
-        from tests.test_common import ATTRIBUTORS, CASE, _params
-    except ImportError as err:  # the dev extras (pytest, hypothesis) are missing
-        log(f"tests.test_common not importable ({err}); discovering the attributors here")
-        import inspect
+    """The attributors, the case and the per-class settings of ``tests/test_common.py``
+    (the test suite's own discovery: run from the repository root, with pytest and
+    hypothesis installed)."""
+    from tests.test_common import ATTRIBUTORS, CASE, _params
 
-        found = {
-            name: obj
-            for name, obj in inspect.getmembers(sourcekit, inspect.isclass)
-            if not name.startswith("_")
-            and issubclass(obj, sourcekit.BaseAttributor)
-            and obj is not sourcekit.BaseAttributor
-            and not inspect.isabstract(obj)
-        }
-        cheap = {"TRAKAttributor": {"projection_dim": 16, "checkpoints": "all"}}
-
-        def _params(cls: type) -> dict[str, Any]:
-            names = cls().get_params(deep=False)
-            params: dict[str, Any] = {"progress": False} if "progress" in names else {}
-            if "device" in names:
-                params["device"] = "cpu"
-            return {**params, **cheap.get(cls.__name__, {})}
-
-        return [found[n] for n in sorted(found)], "mlp_momentum", _params
     return ATTRIBUTORS, CASE, _params
 
 

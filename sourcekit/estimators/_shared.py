@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, POSITIVE_INT, PROGRESS
-from ..curvature._fit import CURVATURES, CacheBudget, FitSettings
+from ..curvature._fit import CURVATURES, CacheBudget, FitSettings, PassCache
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import (
     FISHER,
@@ -275,17 +275,18 @@ def cache_training_factors(
 
     What :class:`~sourcekit.gradients._per_example.TrainingGradients` needs to score
     without another pass over the data, kept while ``memory_limit`` bytes allow: a
-    checkpoint whose factors do not fit is left out (its pass stops as soon as the
-    budget is exceeded, and it is streamed again when scoring).
+    checkpoint whose factors do not fit is left out (its pass stops as soon as its first
+    batch shows they will not fit, and it is streamed again when scoring).
     """
     budget = CacheBudget(memory_limit)
     cache: dict[int, list[BatchFactors]] = {}
     for step, examples in tqdm(
         checkpoints, desc="caching gradients", disable=not (progress and is_main()), leave=False
     ):
+        if len(examples) == 0:  # a rank's shard of a stage may be empty: nothing to cache
+            continue
         model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
-        kept: list[BatchFactors] = []
-        fits = True
+        kept = PassCache(budget, len(examples))
         for batch in checkpoint_batches(
             model,
             blocks,
@@ -300,13 +301,11 @@ def cache_training_factors(
             dtype=dtype,
             step=step,
         ):
-            fits = budget.take(batch.nbytes())
-            if not fits:
-                budget.give_back(sum(b.nbytes() for b in kept))
+            kept.offer(batch)
+            if not kept.wanted():
                 break
-            kept.append(batch)
-        if not fits:
+        batches = kept.close()
+        if batches is None:
             break  # the budget is spent: stop caching rather than start more partial passes
-        if kept:  # a rank's shard of a stage may be empty: nothing to cache
-            cache[step] = kept
+        cache[step] = batches
     return cache
