@@ -253,6 +253,14 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> bool:
                 run["pearson"] = _pearson(run["scores"], reference)
             run["finite"] = finite
             rows.append((w, gradient_dtype, floor, run))
+            # The figures as soon as they exist: a run stopped at a time limit keeps them.
+            peak = "n/a" if run["peak"] is None else f"{run['peak'] / 2**20:,.0f} MiB"
+            log(
+                f"{w.name}, gradient_dtype={gradient_dtype}: fit {run['fit_s']:.2f} s, "
+                f"transform {run['transform_s']:.2f} s, peak {peak}, floor "
+                f"{floor['floor_s']:.3f} s, / floor {run['total_s'] / floor['floor_s']:.1f}, "
+                f"r vs None {run.get('pearson', '-')}, finite {finite}"
+            )
 
     limit = "library default" if args.memory_limit is None else f"{args.memory_limit:,} bytes"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

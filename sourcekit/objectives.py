@@ -9,8 +9,10 @@ the targets of n examples to a tensor of shape (n,):
 Built-in ones are named by strings (so that a saved trajectory can name them); any
 importable function ``module:qualname`` works too. A loss that defines
 ``loss.sample_targets(outputs, uniforms)`` (targets drawn from the model's predictive
-distribution, given uniform noise shaped like the outputs) supports the true Fisher;
-the built-in losses do. ``loss.output_hessian_sqrt(outputs)`` (a factor M with
+distribution, given uniform noise in [0, 1)) supports the true Fisher; the built-in
+losses do. The noise is shaped like the outputs unless the loss also defines
+``loss.noise_shape(shape)``, which maps one example's output shape to its noise shape
+(cross-entropy draws one uniform per position, not one per class). ``loss.output_hessian_sqrt(outputs)`` (a factor M with
 M Mᵀ = ∇²_outputs L, shape (..., C, C)) gives the exact expected Fisher (the
 Gauss-Newton matrix).
 """
@@ -54,7 +56,8 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits against integer class targets, one value per example.
 
     For sequence outputs (n, T, C) with targets (n, T), the mean over positions. It
-    defines ``sample_targets`` (labels drawn from the softmax, for the true Fisher) and
+    defines ``sample_targets`` (labels drawn from the softmax by inverse transform
+    sampling, one uniform per position, for the true Fisher), ``noise_shape`` and
     ``output_hessian_sqrt`` (for the expected Fisher).
 
     Parameters
@@ -82,10 +85,19 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_categorical(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
-    tiny = torch.finfo(torch.float64).tiny
-    gumbel = -torch.log(-torch.log(uniforms.double().clamp(tiny, 1 - 2**-53)))
-    return (outputs.detach().double() + gumbel.double()).argmax(dim=-1)
+    # Inverse CDF: one uniform per position picks the class whose cumulative probability
+    # interval [c_{k-1}, c_k) holds it. A class of zero probability has an empty interval
+    # and is never drawn. The uniform is scaled by the last cumulative sum, so rounding of
+    # the sum (1 ± a few eps) cannot push it past the last class.
+    cumulative = torch.softmax(outputs.detach().double(), dim=-1).cumsum(dim=-1)
+    values = uniforms.to(cumulative.device, torch.float64).unsqueeze(-1) * cumulative[..., -1:]
+    draws = torch.searchsorted(cumulative, values, right=True).squeeze(-1)
+    return draws.clamp_max(outputs.shape[-1] - 1)
+
+
+def _categorical_noise_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # One uniform per position: an example's logits (..., C) need noise of shape (...).
+    return tuple(shape[:-1])
 
 
 def _softmax_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
@@ -96,6 +108,7 @@ def _softmax_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
 
 
 cross_entropy.sample_targets = _sample_categorical  # type: ignore[attr-defined]
+cross_entropy.noise_shape = _categorical_noise_shape  # type: ignore[attr-defined]
 cross_entropy.output_hessian_sqrt = _softmax_hessian_sqrt  # type: ignore[attr-defined]
 
 

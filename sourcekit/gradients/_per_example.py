@@ -212,6 +212,9 @@ def checkpoint_batches(
             "fisher='expected' needs the loss's output Hessian (loss.output_hessian_sqrt); the "
             "trajectory's loss has none. Use fisher='true' or 'empirical'."
         )
+    # One example's noise for the sampled targets: shaped like its outputs unless the loss
+    # says otherwise (cross-entropy: one uniform per position).
+    noise_shape = getattr(loss, "noise_shape", None) or (lambda shape: shape)
     with collect(model, blocks) as capture:
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
@@ -226,7 +229,7 @@ def checkpoint_batches(
                     _check_finite(values.detach(), "training losses", step)
                     passes.append(("loss", values.sum()))
                 if fisher == "true":
-                    u = noise.uniforms(idx, tuple(outputs.shape[1:])).to(device)  # type: ignore[union-attr]
+                    u = noise.uniforms(idx, noise_shape(tuple(outputs.shape[1:]))).to(device)  # type: ignore[union-attr]
                     sampled = loss.sample_targets(outputs, u)  # type: ignore[attr-defined]
                     passes.append(("fisher", loss(outputs, sampled).sum()))
                 elif fisher == "expected":

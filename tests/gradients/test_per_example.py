@@ -282,13 +282,15 @@ def test_true_fisher_regression_targets_do_not_depend_on_the_batch_size() -> Non
 
 
 # --- the samplers of the built-in losses --------------------------------------------------------
-def test_gumbel_max_sampler_draws_from_the_softmax() -> None:
+def test_categorical_sampler_draws_from_the_softmax() -> None:
     logits = torch.tensor(
         [[1.0, -0.5, 2.0, 0.0, -3.0], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
     )
     n = 100_000
     g = torch.Generator().manual_seed(0)
-    u = torch.rand(n, *logits.shape, generator=g, dtype=torch.float64)
+    shape = cross_entropy.noise_shape(tuple(logits.shape))
+    assert shape == (2,)  # one uniform per position, not one per class
+    u = torch.rand(n, *shape, generator=g, dtype=torch.float64)
     draws = cross_entropy.sample_targets(logits.expand(n, *logits.shape), u)
     assert draws.shape == (n, 2)
     probs = torch.softmax(logits, dim=-1)
@@ -302,13 +304,51 @@ def test_gumbel_max_sampler_draws_from_the_softmax() -> None:
         assert chi2 < threshold, (row, counts, expected)
 
 
-def test_gumbel_max_sampler_on_sequences_draws_per_position() -> None:
+def test_categorical_sampler_never_draws_a_class_of_zero_probability() -> None:
+    # exp(-1000) underflows to 0: classes 0, 2 and 4 have probability exactly zero, also
+    # at the extremes of the noise (0 and the largest double below 1).
+    logits = torch.tensor([-1000.0, 0.0, -1000.0, 0.0, -1000.0], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1 - 2**-53], dtype=torch.float64)
+    draws = cross_entropy.sample_targets(logits.expand(5, 5), u)
+    assert draws.tolist() == [1, 1, 3, 3, 3]
+
+
+def test_categorical_sampler_on_sequences_draws_per_position() -> None:
     logits = torch.randn(4, 6, 3, dtype=torch.float64)
-    u = torch.rand(4, 6, 3, dtype=torch.float64)
+    u = torch.rand(4, 6, dtype=torch.float64)
     draws = cross_entropy.sample_targets(logits, u)
     assert draws.shape == (4, 6)
-    flat = cross_entropy.sample_targets(logits.reshape(24, 3), u.reshape(24, 3))
+    flat = cross_entropy.sample_targets(logits.reshape(24, 3), u.reshape(24))
     assert torch.equal(draws.reshape(24), flat)
+
+
+def test_a_loss_without_noise_shape_gets_noise_shaped_like_its_outputs() -> None:
+    seen = []
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(outputs, targets)
+
+    def sample(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(uniforms.shape))
+        return uniforms.argmax(dim=-1)
+
+    loss.sample_targets = sample  # type: ignore[attr-defined]
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    blocks = find_blocks(model)
+    data = Examples(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    batches = _batches(
+        model,
+        blocks,
+        data,
+        np.arange(10),
+        loss,
+        fisher="true",
+        want_loss=False,
+        noise=FisherNoise(0),
+        batch_size=4,
+    )
+    assert [len(b.fisher) for b in batches] == [1, 1, 1]
+    assert seen == [(4, 3), (4, 3), (2, 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -396,23 +396,32 @@ def test_each_segment_scores_gradients_of_its_own_checkpoints(monkeypatch):
 
 
 # --- (f) far from convergence, SOURCE tracks unrolling better than influence functions --------------
-@pytest.mark.parametrize("seed", [0, 1])
-def test_source_beats_influence_far_from_convergence(seed):
-    data = _cases.classification_data(40, seed)
-    queries = _cases.classification_data(10, 100 + seed)
-    stage = TrainingStage(OptimizerSpec("sgd", lr=0.3), epochs=6, batch_size=8, n_checkpoints=6)
-    run = sourcekit.train(
-        "tests._cases:make_tanh_mlp", data, [stage], random_state=seed, progress=False
-    )
-    exact = UnrolledAttributor(device="cpu").fit(run).transform(queries).ravel()
-    for curvature in ("ekfac", "exact"):
-        src = SourceAttributor(
-            n_segments=3, damping=1e-3, curvature=curvature, dtype="float64", device="cpu"
+@pytest.mark.parametrize("curvature", ["ekfac", "exact"])
+def test_source_beats_influence_far_from_convergence(curvature):
+    # Six epochs of SGD at a large step leave the tanh MLP far from a minimum, where the
+    # influence function's stationarity assumption fails. Over four seeded runs, SOURCE's
+    # correlation with exact unrolling beats the influence function's on every run, and by
+    # 0.05 on average: one run's margin depends on its data and (EK-FAC) its sampled Fisher
+    # targets, the average over runs much less so.
+    margins = []
+    for seed in range(4):
+        data = _cases.classification_data(40, seed)
+        queries = _cases.classification_data(10, 100 + seed)
+        stage = TrainingStage(
+            OptimizerSpec("sgd", lr=0.3), epochs=6, batch_size=8, n_checkpoints=6
         )
-        inf = InfluenceAttributor(damping=1e-3, curvature=curvature, dtype="float64", device="cpu")
+        run = sourcekit.train(
+            "tests._cases:make_tanh_mlp", data, [stage], random_state=seed, progress=False
+        )
+        exact = UnrolledAttributor(device="cpu").fit(run).transform(queries).ravel()
+        options = {"damping": 1e-3, "curvature": curvature, "dtype": "float64", "device": "cpu"}
+        src = SourceAttributor(n_segments=3, **options)
+        inf = InfluenceAttributor(**options)
         r_source = np.corrcoef(src.fit(run).transform(queries).ravel(), exact)[0, 1]
         r_influence = np.corrcoef(inf.fit(run).transform(queries).ravel(), exact)[0, 1]
-        assert r_source > r_influence + 0.05, (curvature, r_source, r_influence)
+        assert r_source > r_influence, (seed, r_source, r_influence)
+        margins.append(r_source - r_influence)
+    assert np.mean(margins) > 0.05, margins
 
 
 def test_unrolling_and_source_leave_the_trajectory_unchanged():
