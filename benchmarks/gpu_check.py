@@ -1,7 +1,9 @@
 """One run on one GPU: CUDA scores against CPU scores, then SOURCE's speed on the GPU workloads.
 
 Run:  python benchmarks/gpu_check.py [--device cuda] [--scale gpu] [--queries 100]
-                                     [--skip-check] [--threads N] [--memory-limit BYTES]
+                                     [--skip-check] [--workloads conv transformer]
+                                     [--gradient-dtypes None bfloat16] [--profile]
+                                     [--threads N] [--memory-limit BYTES]
 
 from the repository root, on a machine with one NVIDIA GPU. It is meant to finish in under
 8 minutes on an H200; the two workloads are trained on the GPU too (``--threads``: torch's
@@ -219,9 +221,34 @@ def time_source(
     }
 
 
+def profile_source(w: workloads.Workload, device: torch.device, memory_limit: int | None) -> None:
+    """One more SOURCE run (gradient_dtype None) under torch.profiler: the operators that
+    take the most device time and the most host time, to say where the time goes. Its
+    timings are not those of the table (the profiler adds its own cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    log(f"{w.name}: profiling one SOURCE run")
+    with profile(activities=activities) as prof:
+        time_source(w, device, None, memory_limit)
+    averages = prof.key_averages()
+    print(f"\n(iii) {w.name}: operators by self device time (one profiled SOURCE run)")
+    if device.type == "cuda":
+        print(
+            averages.table(
+                sort_by="self_device_time_total", row_limit=20, max_name_column_width=48
+            )
+        )
+    print(f"\n(iii) {w.name}: operators by self host time")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=48))
+
+
 def benchmark(args: argparse.Namespace, device: torch.device) -> bool:
     built = []
-    for kind in ("conv", "transformer"):
+    kinds = tuple(args.workloads)
+    for kind in kinds:
         log(f"training the {kind} workload at scale {args.scale!r} on {device}")
         start = time.perf_counter()
         w = workloads.build(kind, args.scale, args.queries, device=str(device))
@@ -230,13 +257,13 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> bool:
 
     ok = True
     rows = []
-    for (w, _), kind in zip(built, ("conv", "transformer"), strict=True):
+    for (w, _), kind in zip(built, kinds, strict=True):
         log(f"{w.name}: warming up")
         _warm_up(kind, device)
         log(f"{w.name}: floor")
         floor = scale.measure_floor(w.trajectory, device)
         reference = None
-        for gradient_dtype in GRADIENT_DTYPES:
+        for gradient_dtype in args.gradient_dtypes:
             log(f"{w.name}: SOURCE, gradient_dtype={gradient_dtype}")
             try:
                 run = time_source(w, device, gradient_dtype, args.memory_limit)
@@ -295,6 +322,8 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> bool:
             f"{run['total_s'] / floor['floor_s']:>9.1f}{pearson:>11}"
             + ("" if run["finite"] else "  NON-FINITE SCORES")
         )
+    if args.profile:
+        profile_source(built[0][0], device, args.memory_limit)
     return ok
 
 
@@ -307,12 +336,32 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--skip-check", action="store_true", help="skip the device check (i)")
     parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=("conv", "transformer"),
+        default=["conv", "transformer"],
+        help="the workloads of (ii), in this order (default: conv transformer)",
+    )
+    parser.add_argument(
+        "--gradient-dtypes",
+        nargs="+",
+        choices=("None", "bfloat16"),
+        default=["None", "bfloat16"],
+        help="the gradient_dtype values of (ii) (default: None bfloat16)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the table, profile one SOURCE run of the first workload (iii)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
         "--memory-limit", type=int, default=None, help="SOURCE's memory_limit in bytes"
     )
     args = parser.parse_args()
+    args.gradient_dtypes = [None if d == "None" else d for d in args.gradient_dtypes]
     start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

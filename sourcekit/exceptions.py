@@ -11,6 +11,7 @@ from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 __all__ = [
     "NonFiniteError",
     "NotFittedError",
+    "PerformanceWarning",
     "TrajectoryError",
     "UnsupportedModuleError",
 ]
@@ -113,4 +114,13 @@ class NonFiniteError(FloatingPointError):
     ... except NonFiniteError as err:
     ...     print(type(err).__name__, isinstance(err, FloatingPointError))
     NonFiniteError True
+    """
+
+
+class PerformanceWarning(UserWarning):
+    """A setting makes the work slower than it needs to be (the results are unchanged).
+
+    Raised, for example, when ``memory_limit`` holds the preconditioned gradients of only
+    some of the queries, so that the training data is streamed once per block of queries.
+    Filter it with ``warnings.filterwarnings("ignore", category=PerformanceWarning)``.
     """

@@ -8,6 +8,7 @@ end, so that every rank returns the whole matrix."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from .._distributed import all_gather_columns, broadcast_int, is_main, owners, s
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, CacheBudget, FitSettings, PassCache
+from ..exceptions import PerformanceWarning
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import (
     FISHER,
@@ -172,11 +174,25 @@ def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int
     """Blocks of queries whose preconditioned gradients fit in half of ``memory_limit``.
 
     Each query holds about three float64 vectors of the attributed parameters at once
-    (v, u and the v carried to the previous segment).
+    (v, u and the v carried to the previous segment). More than one block streams the
+    training data once per block: a :class:`~sourcekit.exceptions.PerformanceWarning`
+    says so, with the ``memory_limit`` that would stream it once.
     """
     per_query = 3 * 8 * sum(b.n_params for b in blocks)
     size = max(1, (memory_limit // 2) // per_query)
-    return [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
+    slices = [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
+    if len(slices) > 1:
+        needed = 2 * per_query * n_queries
+        warnings.warn(
+            f"memory_limit={memory_limit} holds the preconditioned gradients of {size} of "
+            f"the {n_queries} queries at once ({per_query:,} bytes each), so the "
+            f"training data is streamed {len(slices)} times, once per block of queries. "
+            f"Set memory_limit to at least {needed} bytes to stream it once, or transform "
+            "fewer queries per call.",
+            PerformanceWarning,
+            stacklevel=4,
+        )
+    return slices
 
 
 def score_query_blocks(

@@ -65,6 +65,8 @@ def test_the_users_model_is_never_used_or_modified():
     assert model.training  # not switched to eval mode
 
 
+# memory_limit=1 streams the training data once per query, as the warning says
+@pytest.mark.filterwarnings("ignore::sourcekit.exceptions.PerformanceWarning")
 def test_gradient_similarity_caches_the_final_gradients(run):
     queries = _cases.queries("mlp_momentum")
     cached = GradientSimilarityAttributor("cosine", dtype="float64", **CPU).fit(run)

@@ -33,6 +33,8 @@ def test_the_terms_are_the_checkpoints_with_their_corrected_learning_rates(run):
         assert term.learning_rate == pytest.approx(recorded / (1 - 0.9), rel=1e-12)
 
 
+# memory_limit=1 streams the training data once per query, as the warning says
+@pytest.mark.filterwarnings("ignore::sourcekit.exceptions.PerformanceWarning")
 def test_fit_keeps_the_training_gradients_and_scoring_reuses_them(run):
     queries = _cases.queries("mlp_momentum")
     cached = TracInAttributor(dtype="float64", **CPU).fit(run)

@@ -64,6 +64,8 @@ def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(run):
     assert checkpoints[0].eigenvectors.shape == (16, 16)
 
 
+# memory_limit=1 streams the training data once per query, as the warning says
+@pytest.mark.filterwarnings("ignore::sourcekit.exceptions.PerformanceWarning")
 def test_query_blocks_and_projection_pieces_do_not_change_the_scores(run, queries):
     reference = TRAKAttributor(projection_dim=16, dtype="float64", **CPU).fit(run)
     # memory_limit=1: one query per block, and every piece of R generated again at each use

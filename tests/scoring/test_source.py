@@ -10,6 +10,8 @@ with the Gauss-Newton curvature and for any smooth loss with the Hessian.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from sourcekit import (
     TrajectoryRecorder,
     UnrolledAttributor,
 )
+from sourcekit.exceptions import PerformanceWarning
 from sourcekit.gradients._layers import find_blocks
 from sourcekit.gradients._per_example import TrainingGradients
 from sourcekit.scoring._source import precondition
@@ -301,13 +304,18 @@ def test_scores_do_not_depend_on_the_training_batch_size(momentum_run, batch_siz
 def test_scores_do_not_depend_on_query_blocks(momentum_run):
     queries = _cases.queries("mlp_momentum", 7)
     whole = source(curvature="ekfac", damping=1e-3).fit(momentum_run).transform(queries)
-    # A memory limit this small leaves room for one query's vectors at a time.
-    blocked = (
-        source(curvature="ekfac", damping=1e-3, memory_limit=2_000)
-        .fit(momentum_run)
-        .transform(queries)
-    )
+    # A memory limit this small leaves room for one query's vectors at a time: the
+    # training data is streamed once per query, and a warning names the limit that
+    # would stream it once.
+    small = source(curvature="ekfac", damping=1e-3, memory_limit=2_000).fit(momentum_run)
+    with pytest.warns(PerformanceWarning, match=r"memory_limit=2000 .* streamed 7 times") as seen:
+        blocked = small.transform(queries)
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-15)
+    needed = int(re.search(r"at least (\d+) bytes", str(seen[0].message)).group(1))
+    enough = source(curvature="ekfac", damping=1e-3, memory_limit=needed).fit(momentum_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerformanceWarning)
+        np.testing.assert_allclose(enough.transform(queries), whole, rtol=1e-12, atol=1e-15)
 
 
 def test_cached_and_streamed_training_gradients_agree(momentum_run):
