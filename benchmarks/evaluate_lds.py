@@ -43,6 +43,10 @@ def methods() -> dict[str, tuple[Callable[[], Any], list[float] | None]]:
     source_grid = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     return {
         "SOURCE (L=3, EK-FAC)": (lambda: sourcekit.SourceAttributor(n_segments=3), source_grid),
+        "SOURCE, averaged checkpoints": (
+            lambda: sourcekit.SourceAttributor(n_segments=3, average_checkpoints=True),
+            source_grid,
+        ),
         "influence (EK-FAC)": (lambda: sourcekit.InfluenceAttributor(damping=1e-3), grid),
         "TracIn": (lambda: sourcekit.TracInAttributor(), None),
         "TRAK (k=512)": (lambda: sourcekit.TRAKAttributor(projection_dim=512, damping=1e-3), grid),

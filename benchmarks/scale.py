@@ -20,9 +20,12 @@ For each workload, measured in one run, every measurement in a fresh process:
       defaults; random_state=1 (other sampled Fisher targets: the Pearson correlation
       of its scores with the defaults' is the method's own sampling noise);
       curvature_examples = N / 4 (curvature from a quarter of the examples; its Pearson
-      correlation with the defaults' scores); and a memory_limit large enough to keep
-      the factors of several checkpoints;
-(ii)  where SOURCE's time goes, for the defaults and for curvature_examples = N / 4:
+      correlation with the defaults' scores); average_checkpoints=True (the fast
+      variant: one pass per segment at the mean of its checkpoints' weights), alone and
+      with curvature_examples = N / 4 (their Pearson correlations with the defaults');
+      and a memory_limit large enough to keep the factors of several checkpoints;
+(ii)  where SOURCE's time goes, for the defaults, for curvature_examples = N / 4 and
+      for the fast variant with curvature_examples = N / 4:
       covariances, eigendecompositions, the EK-FAC eigenvalue correction, query
       gradients, query preconditioning, the score contraction, and the rest (the
       forward and backward passes, unfolding convolution patches);
@@ -199,6 +202,7 @@ def measure_source(
         memory_limit=settings["memory_limit"],
         batch_size=settings["batch_size"],
         curvature_examples=settings.get("curvature_examples"),
+        average_checkpoints=settings.get("average_checkpoints", False),
         random_state=settings.get("random_state", 0),
         device=device,
     )
@@ -304,7 +308,8 @@ def main() -> None:
             os.path.join(path, "queries.pt"),
         )
         subset = workload.details["n_train"] // 4
-        saved = {name: os.path.join(path, f"{name}.npy") for name in ("default", "seed", "subset")}
+        compared = ("seed", "subset", "fast", "fast subset")
+        saved = {name: os.path.join(path, f"{name}.npy") for name in ("default", *compared)}
         runs = {
             "floor": run_child(args, "floor", path),
             "default": run_child(
@@ -332,17 +337,35 @@ def main() -> None:
                 profile=True,
                 save=saved["subset"],
             ),
+            "fast": run_child(
+                args,
+                "source",
+                path,
+                memory_limit=limits["default"],
+                average_checkpoints=True,
+                save=saved["fast"],
+            ),
+            "fast subset": run_child(
+                args,
+                "source",
+                path,
+                memory_limit=limits["default"],
+                average_checkpoints=True,
+                curvature_examples=subset,
+                profile=True,
+                save=saved["fast subset"],
+            ),
             "large": run_child(args, "source", path, memory_limit=limits["large"]),
             "small memory": run_child(args, "source", path, True, memory_limit=limits["small"]),
             "large memory": run_child(args, "source", path, True, memory_limit=limits["large"]),
             "working set": run_child(args, "source", path, True, memory_limit=1, queries=2),
         }
         scores = {name: np.load(file) for name, file in saved.items()}
-        for name in ("seed", "subset"):
+        for name in compared:
             runs[name]["pearson"] = float(
                 np.corrcoef(scores[name].ravel(), scores["default"].ravel())[0, 1]
             )
-        runs["subset"]["n"] = subset
+        runs["subset"]["n"] = runs["fast subset"]["n"] = subset
         rows.append((workload, trained, runs))
 
     where = "GPU" if device.type == "cuda" else f"CPU, torch threads {args.threads}"
@@ -363,6 +386,8 @@ def main() -> None:
             "default": f"memory_limit {_mb(limits['default'])} MiB",
             "seed": "random_state=1",
             "subset": f"curvature_examples={runs['subset']['n']}",
+            "fast": "average_checkpoints=True",
+            "fast subset": f"average_checkpoints, c_e={runs['subset']['n']}",
             "large": f"memory_limit {_mb(limits['large'])} MiB",
         }
         for name, setting in settings.items():
@@ -380,11 +405,15 @@ def main() -> None:
         + "".join(f"{c:>16}" for c in (*CATEGORIES, "passes, rest"))
     )
     for workload, _, runs in rows:
-        for name in ("default", "subset"):
+        for name in ("default", "subset", "fast subset"):
             r, floor_s = runs[name], runs["floor"]["floor_s"]
             rest = r["total_s"] - sum(r["breakdown"].values())
             parts = [r["breakdown"].get(c, 0.0) for c in CATEGORIES] + [rest]
-            setting = "default" if name == "default" else f"curvature_examples={r['n']}"
+            setting = {
+                "default": "default",
+                "subset": f"curvature_examples={runs['subset']['n']}",
+                "fast subset": f"average, c_e={runs['subset']['n']}",
+            }[name]
             print(
                 f"{workload.name:<13}{setting:<24}"
                 + "".join(f"{p / floor_s:>16.2f}" for p in parts)

@@ -192,6 +192,11 @@ def _attributor(method: str, args: argparse.Namespace) -> Any:
         raise ValueError(
             f"--curvature-examples applies to --method source or influence, not {method!r}."
         )
+    average = getattr(args, "average_checkpoints", False)
+    if average and method != "source":
+        raise ValueError(
+            f"--average-checkpoints applies to --method source (its fast variant), not {method!r}."
+        )
     if gradient_dtype is not None and method == "unrolled":
         raise ValueError("--gradient-dtype does not apply to --method unrolled (exact unrolling).")
     if method == "source":
@@ -201,6 +206,7 @@ def _attributor(method: str, args: argparse.Namespace) -> Any:
             damping=damping,
             gradient_dtype=gradient_dtype,
             curvature_examples=subset,
+            average_checkpoints=average,
             **common,
         )
     if method == "influence":
@@ -267,6 +273,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 # --- the parser ----------------------------------------------------------------------------
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    # Help text starts in column 32, so that the longest option keeps it on its own line.
+    return argparse.HelpFormatter(prog, max_help_position=32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sourcekit",
@@ -275,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
+        formatter_class=_formatter,
         help="train a digits classifier, record it, and attribute a few test predictions",
         description=(
             "Train the embedded digits task (scikit-learn's 8x8 digits, a small MLP) with a recipe, "
@@ -314,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     attribute = sub.add_parser(
         "attribute",
+        formatter_class=_formatter,
         help="score queries against a saved trajectory and write the score matrix",
         description=(
             "Load a trajectory saved with Trajectory.save (its manifest names the model factory, "
@@ -357,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "random subset (default: all); --method source or influence",
     )
     attribute.add_argument(
+        "--average-checkpoints",
+        action="store_true",
+        help="SOURCE's fast variant: curvature and gradients once per segment, at the mean "
+        "of its checkpoints' weights; --method source",
+    )
+    attribute.add_argument(
         "--out", default="scores.npy", help="output .npy file (default: scores.npy)"
     )
     attribute.add_argument("--quiet", action="store_true", help="hide progress bars")
@@ -364,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser(
         "info",
+        formatter_class=_formatter,
         help="summarise a saved trajectory",
         description="Print the stages, steps, checkpoints and segments of a trajectory saved with Trajectory.save.",
     )

@@ -193,10 +193,24 @@ def test_attribute_passes_the_precision_and_the_curvature_subset(
     np.testing.assert_array_equal(np.load(out), expected)
 
 
+def test_attribute_runs_sources_fast_variant(saved: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.npy"
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
+    options = ["--average-checkpoints", "--n-segments", "1", "--quiet", "--out", str(out)]
+    assert main([*argv, *options]) == 0
+    expected = (
+        SourceAttributor(n_segments=1, average_checkpoints=True, device="cpu")
+        .fit(Trajectory.load(saved))
+        .transform(_cases.queries("mlp_momentum"))
+    )
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
 @pytest.mark.parametrize(
     ("method", "option", "match"),
     [
         ("tracin", ["--curvature-examples", "5"], "--curvature-examples applies to --method"),
+        ("influence", ["--average-checkpoints"], "--average-checkpoints applies to --method"),
         ("unrolled", ["--gradient-dtype", "bfloat16"], "--gradient-dtype does not apply"),
     ],
 )

@@ -8,11 +8,15 @@ end, so that every rank returns the whole matrix."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
+import sklearn
 import torch
 from tqdm.auto import tqdm
 
@@ -170,6 +174,18 @@ def query_gradients(
 QueryGradientsAt = Callable[[int], dict[str, torch.Tensor]]
 
 
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued here that points at the first frame outside
+    sourcekit and scikit-learn (the user's call, through any wrapper of ``transform``)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sklearn_root = os.path.dirname(os.path.abspath(sklearn.__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith((package, sklearn_root)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int) -> list[slice]:
     """Blocks of queries whose preconditioned gradients fit in half of ``memory_limit``.
 
@@ -190,7 +206,7 @@ def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int
             f"Set memory_limit to at least {needed} bytes to stream it once, or transform "
             "fewer queries per call.",
             PerformanceWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
     return slices
 
@@ -200,6 +216,7 @@ def score_query_blocks(
     queries: Examples,
     examples_per_block: int,
     score: Callable[[QueryGradientsAt, TrainingGradients], torch.Tensor],
+    trajectory: Any = None,
 ) -> torch.Tensor:
     """Run ``score(grads_at, training_gradients)`` over blocks of queries.
 
@@ -213,8 +230,11 @@ def score_query_blocks(
     ``score`` fills the columns of this rank's shard of the training examples (all of
     them in one process); the columns of the other ranks are gathered from them at the
     end, so every rank returns the whole (n_queries, n_train) matrix.
+
+    ``trajectory`` replaces ``attributor.trajectory_`` as the source of the models (SOURCE's
+    averaged checkpoints, :class:`~sourcekit.trajectory._averaged.AveragedTrajectory`).
     """
-    trajectory = attributor.trajectory_
+    trajectory = attributor.trajectory_ if trajectory is None else trajectory
     blocks = attributor.state_["blocks"]
     device = resolve_device(attributor.device)
     dtype = attributor._torch_dtype()
@@ -264,6 +284,7 @@ def score_in_query_blocks(
     queries: Examples,
     examples_per_block: int,
     score: Callable[[dict[str, torch.Tensor], TrainingGradients], torch.Tensor],
+    trajectory: Any = None,
 ) -> torch.Tensor:
     """:func:`score_query_blocks` with the query gradients at the final checkpoint θ_T:
     ``score(query_gradients, training_gradients)``."""
@@ -273,6 +294,7 @@ def score_in_query_blocks(
         queries,
         examples_per_block,
         lambda grads_at, training: score(grads_at(final), training),
+        trajectory,
     )
 
 
