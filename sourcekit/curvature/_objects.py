@@ -7,6 +7,8 @@ approximation of) the Gauss-Newton matrix H̄ and offers:
   (n, d_out, d_in), where F is a spectral function (``sourcekit.curvature._spectral``)
   and ``shift`` (damping plus weight decay) is a float or a per-block dict;
   ``apply_many(fns, grads, shift)`` does the same for several functions at once;
+  ``dtype=`` sets the precision of the rotations (float64 by default; F itself is
+  always evaluated in float64);
 - ``diagonal()``: the diagonal of H̄ in parameter coordinates, per block (d_out, d_in);
 - ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension).
 
@@ -68,6 +70,16 @@ class KroneckerFactors:
     q_a: torch.Tensor | None  # (d_in, d_in), None for the identity
     eigenvalues: torch.Tensor  # (d_out, d_in)
 
+    def as_dtype(self, dtype: torch.dtype) -> KroneckerFactors:
+        """The eigenbases in ``dtype`` (the eigenvalues stay as they are)."""
+        if self.eigenvalues.dtype == dtype:
+            return self
+        return KroneckerFactors(
+            None if self.q_s is None else self.q_s.to(dtype),
+            None if self.q_a is None else self.q_a.to(dtype),
+            self.eigenvalues,
+        )
+
     def rotate(self, v: torch.Tensor) -> torch.Tensor:
         if self.q_s is not None:
             v = self.q_s.T @ v
@@ -93,6 +105,7 @@ class _Curvature:
         fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
     ) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -101,9 +114,10 @@ class _Curvature:
         fn: Callable[[torch.Tensor], torch.Tensor],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """F(H̄ + shift·I) applied to per-block matrices (n, d_out, d_in)."""
-        return self.apply_many((fn,), grads, shift)[0]
+        return self.apply_many((fn,), grads, shift, dtype)[0]
 
 
 class EigenbasisCurvature(_Curvature):
@@ -171,15 +185,22 @@ class EigenbasisCurvature(_Curvature):
         fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once."""
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
+
+        The rotations run in ``dtype`` (default: the eigenvalues', float64). They are
+        orthogonal, so they add only ``dtype``'s rounding, about eps √d of the entries'
+        scale; F(σ) is evaluated in float64 and rounded once to ``dtype``.
+        """
         outs: list[dict[str, torch.Tensor]] = [{} for _ in fns]
         for block in self.blocks:
             f = self.factors[block.name]
-            rotated = f.rotate(grads[block.name].to(f.eigenvalues.dtype))
+            work = f.as_dtype(f.eigenvalues.dtype if dtype is None else dtype)
+            rotated = work.rotate(grads[block.name].to(dtype or f.eigenvalues.dtype))
             sigma = f.eigenvalues + _shift_of(shift, block.name)
             for out, fn in zip(outs, fns, strict=True):
-                out[block.name] = f.unrotate(fn(sigma) * rotated)
+                out[block.name] = work.unrotate(fn(sigma).to(rotated.dtype) * rotated)
         return outs
 
     def diagonal(self) -> dict[str, torch.Tensor]:
@@ -269,8 +290,13 @@ class DenseCurvature(_Curvature):
         fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once."""
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
+
+        Always in float64 (``dtype`` is accepted for the common interface): the dense
+        forms are for tiny models, where precision matters more than speed.
+        """
         v = self.flatten(grads).to(self.matrix.dtype)
         if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
             diag = torch.cat(

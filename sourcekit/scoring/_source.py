@@ -164,11 +164,23 @@ def _diagonal_decay(
 
 
 def precondition(
-    model: SegmentModel, v: dict[str, torch.Tensor], damping: float, matrix_function: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(u, v_next): the vector scoring this segment's gradients, and v carried to the previous segment."""
+    model: SegmentModel,
+    v: dict[str, torch.Tensor],
+    damping: float,
+    matrix_function: str,
+    *,
+    dtype: torch.dtype | None = None,
+    carry: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(u, v_next): the vector scoring this segment's gradients, and v carried to the
+    previous segment (None when ``carry`` is False: the first segment has no previous one).
+
+    ``dtype`` is the precision of the rotations into the curvature's eigenbasis and back
+    (default float64); the matrix functions are evaluated in float64.
+    """
     curvature = model.curvature
     shift = damping + model.weight_decay
+    work = torch.float64 if dtype is None else dtype
     if model.preconditioner is None:
         residual: Callable[[torch.Tensor], torch.Tensor]
         decay: Callable[[torch.Tensor], torch.Tensor]
@@ -179,15 +191,20 @@ def precondition(
                 DiscreteResidual(model.learning_rates),
                 DiscreteDecay(model.learning_rates),
             )
-        u, v_next = curvature.apply_many((residual, decay), v, shift)  # type: ignore[attr-defined]
-        return u, v_next
+        fns = (residual, decay) if carry else (residual,)
+        applied = curvature.apply_many(fns, v, shift, dtype)  # type: ignore[attr-defined]
+        u = {k: t.to(work) for k, t in applied[0].items()}
+        return u, ({k: t.to(work) for k, t in applied[1].items()} if carry else None)
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
     if model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
         shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
-    u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
-    return u, _multiply(decay_diag, v)
+    u = curvature.apply(Inverse(), _multiply(complement, v), shift, dtype)  # type: ignore[attr-defined]
+    u = {k: t.to(work) for k, t in u.items()}
+    if not carry:
+        return u, None
+    return u, {k: t.to(work) for k, t in _multiply(decay_diag, v).items()}
 
 
 def source_scores(
@@ -222,9 +239,15 @@ def source_scores(
     n_queries = next(iter(query_gradients.values())).shape[0]
     device = next(iter(query_gradients.values())).device
     scores = torch.zeros(n_queries, n_train, dtype=dtype, device=device)
-    v = {k: g.double() for k, g in query_gradients.items()}
-    for model in reversed(list(segments)):
-        u, v = precondition(model, v, damping, matrix_function)
+    # The chain runs in ``dtype``: its rotations are the query side's whole cost (Q
+    # queries x P parameters x (d_in + d_out) per segment), and orthogonal rotations in
+    # float32 round each entry by about eps32 √d of the vector's scale.
+    v: dict[str, torch.Tensor] | None = {k: g.to(dtype) for k, g in query_gradients.items()}
+    ordered = list(segments)
+    for position, model in enumerate(reversed(ordered)):
+        assert v is not None
+        last = position == len(ordered) - 1  # the first segment carries nothing further back
+        u, v = precondition(model, v, damping, matrix_function, dtype=dtype, carry=not last)
         queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)

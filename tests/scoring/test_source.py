@@ -366,8 +366,9 @@ def _abs_product_bound(attributor: SourceAttributor, queries: Examples) -> np.nd
 
 def test_float32_scores_match_float64_within_rounding(momentum_run):
     queries = _cases.queries("mlp_momentum")
-    # "exact" curvature is always built in float64, so only the gradients and the final
-    # contraction run in float32.
+    # "exact" curvature is always built and applied in float64, so only the gradients,
+    # the final contraction and the two vectors carried between segments (rounded once
+    # each) are float32.
     s64 = source(n_segments=3).fit(momentum_run).transform(queries)
     s32 = source(n_segments=3, dtype="float32").fit(momentum_run).transform(queries)
     attributor = source(n_segments=3).fit(momentum_run)
@@ -378,6 +379,47 @@ def test_float32_scores_match_float64_within_rounding(momentum_run):
     k = 4 * (3 + 5 + 3) + 20
     tolerance = (38 + k) * EPS32 * bound
     assert np.all(np.abs(s32 - s64) <= tolerance + 1e-30)
+
+
+@pytest.mark.parametrize("case", ["mlp_momentum", "mlp_adam"])
+def test_the_chain_in_float32_rounds_like_its_rotations(case):
+    # SOURCE's query side rotates into each block's eigenbasis and back in the working
+    # precision. Each rotated entry Σ_ij q_si v_ij q_aj is a sum of d_out + d_in rounded
+    # products and sums, so it is off by at most (d_out + d_in) eps32 Σ|q_si||v_ij||q_aj|
+    # ≤ (d_out + d_in) eps32 ‖V‖_F (the bases' columns have unit norm); over the block's
+    # d_out d_in entries that is √(d_out d_in) times as much in Frobenius norm. F(σ),
+    # evaluated in float64, scales it by at most max F; the unrotation preserves it and
+    # adds as much again of its own; rounding F(σ) and the result adds 2 eps32.
+    run = _cases.trajectory(case)
+    attributor = SourceAttributor(n_segments=2, damping=1e-3, device="cpu", dtype="float64")
+    attributor.fit(run)
+    g = torch.Generator().manual_seed(0)
+    blocks = attributor.state_["blocks"]
+    v = {b.name: torch.randn(4, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks}
+    for model in attributor.state_["segments"]:
+        exact, carried = precondition(model, v, 1e-3, "exp")
+        fast, carried32 = precondition(model, v, 1e-3, "exp", dtype=torch.float32)
+        assert fast[blocks[0].name].dtype == carried32[blocks[0].name].dtype == torch.float32
+        # max F: the residual (1 − e^{−sσ})/σ ≤ s and the decay ≤ 1; under Adam the
+        # inverse 1/(σ + shift) ≤ 1/shift (its diagonal factors are at most 1)
+        if model.preconditioner is None:
+            f_max = max(model.lr_sum, 1.0)
+        else:
+            f_max = max(1.0 / (1e-3 + model.weight_decay), 1.0)
+        for b in blocks:
+            for ours, reference in ((fast, exact), (carried32, carried)):
+                size = b.d_out + b.d_in
+                bound = (
+                    (2 * size * (b.d_out * b.d_in) ** 0.5 + 2) * EPS32 * f_max
+                ) * torch.linalg.norm(v[b.name], dim=(1, 2))
+                error = torch.linalg.norm((ours[b.name].double() - reference[b.name]), dim=(1, 2))
+                assert torch.all(error <= bound), (b.name, error, bound)
+    # the first segment carries nothing further back
+    u, nothing = precondition(attributor.state_["segments"][0], v, 1e-3, "exp", carry=False)
+    assert nothing is None
+    torch.testing.assert_close(
+        u, precondition(attributor.state_["segments"][0], v, 1e-3, "exp")[0]
+    )
 
 
 # --- gradients come from each segment's own checkpoints ----------------------------------------------
