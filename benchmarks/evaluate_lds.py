@@ -43,7 +43,7 @@ def methods() -> dict[str, tuple[Callable[[], Any], list[float] | None]]:
     source_grid = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     return {
         "SOURCE (L=3, EK-FAC)": (lambda: sourcekit.SourceAttributor(n_segments=3), source_grid),
-        "SOURCE, averaged checkpoints": (
+        "SOURCE (L=3, averaged)": (
             lambda: sourcekit.SourceAttributor(n_segments=3, average_checkpoints=True),
             source_grid,
         ),
