@@ -133,14 +133,14 @@ class PerformanceWarning(UserWarning):
     >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
     >>> stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5, n_checkpoints=2)
     >>> trajectory = train(torch.nn.Linear(3, 2), data, [stage], progress=False)
-    >>> source = SourceAttributor(n_segments=2, memory_limit=300, device="cpu", progress=False)
+    >>> source = SourceAttributor(n_segments=2, memory_limit=100, device="cpu", progress=False)
     >>> source = source.fit(trajectory)
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always", PerformanceWarning)
     ...     scores = source.transform(data[:3])
     >>> print(caught[0].message)  # doctest: +NORMALIZE_WHITESPACE
-    memory_limit=300 holds the preconditioned gradients of 1 of the 3 queries at once
-    (192 bytes each), so the training data is streamed 3 times, once per block of
-    queries. Set memory_limit to at least 1152 bytes to stream it once, or transform fewer
+    memory_limit=100 holds the preconditioned gradients of 1 of the 3 queries at once
+    (96 bytes each), so the training data is streamed 3 times, once per block of
+    queries. Set memory_limit to at least 576 bytes to stream it once, or transform fewer
     queries per call.
     """

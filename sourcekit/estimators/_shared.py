@@ -186,15 +186,18 @@ def caller_stacklevel() -> int:
     return level
 
 
-def query_slices(n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int) -> list[slice]:
+def query_slices(
+    n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int, itemsize: int = 8
+) -> list[slice]:
     """Blocks of queries whose preconditioned gradients fit in half of ``memory_limit``.
 
-    Each query holds about three float64 vectors of the attributed parameters at once
-    (v, u and the v carried to the previous segment). More than one block streams the
+    Each query holds about three vectors of the attributed parameters at once (v, u and
+    the v carried to the previous segment), of ``itemsize`` bytes per number (float64 by
+    default; SOURCE's chain runs in its ``dtype``). More than one block streams the
     training data once per block: a :class:`~sourcekit.exceptions.PerformanceWarning`
     says so, with the ``memory_limit`` that would stream it once.
     """
-    per_query = 3 * 8 * sum(b.n_params for b in blocks)
+    per_query = 3 * itemsize * sum(b.n_params for b in blocks)
     size = max(1, (memory_limit // 2) // per_query)
     slices = [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
     if len(slices) > 1:
@@ -238,7 +241,8 @@ def score_query_blocks(
     blocks = attributor.state_["blocks"]
     device = resolve_device(attributor.device)
     dtype = attributor._torch_dtype()
-    slices = query_slices(len(queries), blocks, attributor.memory_limit)
+    itemsize = attributor._query_itemsize() if hasattr(attributor, "_query_itemsize") else 8
+    slices = query_slices(len(queries), blocks, attributor.memory_limit, itemsize)
     bar = tqdm(
         total=len(slices) * examples_per_block,
         desc="scoring",

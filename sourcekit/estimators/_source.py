@@ -264,6 +264,10 @@ class SourceAttributor(BaseAttributor):
             "cache": cache.batches,
         }
 
+    def _query_itemsize(self) -> int:
+        """Bytes per number of the query chain's vectors (they are kept in ``dtype``)."""
+        return self._torch_dtype().itemsize
+
     @property
     def segments_(self) -> list:
         self._check_fitted()
