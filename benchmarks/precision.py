@@ -10,7 +10,10 @@ fitted with every pass in float64 (``dtype="float64"``: the reference), then wit
 default float32 and with ``gradient_dtype`` "bfloat16" and "float16" (curvature,
 preconditioning and scores in float32). For each it prints the Pearson correlation of
 all scores with the reference and the largest error relative to the score scale,
-max |τ − τ₆₄| / max |τ₆₄|, and the time of fit + transform.
+max |τ − τ₆₄| / max |τ₆₄|, and the time of fit + transform. The row "64, seed 1" is
+float64 passes with other sampled Fisher targets (``random_state=1``): the method's own
+noise, the scale against which to read the others (a pass in another precision moves
+the logits, and with them some of the sampled targets).
 
 On a CPU, bfloat16 and float16 save memory (the passes and the factor cache take half)
 but little time: the speed comes from GPUs' half-precision matrix units.
@@ -90,6 +93,18 @@ def main() -> None:
             params = {**params, "modules": modules}
             reference, ref_s = scores(cls, trajectory, queries, device, dtype="float64", **params)
             scale = float(np.abs(reference).max())
+            # The method's own noise, for scale: float64 passes with other sampled Fisher
+            # targets (random_state=1). The sampled targets follow the logits, so passes
+            # in another precision also draw some targets differently.
+            other, other_s = scores(
+                cls, trajectory, queries, device, dtype="float64", random_state=1, **params
+            )
+            pearson = np.corrcoef(other.ravel(), reference.ravel())[0, 1]
+            error = float(np.abs(other - reference).max()) / scale
+            print(
+                f"{name:<13}{method:<11}{'64, seed 1':<16}{pearson:>10.6f}{error:>10.2e}"
+                f"{other_s:>8.1f}{ref_s:>11.1f}"
+            )
             for precision in PRECISIONS:
                 gradient_dtype = None if precision == "float32" else precision
                 got, seconds = scores(

@@ -176,7 +176,11 @@ def precondition(
     previous segment (None when ``carry`` is False: the first segment has no previous one).
 
     ``dtype`` is the precision of the rotations into the curvature's eigenbasis and back
-    (default float64); the matrix functions are evaluated in float64.
+    (default float64); the matrix functions are evaluated in float64. It applies where
+    those functions are bounded (the residual by s, the decay by 1), so that a rotation's
+    rounding is not amplified. Under Adam the residual is an inverse, 1/(σ + shift),
+    which amplifies the rounding of the small-σ directions by up to 1/shift: that path
+    rotates in float64 whatever ``dtype`` says, and only its results are rounded to it.
     """
     curvature = model.curvature
     shift = damping + model.weight_decay
@@ -200,7 +204,7 @@ def precondition(
     if model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
         shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
-    u = curvature.apply(Inverse(), _multiply(complement, v), shift, dtype)  # type: ignore[attr-defined]
+    u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
     u = {k: t.to(work) for k, t in u.items()}
     if not carry:
         return u, None
