@@ -271,11 +271,13 @@ class SourceAttributor(BaseAttributor):
     @property
     def segments_(self) -> list:
         self._check_fitted()
+        if "spans" not in self.state_:  # a state cached on disk by an earlier version
+            return [m.segment for m in self.state_["segments"]]
         return list(self.state_["spans"])
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        averaged = self.state_["averaged"]
+        averaged = self.state_.get("averaged", {})
         passes = AveragedTrajectory(trajectory, averaged) if averaged else trajectory
         segments = self.state_["segments"]
         stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
