@@ -264,6 +264,11 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         chosen = getattr(self, "gradient_dtype", None)
         return self._torch_dtype() if chosen is None else _GRADIENT_DTYPES[chosen]
 
+    def _query_itemsize(self) -> int:
+        """Bytes per number of the query side's vectors, for sizing query blocks: float64
+        by default; an attributor whose query side runs in ``dtype`` says so."""
+        return 8
+
     def _numpy_dtype(self) -> type:
         return np.float64 if getattr(self, "dtype", "float32") == "float64" else np.float32
 

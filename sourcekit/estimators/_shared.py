@@ -241,8 +241,9 @@ def score_query_blocks(
     blocks = attributor.state_["blocks"]
     device = resolve_device(attributor.device)
     dtype = attributor._torch_dtype()
-    itemsize = attributor._query_itemsize() if hasattr(attributor, "_query_itemsize") else 8
-    slices = query_slices(len(queries), blocks, attributor.memory_limit, itemsize)
+    slices = query_slices(
+        len(queries), blocks, attributor.memory_limit, attributor._query_itemsize()
+    )
     bar = tqdm(
         total=len(slices) * examples_per_block,
         desc="scoring",

@@ -18,7 +18,7 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._source import segment_models, source_scores
 from ..trajectory import Examples, Trajectory
-from ..trajectory._averaged import AveragedTrajectory, averaged_states
+from ..trajectory._averaged import averaged_states, with_states
 from ._shared import (
     CURVATURE_CONSTRAINTS,
     curvature_subset,
@@ -226,7 +226,7 @@ class SourceAttributor(BaseAttributor):
             replace(s, checkpoints=s.checkpoints[:1]) if s.checkpoints[0] in averaged else s
             for s in segments
         ]
-        passes = AveragedTrajectory(trajectory, averaged) if averaged else trajectory
+        passes = with_states(trajectory, averaged)
         settings = fit_settings(self)
         budget = CacheBudget(self.memory_limit // 2)
         cache = LossCache()
@@ -277,8 +277,8 @@ class SourceAttributor(BaseAttributor):
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         trajectory = self.trajectory_
-        averaged = self.state_.get("averaged", {})
-        passes = AveragedTrajectory(trajectory, averaged) if averaged else trajectory
+        # (a state cached on disk before the fast variant existed has no "averaged")
+        passes = with_states(trajectory, self.state_.get("averaged", {}))
         segments = self.state_["segments"]
         stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
 

@@ -185,6 +185,10 @@ def precondition(
     curvature = model.curvature
     shift = damping + model.weight_decay
     work = torch.float64 if dtype is None else dtype
+
+    def rounded(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: t.to(work) for k, t in vectors.items()}
+
     if model.preconditioner is None:
         residual: Callable[[torch.Tensor], torch.Tensor]
         decay: Callable[[torch.Tensor], torch.Tensor]
@@ -197,18 +201,14 @@ def precondition(
             )
         fns = (residual, decay) if carry else (residual,)
         applied = curvature.apply_many(fns, v, shift, dtype)  # type: ignore[attr-defined]
-        u = {k: t.to(work) for k, t in applied[0].items()}
-        return u, ({k: t.to(work) for k, t in applied[1].items()} if carry else None)
+        return rounded(applied[0]), (rounded(applied[1]) if carry else None)
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
     if model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
         shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
     u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
-    u = {k: t.to(work) for k, t in u.items()}
-    if not carry:
-        return u, None
-    return u, {k: t.to(work) for k, t in _multiply(decay_diag, v).items()}
+    return rounded(u), (rounded(_multiply(decay_diag, v)) if carry else None)
 
 
 def source_scores(

@@ -22,7 +22,7 @@ from torch import nn
 from ._segments import Segment
 from ._trajectory import Trajectory
 
-__all__ = ["AveragedTrajectory", "averaged_states"]
+__all__ = ["AveragedTrajectory", "averaged_states", "with_states"]
 
 
 def averaged_states(
@@ -76,3 +76,11 @@ class AveragedTrajectory:
         if name in ("trajectory", "states"):  # not yet set (a copy being made)
             raise AttributeError(name)
         return getattr(self.trajectory, name)
+
+
+def with_states(
+    trajectory: Trajectory, states: dict[int, dict[str, torch.Tensor]]
+) -> Trajectory | AveragedTrajectory:
+    """``trajectory`` as the passes see it: with ``states`` at their steps, or itself when
+    there are none."""
+    return AveragedTrajectory(trajectory, states) if states else trajectory
