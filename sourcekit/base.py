@@ -13,6 +13,10 @@
   with the 1/N scale included (METHOD.md section 1).
 - Fitted attributes end in ``_``; using an unfitted attributor raises
   :class:`~sourcekit.exceptions.NotFittedError`.
+- ``fit`` and ``transform`` compute with subnormal numbers flushed to zero on the
+  calling thread and restore its previous mode on return (``sourcekit._denormals``:
+  subnormals slow a CPU's arithmetic many times, and flushing them moves no score by
+  more than its rounding).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from ._denormals import flushing_denormals
 from ._distributed import all_agree, is_distributed, rank, world_size
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
@@ -195,11 +200,15 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             # Fitting runs collectives: if any rank lacks the state on disk, all fit it.
             if is_distributed() and not all_agree(on_disk.check_call_in_cache(*args)):
                 compute = lambda: on_disk.call(*args)[0]  # noqa: E731
-        if "random_state" in self._state_parameters and getattr(self, "random_state", 0) is None:
-            # Fresh randomness at every fit (scikit-learn's meaning of None): no caching.
-            self.state_ = self._fit_state(trajectory)
-        else:
-            self.state_ = _STATE_CACHE.get_or_compute(key, compute)
+        with flushing_denormals():
+            if (
+                "random_state" in self._state_parameters
+                and getattr(self, "random_state", 0) is None
+            ):
+                # Fresh randomness at every fit (scikit-learn's meaning of None): no caching.
+                self.state_ = self._fit_state(trajectory)
+            else:
+                self.state_ = _STATE_CACHE.get_or_compute(key, compute)
         self.trajectory_ = trajectory
         self.n_train_ = trajectory.n_train
         self.fingerprint_ = trajectory.fingerprint
@@ -234,7 +243,8 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         queries = self.trajectory_.check_queries(X)
         if len(queries) == 0:
             return np.zeros((0, self.n_train_), dtype=self._numpy_dtype())
-        scores = self._scores(queries)
+        with flushing_denormals():
+            scores = self._scores(queries)
         if not torch.isfinite(scores).all():
             raise NonFiniteError(
                 f"{type(self).__name__} produced NaN or infinite scores. The trajectory may hold "
