@@ -210,6 +210,7 @@ def time_source(
     _sync(device)
     done = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    budget = source.memory_limit_
     del source
     _release(device)
     return {
@@ -217,6 +218,7 @@ def time_source(
         "transform_s": done - fitted,
         "total_s": done - start,
         "peak": peak,
+        "memory_limit": budget,
         "scores": scores,
     }
 
@@ -284,12 +286,17 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> bool:
             peak = "n/a" if run["peak"] is None else f"{run['peak'] / 2**20:,.0f} MiB"
             log(
                 f"{w.name}, gradient_dtype={gradient_dtype}: fit {run['fit_s']:.2f} s, "
-                f"transform {run['transform_s']:.2f} s, peak {peak}, floor "
+                f"transform {run['transform_s']:.2f} s, peak {peak}, memory_limit_ "
+                f"{run['memory_limit'] / 2**20:,.0f} MiB, floor "
                 f"{floor['floor_s']:.3f} s, / floor {run['total_s'] / floor['floor_s']:.1f}, "
                 f"r vs None {run.get('pearson', '-')}, finite {finite}"
             )
 
-    limit = "library default" if args.memory_limit is None else f"{args.memory_limit:,} bytes"
+    limit = (
+        "'auto' (the library's default)"
+        if args.memory_limit is None
+        else f"{args.memory_limit:,} bytes"
+    )
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"\n(ii) SOURCE (n_segments=3, EK-FAC, true Fisher) on {where}, scale {args.scale!r}, "
@@ -358,7 +365,10 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
-        "--memory-limit", type=int, default=None, help="SOURCE's memory_limit in bytes"
+        "--memory-limit",
+        type=int,
+        default=None,
+        help="SOURCE's memory_limit in bytes (default: the library's 'auto')",
     )
     args = parser.parse_args()
     args.gradient_dtypes = [None if d == "None" else d for d in args.gradient_dtypes]

@@ -37,6 +37,7 @@ __all__ = [
     "owners",
     "rank",
     "shard",
+    "smallest_int",
     "world_size",
 ]
 
@@ -335,6 +336,22 @@ def broadcast_int(value: int, src: int = 0) -> int:
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(torch.device("cpu")))
     dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+def smallest_int(value: int) -> int:
+    """The smallest of the ranks' ``value`` on every rank (``value`` alone without a group).
+
+    Examples
+    --------
+    >>> from sourcekit._distributed import smallest_int
+    >>> smallest_int(5)
+    5
+    """
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(torch.device("cpu")))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
 

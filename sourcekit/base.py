@@ -34,9 +34,11 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._denormals import flushing_denormals
 from ._distributed import all_agree, is_distributed, rank, world_size
+from ._memory import AUTO, resolve_memory_limit
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
+from .trajectory._replay import resolve_device
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ DEVICE = InstanceOf((str, torch.device), "'auto', 'cpu', 'cuda' or a torch.devic
 DTYPE = Options("float32", "float64")
 GRADIENT_DTYPE = Options(*_GRADIENT_DTYPES)
 PROGRESS = InstanceOf((bool,), "a bool")
+MEMORY_LIMIT = (Interval(int, 1, None), Options(AUTO))
 POSITIVE_INT = Interval(int, 1, None)
 
 
@@ -184,6 +187,9 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         validate_parameters(self, self._parameter_constraints)
         trajectory = _as_trajectory(X, type(self).__name__)
         self._check_trajectory(trajectory)
+        if hasattr(self, "memory_limit"):  # "auto" becomes bytes here, once per fit
+            device = resolve_device(getattr(self, "device", "auto"))
+            self.memory_limit_ = resolve_memory_limit(self.memory_limit, device)
         key = (
             type(self).__qualname__,
             trajectory.fingerprint,

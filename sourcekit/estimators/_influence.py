@@ -69,10 +69,12 @@ class InfluenceAttributor(BaseAttributor):
         Seed of the sampled Fisher targets; None draws fresh ones at every fit.
     batch_size : int, default=256
         Training examples per batch while streaming the data.
-    memory_limit : int, default=2**30
+    memory_limit : int or "auto", default="auto"
         Bytes for cached layer inputs/output gradients and, separately, for the
         preconditioned gradients of one block of queries (as in
         :class:`~sourcekit.SourceAttributor`).
+        ``"auto"``: half of the GPU's free memory, or a quarter of the memory
+        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
     device : str or torch.device, default="auto"
@@ -92,6 +94,8 @@ class InfluenceAttributor(BaseAttributor):
     ----------
     state_ : dict
         ``blocks``, ``curvature`` and the training-factor cache.
+    memory_limit_ : int
+        The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
         The fitted run, its number of training examples and its content fingerprint
         (see :class:`~sourcekit.BaseAttributor`).
@@ -134,7 +138,7 @@ class InfluenceAttributor(BaseAttributor):
         query_rank: int | None = None,
         random_state: int | None = 0,
         batch_size: int = 256,
-        memory_limit: int = 2**30,
+        memory_limit: int | str = "auto",
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
@@ -169,7 +173,7 @@ class InfluenceAttributor(BaseAttributor):
             [trajectory.n_steps],
             local_examples(trajectory, examples),
             settings,
-            budget=CacheBudget(self.memory_limit // 2),
+            budget=CacheBudget(self.memory_limit_ // 2),
             # scoring needs every example's gradients: a subset's are not kept
             loss_cache=cache if len(examples) == len(everything) else None,
         )

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
-from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, POSITIVE_INT, PROGRESS
+from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, MEMORY_LIMIT, POSITIVE_INT, PROGRESS
 from ..curvature._fit import CURVATURES, CacheBudget, FitSettings, PassCache
 from ..exceptions import PerformanceWarning
 from ..gradients._layers import LayerBlock
@@ -61,7 +61,7 @@ def _module_list(value: Any) -> bool:
 GRADIENT_CONSTRAINTS: dict[str, list[Any]] = {
     "modules": [None, InstanceOf((list, tuple), "a list of module names", _module_list)],
     "batch_size": [POSITIVE_INT],
-    "memory_limit": [Interval(int, 1, None)],
+    "memory_limit": [*MEMORY_LIMIT],
     "memory": [None, MEMORY],
     "device": [DEVICE],
     "dtype": [DTYPE],
@@ -226,7 +226,7 @@ def score_query_blocks(
     ``grads_at(step)`` computes the measurement gradients of the block's queries at
     checkpoint ``step`` (methods that take query gradients at every checkpoint, such as
     TracIn, call it once per checkpoint). The blocks are as large as
-    ``attributor.memory_limit`` allows (usually one); the training gradients come from
+    ``attributor.memory_limit_`` allows (usually one); the training gradients come from
     the fitted cache (``state_["cache"]``) or are streamed, with a progress bar counting
     the training examples scored (``examples_per_block`` per block, on this rank).
 
@@ -242,7 +242,7 @@ def score_query_blocks(
     device = resolve_device(attributor.device)
     dtype = attributor._torch_dtype()
     slices = query_slices(
-        len(queries), blocks, attributor.memory_limit, attributor._query_itemsize()
+        len(queries), blocks, attributor.memory_limit_, attributor._query_itemsize()
     )
     bar = tqdm(
         total=len(slices) * examples_per_block,

@@ -54,10 +54,12 @@ class GradientSimilarityAttributor(BaseAttributor):
         Attribute through these layers only (names from ``model.named_modules()``).
     batch_size : int, default=256
         Examples per batch while streaming the data.
-    memory_limit : int, default=2**30
+    memory_limit : int or "auto", default="auto"
         Bytes for the training gradients' factors kept by ``fit`` and, separately, for
         the query gradients of one block of queries (as in
         :class:`~sourcekit.TracInAttributor`).
+        ``"auto"``: half of the GPU's free memory, or a quarter of the memory
+        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
     device : str or torch.device, default="auto"
@@ -78,6 +80,8 @@ class GradientSimilarityAttributor(BaseAttributor):
     ----------
     state_ : dict
         ``blocks`` and the cached training factors at θ_T (``cache``).
+    memory_limit_ : int
+        The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
         The fitted run, its number of training examples and its content fingerprint
         (see :class:`~sourcekit.BaseAttributor`).
@@ -111,7 +115,7 @@ class GradientSimilarityAttributor(BaseAttributor):
         *,
         modules: Sequence[str] | None = None,
         batch_size: int = 256,
-        memory_limit: int = 2**30,
+        memory_limit: int | str = "auto",
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
@@ -135,7 +139,7 @@ class GradientSimilarityAttributor(BaseAttributor):
             trajectory,
             blocks,
             [(trajectory.n_steps, examples)],
-            memory_limit=self.memory_limit // 2,
+            memory_limit=self.memory_limit_ // 2,
             batch_size=self.batch_size,
             device=resolve_device(self.device),
             dtype=self._pass_dtype(),

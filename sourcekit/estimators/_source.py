@@ -105,11 +105,13 @@ class SourceAttributor(BaseAttributor):
         Seed of the sampled Fisher targets; None draws fresh ones at every fit.
     batch_size : int, default=256
         Training examples per batch while streaming the data.
-    memory_limit : int, default=2**30
+    memory_limit : int or "auto", default="auto"
         Bytes for cached layer inputs/output gradients (reused between fitting and
         scoring, otherwise recomputed) and, separately, for preconditioned query
         gradients (queries are processed in blocks beyond it; each block streams the
         training data again).
+        ``"auto"``: half of the GPU's free memory, or a quarter of the memory
+        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state (curvature, cached factors) on disk under this
         directory, keyed by the trajectory's fingerprint and the parameters that shape
@@ -135,6 +137,8 @@ class SourceAttributor(BaseAttributor):
         by step) and the training-factor cache.
     segments_ : list of Segment
         The segments as recorded, with all their checkpoints.
+    memory_limit_ : int
+        The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
         The fitted run, its number of training examples and its content fingerprint
         (see :class:`~sourcekit.BaseAttributor`).
@@ -188,7 +192,7 @@ class SourceAttributor(BaseAttributor):
         query_rank: int | None = None,
         random_state: int | None = 0,
         batch_size: int = 256,
-        memory_limit: int = 2**30,
+        memory_limit: int | str = "auto",
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
@@ -228,7 +232,7 @@ class SourceAttributor(BaseAttributor):
         ]
         passes = with_states(trajectory, averaged)
         settings = fit_settings(self)
-        budget = CacheBudget(self.memory_limit // 2)
+        budget = CacheBudget(self.memory_limit_ // 2)
         cache = LossCache()
         curvatures = []
         for segment in tqdm(

@@ -76,10 +76,12 @@ class TRAKAttributor(BaseAttributor):
         Seed of the projection; None draws a fresh one at every fit.
     batch_size : int, default=256
         Examples per batch while streaming the data.
-    memory_limit : int, default=2**30
+    memory_limit : int or "auto", default="auto"
         Bytes for the generated pieces of R kept between batches (beyond them pieces
         are generated again) and, separately, for the query gradients of one block of
         queries.
+        ``"auto"``: half of the GPU's free memory, or a quarter of the memory
+        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
     device : str or torch.device, default="auto"
@@ -100,6 +102,8 @@ class TRAKAttributor(BaseAttributor):
         TRAKCheckpoint per checkpoint: Φ and the eigendecomposition of ΦᵀΦ/N; under
         ``torch.distributed``, Φ holds the rows of this rank's shard only).
     damping_ : float or dict of step to float
+    memory_limit_ : int
+        The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
         The fitted run, its number of training examples and its content fingerprint
         (see :class:`~sourcekit.BaseAttributor`).
@@ -145,7 +149,7 @@ class TRAKAttributor(BaseAttributor):
         modules: Sequence[str] | None = None,
         random_state: int | None = 0,
         batch_size: int = 256,
-        memory_limit: int = 2**30,
+        memory_limit: int | str = "auto",
         memory: Any = None,
         device: Any = "auto",
         dtype: str = "float32",
@@ -177,7 +181,7 @@ class TRAKAttributor(BaseAttributor):
             blocks, self.projection_dim, self.projection, resolve_seed(self.random_state)
         )
         device, dtype = resolve_device(self.device), self._torch_dtype()
-        project = projection.projector(device, dtype, self.memory_limit // 2)
+        project = projection.projector(device, dtype, self.memory_limit_ // 2)
         training = TrainingGradients(
             trajectory,
             blocks,
@@ -228,9 +232,9 @@ class TRAKAttributor(BaseAttributor):
         checkpoints: list[TRAKCheckpoint] = state["checkpoints"]
         damping = self.damping_
         lams = [damping[c.step] if isinstance(damping, dict) else damping for c in checkpoints]
-        project = state["projection"].projector(device, dtype, self.memory_limit // 2)
+        project = state["projection"].projector(device, dtype, self.memory_limit_ // 2)
         parts = []
-        for rows in query_slices(len(queries), state["blocks"], self.memory_limit):
+        for rows in query_slices(len(queries), state["blocks"], self.memory_limit_):
             block = queries[rows]
             features = [
                 project(
