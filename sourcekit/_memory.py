@@ -8,8 +8,13 @@ the default, which :func:`resolve_memory_limit` turns into bytes when ``fit`` ru
   half is left to the working set of the passes, the score matrix and the curvature,
   which ``memory_limit`` does not bound;
 - on a CPU, a quarter of the memory the operating system reports available
-  (``MemAvailable`` in ``/proc/meminfo`` on Linux, free pages elsewhere), leaving the
-  rest to the process's other data and to other programs;
+  (``MemAvailable`` in ``/proc/meminfo`` on Linux, free pages elsewhere), at most 1 GiB.
+  The cap is measured, not cautious: on a CPU, keeping more factors made a single fit
+  and transform slower in ``benchmarks/scale.py`` (docs/cost.md gives the figures),
+  since writing them to fresh memory costs about as much as the passes they save. A
+  larger budget pays when ``transform`` is repeated (a damping search) or when the
+  queries would not fit in one block, and ``PerformanceWarning`` names the budget that
+  would;
 - 1 GiB where neither can be read.
 
 Under ``torch.distributed`` every rank takes the smallest of the ranks' budgets, so that
@@ -30,6 +35,7 @@ __all__ = ["AUTO", "FALLBACK_BYTES", "available_bytes", "resolve_memory_limit"]
 
 AUTO = "auto"
 FALLBACK_BYTES = 2**30
+_CPU_CAP = 2**30
 # The share of the free memory "auto" takes: device memory is the attributor's own,
 # host memory is shared with the rest of the process and with other programs.
 _CUDA_SHARE = 2
@@ -83,6 +89,8 @@ def resolve_memory_limit(memory_limit: Any, device: torch.device) -> int:
     free = available_bytes(device)
     if free is None:
         budget = FALLBACK_BYTES
+    elif device.type == "cuda":
+        budget = max(1, free // _CUDA_SHARE)
     else:
-        budget = max(1, free // (_CUDA_SHARE if device.type == "cuda" else _CPU_SHARE))
+        budget = max(1, min(_CPU_CAP, free // _CPU_SHARE))
     return smallest_int(budget)

@@ -20,9 +20,11 @@ def test_bytes_are_taken_as_given():
     assert resolve_memory_limit(12345, CUDA) == 12345
 
 
-def test_auto_takes_a_quarter_of_the_available_host_memory(monkeypatch):
-    monkeypatch.setattr(_memory, "_meminfo_available", lambda: 8 * 2**30)
-    assert resolve_memory_limit("auto", CPU) == 2 * 2**30
+def test_auto_takes_a_quarter_of_the_available_host_memory_up_to_one_gib(monkeypatch):
+    monkeypatch.setattr(_memory, "_meminfo_available", lambda: 2 * 2**30)
+    assert resolve_memory_limit("auto", CPU) == 2**29
+    monkeypatch.setattr(_memory, "_meminfo_available", lambda: 64 * 2**30)
+    assert resolve_memory_limit("auto", CPU) == 2**30
 
 
 def test_auto_takes_half_of_the_free_device_memory(monkeypatch):

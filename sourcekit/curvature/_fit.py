@@ -36,7 +36,13 @@ from torch.func import functional_call, hessian
 
 from .._distributed import all_reduce_sum, is_distributed
 from ..exceptions import NonFiniteError
-from ..gradients._layers import LayerBlock, block_gradients, squared_gradient_sum
+from ..gradients._layers import (
+    LayerBlock,
+    block_gradient,
+    block_gradients,
+    squared_gradient_sum,
+)
+from ..gradients._patches import Inputs, dense
 from ..gradients._per_example import (
     FISHER,
     BatchFactors,
@@ -185,13 +191,13 @@ def _eigh(matrix: torch.Tensor, what: str, name: str) -> tuple[torch.Tensor, tor
 _CHUNK_NUMBERS = 2**22
 
 
-def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _gram(x: Inputs, dtype: torch.dtype) -> torch.Tensor:
     """Σ over examples and positions of x xᵀ, formed in ``dtype``, returned in float64.
 
     Inputs captured in a lower precision (``gradient_dtype``) are widened first: the
     products of a batch are summed in the working precision, never in bfloat16.
     """
-    x = x.to(dtype)
+    x = dense(x).to(dtype)
     n, t, d = x.shape
     if t > 1 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         # Positions last in memory (a convolution's unfolded patches, (n, d, T) seen as
@@ -280,6 +286,7 @@ def _squared_rotated(
     )
     total = torch.zeros(d_out, d_in, dtype=dtype, device=a.device)
     if rotate_first:
+        a = dense(a)
         a_r = a if q_a is None else a @ q_a
         for s in variants:
             total += squared_gradient_sum(block, a_r, s if q_s is None else s @ q_s)
@@ -287,7 +294,7 @@ def _squared_rotated(
     chunk = max(1, _CHUNK_NUMBERS // (d_out * d_in))
     for s in variants:
         for start in range(0, n, chunk):
-            g = torch.einsum("nto,nti->noi", s[start : start + chunk], a[start : start + chunk])
+            g = block_gradient(block, a[start : start + chunk], s[start : start + chunk])
             if q_s is not None:
                 g = q_s.T @ g
             if q_a is not None:

@@ -74,7 +74,8 @@ class InfluenceAttributor(BaseAttributor):
         preconditioned gradients of one block of queries (as in
         :class:`~sourcekit.SourceAttributor`).
         ``"auto"``: half of the GPU's free memory, or a quarter of the memory
-        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
+        available on a CPU up to 1 GiB, read when ``fit`` runs (``memory_limit_`` holds
+        the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
     device : str or torch.device, default="auto"

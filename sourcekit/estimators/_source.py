@@ -111,7 +111,8 @@ class SourceAttributor(BaseAttributor):
         gradients (queries are processed in blocks beyond it; each block streams the
         training data again).
         ``"auto"``: half of the GPU's free memory, or a quarter of the memory
-        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
+        available on a CPU up to 1 GiB, read when ``fit`` runs (``memory_limit_`` holds
+        the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state (curvature, cached factors) on disk under this
         directory, keyed by the trajectory's fingerprint and the parameters that shape

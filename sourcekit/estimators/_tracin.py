@@ -57,7 +57,8 @@ class TracInAttributor(BaseAttributor):
         ``transform``; beyond them the data are streamed again) and, separately, for the
         query gradients of one block of queries.
         ``"auto"``: half of the GPU's free memory, or a quarter of the memory
-        available on a CPU, read when ``fit`` runs (``memory_limit_`` holds the bytes).
+        available on a CPU up to 1 GiB, read when ``fit`` runs (``memory_limit_`` holds
+        the bytes).
     memory : str, path or joblib.Memory, optional
         Also cache the fitted state on disk (see :class:`~sourcekit.SourceAttributor`).
     device : str or torch.device, default="auto"

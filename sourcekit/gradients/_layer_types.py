@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..exceptions import UnsupportedModuleError
+from ._patches import ConvPatches, Inputs, use_images
 
 __all__ = [
     "LAYER_TYPES",
@@ -118,7 +118,7 @@ class LayerType:
     kind: str
     matches: Callable[[nn.Module], bool]
     shape: Callable[[nn.Module], tuple[int, int]]
-    inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor] = positions_last
+    inputs: Callable[[nn.Module, torch.Tensor], Inputs] = positions_last
     outputs: Callable[[torch.Tensor], torch.Tensor] = _outputs_last
     transposed: bool = False
     one_hot: bool = False
@@ -138,27 +138,25 @@ def _conv2d_check(name: str, module: nn.Module) -> None:
         )
 
 
-def _conv2d_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _conv2d_inputs(module: nn.Module, x: torch.Tensor) -> Inputs:
     """The patches a Conv2d multiplies, (n, T, c_in kh kw), in ``F.unfold``'s order.
 
-    The padded input is viewed with strides as (n, c_in, kh, kw, H_out, W_out) and
-    copied once into (n, c_in kh kw, T); the same numbers as ``F.unfold``, whose CPU
-    kernel is several times slower on images with few channels. Returned transposed
-    (positions first), without a second copy.
+    Kept as the input images (:class:`~sourcekit.gradients._patches.ConvPatches`, which
+    forms the per-example gradients without the patches) when the kernel is wider than
+    1 × 1 and the output has many positions; otherwise unfolded here, positions first.
     """
     assert isinstance(module, nn.Conv2d)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     assert not isinstance(module.padding, str)  # refused by the check
-    ph, pw = module.padding
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
-    n, c, height, width = padded.shape
-    h_out = (height - dh * (kh - 1) - 1) // sh + 1
-    w_out = (width - dw * (kw - 1) - 1) // sw + 1
-    s_n, s_c, s_h, s_w = padded.stride()
-    windows = padded.as_strided(
-        (n, c, kh, kw, h_out, w_out), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw)
+    patches = ConvPatches(
+        x,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
     )
-    return windows.reshape(n, c * kh * kw, h_out * w_out).transpose(1, 2)
+    if use_images(patches.kernel, patches.shape[1]):
+        return patches
+    return patches.unfold()
 
 
 def _conv2d_shape(module: nn.Module) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..exceptions import UnsupportedModuleError
 from ._layer_types import LAYER_TYPES, layer_type, match_layer_type
+from ._patches import ConvPatches, Inputs, dense
 
 __all__ = [
     "Capture",
@@ -201,12 +202,16 @@ class Capture:
     """
 
     blocks: Sequence[LayerBlock]
-    a: dict[str, torch.Tensor] = field(default_factory=dict)
+    a: dict[str, Inputs] = field(default_factory=dict)
     s: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def add_call(self, name: str, a: torch.Tensor, output: torch.Tensor | None) -> None:
-        self.a[name] = a if name not in self.a else torch.cat([self.a[name], a], dim=1)
+    def add_call(
+        self, name: str, a: torch.Tensor | ConvPatches, output: torch.Tensor | None
+    ) -> None:
+        if name in self.a:  # the positions of every call, side by side
+            a = torch.cat([dense(self.a[name]), dense(a)], dim=1)
+        self.a[name] = a
         if output is not None:
             self.outputs.setdefault(name, []).append(output)
 
@@ -238,9 +243,11 @@ class Capture:
             self.outputs.clear()
 
 
-def _inputs_matrix(module: nn.Module, block: LayerBlock, x: torch.Tensor) -> torch.Tensor:
+def _inputs_matrix(module: nn.Module, block: LayerBlock, x: torch.Tensor) -> Inputs:
     a = layer_type(block.kind).inputs(module, x)
     if block.bias is not None:
+        if isinstance(a, ConvPatches):
+            return a.with_bias()
         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
     return a
 
@@ -276,7 +283,7 @@ def collect(model: nn.Module, blocks: Sequence[LayerBlock]) -> Iterator[Capture]
             handle.remove()
 
 
-def block_gradient(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def block_gradient(block: LayerBlock, a: Inputs, s: torch.Tensor) -> torch.Tensor:
     """Per-example gradients G = Σ_t s_t a_tᵀ of one block, shape (n, d_out, d_in).
 
     ``a`` holds the layer inputs (n, T, d_in), or for a one-hot block the indices (n, T)
@@ -284,6 +291,7 @@ def block_gradient(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch
     slice of the block's output rows; G then has those rows only.
     """
     if block.one_hot:
+        assert isinstance(a, torch.Tensor)  # indices (n, T)
         n, t = a.shape
         d_out = s.shape[-1]
         flat = a.reshape(-1)
@@ -293,6 +301,8 @@ def block_gradient(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch
         g = s.new_zeros(n * block.d_in, d_out)
         g.index_add_(0, target, s.reshape(n * t, d_out)[keep])
         return g.reshape(n, block.d_in, d_out).transpose(1, 2)
+    if isinstance(a, ConvPatches):
+        return a.gradient(s)
     s = s.to(a.dtype)
     if a.shape[1] == 1:
         return s[:, 0, :, None] * a[:, 0, None, :]
@@ -300,13 +310,13 @@ def block_gradient(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch
 
 
 def block_gradients(
-    a: dict[str, torch.Tensor], s: dict[str, torch.Tensor], blocks: Sequence[LayerBlock]
+    a: Mapping[str, Inputs], s: Mapping[str, torch.Tensor], blocks: Sequence[LayerBlock]
 ) -> dict[str, torch.Tensor]:
     """Per-example gradients G = Σ_t s_t a_tᵀ of each block, shape (n, d_out, d_in)."""
     return {b.name: block_gradient(b, a[b.name], s[b.name]) for b in blocks}
 
 
-def squared_gradient_sum(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def squared_gradient_sum(block: LayerBlock, a: Inputs, s: torch.Tensor) -> torch.Tensor:
     """Σ over examples of G∘G (d_out, d_in), in the precision of ``s``.
 
     Without forming the n per-example gradients when each example has one position
@@ -314,6 +324,7 @@ def squared_gradient_sum(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) ->
     per distinct row it uses (O(n T d_out), whatever the size of the table).
     """
     if block.one_hot:
+        assert isinstance(a, torch.Tensor)  # indices (n, T)
         n, t = a.shape
         d_out = s.shape[-1]
         flat = a.reshape(-1)
@@ -327,8 +338,9 @@ def squared_gradient_sum(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) ->
         return total.T
     a = a.to(s.dtype)
     if a.shape[1] == 1:
+        a = dense(a)
         return (s[:, 0] ** 2).T @ (a[:, 0] ** 2)
-    g = torch.einsum("nto,nti->noi", s, a)
+    g = block_gradient(block, a, s)
     return (g * g).sum(dim=0)
 
 
@@ -343,8 +355,8 @@ class FactoredGradients(Mapping[str, torch.Tensor]):
     def __init__(
         self,
         blocks: Sequence[LayerBlock],
-        a: dict[str, torch.Tensor],
-        s: dict[str, torch.Tensor],
+        a: Mapping[str, Inputs],
+        s: Mapping[str, torch.Tensor],
     ) -> None:
         self.blocks = {b.name: b for b in blocks}
         self.a = a

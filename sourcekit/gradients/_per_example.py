@@ -8,9 +8,9 @@ results are per block matrices of shape (n, d_out, d_in).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from ..exceptions import NonFiniteError, UnsupportedModuleError
 from ..trajectory import Examples, Trajectory
 from ._layers import FactoredGradients, LayerBlock, block_gradients, collect
+from ._patches import Inputs
 
 __all__ = [
     "FISHER",
@@ -123,7 +124,10 @@ def _widened(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return outputs.float(), targets.float() if targets.is_floating_point() else targets
 
 
-def _as(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+_T = TypeVar("_T", torch.Tensor, Inputs)
+
+
+def _as(tensors: dict[str, _T], dtype: torch.dtype | None) -> dict[str, _T]:
     """The floating tensors of ``tensors`` in ``dtype`` (unchanged when None)."""
     if dtype is None:
         return tensors
@@ -138,7 +142,7 @@ def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
         )
 
 
-def _check_per_example(a: dict[str, torch.Tensor], n: int) -> None:
+def _check_per_example(a: Mapping[str, Inputs], n: int) -> None:
     """Every block's inputs must have one row per example of the batch."""
     for name, inputs in a.items():
         if inputs.shape[0] != n:
@@ -160,7 +164,7 @@ class BatchFactors:
     """
 
     indices: np.ndarray
-    a: dict[str, torch.Tensor]
+    a: dict[str, Inputs]
     fisher: list[dict[str, torch.Tensor]] = field(default_factory=list)
     loss: dict[str, torch.Tensor] | None = None
 

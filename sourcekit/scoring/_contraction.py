@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..gradients._layers import FactoredGradients, LayerBlock, block_gradient
+from ..gradients._patches import Inputs, dense
 
 __all__ = [
     "PATHS",
@@ -59,7 +60,7 @@ _PATH: ContextVar[str] = ContextVar("sourcekit_contraction_path", default="auto"
 # Numbers an intermediate (formed gradients, or per-position products) may hold at once;
 # larger batches are processed in chunks of examples (8 MiB in float32: big enough for
 # efficient matrix products, small enough to stay in cache).
-_CHUNK_NUMBERS = 2**21
+_CHUNK_NUMBERS = 2**23
 # The cost, in multiply-adds of a matrix product, of one number written to an
 # intermediate and read back, and of one number gathered by index (see the module notes).
 _STREAM = 10
@@ -243,15 +244,13 @@ def _flat(u: Query) -> torch.Tensor:
     return dense.reshape(dense.shape[0], -1)
 
 
-def _formed(
-    block: LayerBlock, flat_u: torch.Tensor, a: torch.Tensor, s: torch.Tensor
-) -> torch.Tensor:
+def _formed(block: LayerBlock, flat_u: torch.Tensor, a: Inputs, s: torch.Tensor) -> torch.Tensor:
     g = block_gradient(block, a, s)
     return flat_u @ g.reshape(g.shape[0], -1).T
 
 
 def block_dot(
-    block: LayerBlock, query: Query, a: torch.Tensor, s: torch.Tensor, dtype: torch.dtype
+    block: LayerBlock, query: Query, a: Inputs, s: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """⟨U_q, G_m⟩ for one block, shape (q, n), by the cheaper path.
 
@@ -284,11 +283,11 @@ def block_dot(
         if flat_u is not None:
             parts.append(_formed(block, flat_u, a_c, s_c))
         elif isinstance(query, torch.Tensor) and block.one_hot:
-            parts.append(_contract_one_hot(query, a_c, s_c))
+            parts.append(_contract_one_hot(query, dense(a_c), s_c))
         elif isinstance(query, LowRank):
-            parts.append(_contract_low_rank(query, a_c, s_c))
+            parts.append(_contract_low_rank(query, dense(a_c), s_c))
         else:
-            parts.append(_contract_dense(query, a_c, s_c))
+            parts.append(_contract_dense(query, dense(a_c), s_c))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -335,7 +334,7 @@ def gradient_dot(
     return out
 
 
-def _block_squared_norms(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _block_squared_norms(block: LayerBlock, a: Inputs, s: torch.Tensor) -> torch.Tensor:
     """‖G_m‖² of one block, (n,): Σ_{t,t'} (s_tᵀ s_t')(a_tᵀ a_t') when that is cheaper."""
     n, t = a.shape[0], a.shape[1]
     # Position Grams: n T² (d_in + d_out), or n T² d_out for one-hot rows (an equality
@@ -345,6 +344,7 @@ def _block_squared_norms(block: LayerBlock, a: torch.Tensor, s: torch.Tensor) ->
         g = block_gradient(block, a, s)
         return (g.reshape(n, -1) ** 2).sum(dim=1)
     s_gram = s @ s.transpose(1, 2)  # (n, T, T)
+    a = dense(a)
     if block.one_hot:  # e_iᵀ e_j = [i = j], and padding (-1) selects nothing
         a_gram = ((a[:, :, None] == a[:, None, :]) & (a[:, :, None] >= 0)).to(s.dtype)
     else:
