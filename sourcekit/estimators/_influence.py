@@ -175,8 +175,9 @@ class InfluenceAttributor(BaseAttributor):
             local_examples(trajectory, examples),
             settings,
             budget=CacheBudget(self.memory_limit_ // 2),
-            # scoring needs every example's gradients: a subset's are not kept
-            loss_cache=cache if len(examples) == len(everything) else None,
+            # the examples' training-loss factors, kept for scoring while the budget
+            # allows (a subset's too: scoring streams only the others)
+            loss_cache=cache,
         )
         return {"blocks": blocks, "curvature": curvature, "cache": cache.batches}
 

@@ -255,8 +255,9 @@ class SourceAttributor(BaseAttributor):
                     local_examples(trajectory, examples),
                     settings,
                     budget=budget,
-                    # scoring needs every example's gradients: a subset's are not kept
-                    loss_cache=cache if len(examples) == len(stage.examples) else None,
+                    # the examples' training-loss factors, kept for scoring while the
+                    # budget allows (a subset's too: scoring streams only the others)
+                    loss_cache=cache,
                 )
             )
         # Learning rates and Adam's moments come from the recorded segments.

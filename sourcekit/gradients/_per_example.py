@@ -302,8 +302,9 @@ class TrainingGradients:
     ``indices`` once, where ``grads`` is a :class:`FactoredGradients`: a mapping from
     block name to the gradients (n, d_out, d_in), formed only when indexed, that also
     holds the layer inputs and output gradients for contraction scoring. Batches cached
-    while fitting (layer inputs and output gradients) are reused; otherwise the model is
-    loaded at ``step`` and the examples streamed in batches of ``batch_size``.
+    while fitting (layer inputs and output gradients) are reused, all of ``indices`` or
+    some of them (the examples a curvature was estimated from); the model is loaded at
+    ``step`` and the other examples streamed in batches of ``batch_size``.
 
     ``dtype`` is the precision of the passes (and of the cached batches); the batches
     handed out are widened to ``output_dtype`` (default: ``dtype``), the precision the
@@ -343,14 +344,17 @@ class TrainingGradients:
     def __call__(
         self, step: int, indices: np.ndarray
     ) -> Iterator[tuple[np.ndarray, FactoredGradients]]:
-        cached = self.cache.get(step)
-        if cached is not None and np.array_equal(
-            np.sort(np.concatenate([b.indices for b in cached])), np.sort(indices)
-        ):
+        cached = self.cache.get(step) or []
+        kept = np.concatenate([b.indices for b in cached]) if cached else np.zeros(0, np.int64)
+        if len(kept) and np.isin(kept, indices).all():
+            # Batches kept while fitting (all of ``indices``, or the examples the
+            # curvature was estimated from) come from the cache; the rest are streamed.
             for batch in cached:
                 yield batch.indices, self._factored(batch)
                 self._tick(len(batch.indices))
-            return
+            indices = np.setdiff1d(indices, kept)
+            if len(indices) == 0:
+                return
         model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
         for batch in checkpoint_batches(
             model,

@@ -56,8 +56,32 @@ def test_source_fits_each_segment_on_its_stage_subset(run):
             torch.testing.assert_close(
                 factors.eigenvalues, direct.factors[name].eigenvalues, rtol=0, atol=0
             )
-    # the training-loss factors of a subset are not kept: scoring streams every example
-    assert source.state_["cache"] == {}
+        # the subset's training-loss factors are kept: scoring streams only the others
+        for step in model.segment.checkpoints:
+            kept = np.concatenate([b.indices for b in source.state_["cache"][step]])
+            np.testing.assert_array_equal(np.sort(kept), subset)
+
+
+def test_scoring_streams_only_the_examples_outside_the_kept_subset(run, monkeypatch):
+    import sourcekit.gradients._per_example as per_example
+
+    streamed: list[int] = []
+    original = per_example.checkpoint_batches
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for batch in original(*args, **kwargs):
+            streamed.extend(batch.indices.tolist())
+            yield batch
+
+    source = SourceAttributor(n_segments=2, curvature_examples=4, **CPU).fit(run)
+    monkeypatch.setattr(per_example, "checkpoint_batches", counting)
+    source.transform(_queries())
+    expected = sum(
+        len(run.stages[m.segment.stage].examples) - 4
+        for m in source.state_["segments"]
+        for _ in m.segment.checkpoints
+    )
+    assert len(streamed) == expected
 
 
 @pytest.mark.parametrize("cls", [SourceAttributor, InfluenceAttributor])
