@@ -94,6 +94,26 @@ class KroneckerFactors:
             w = self.q_s @ w
         return w
 
+    def basis_change(self, target: KroneckerFactors) -> KroneckerFactors:
+        """The rotation from this eigenbasis to ``target``'s, as factors (in float64).
+
+        ``self.basis_change(target).rotate(w)`` equals ``target.rotate(self.unrotate(w))``
+        with one rotation instead of two: its factors are Q_Sᵀ Q'_S (left) and
+        Q_Aᵀ Q'_A (right), products of orthogonal matrices, formed once per pair of
+        bases. The eigenvalues are the target's.
+        """
+
+        def product(mine: torch.Tensor | None, theirs: torch.Tensor | None):  # type: ignore[no-untyped-def]
+            if mine is None:
+                return theirs
+            if theirs is None:
+                return mine.T
+            return mine.T @ theirs
+
+        return KroneckerFactors(
+            product(self.q_s, target.q_s), product(self.q_a, target.q_a), target.eigenvalues
+        )
+
 
 class _Curvature:
     """What every curvature offers; subclasses implement ``apply_many``."""
@@ -186,21 +206,38 @@ class EigenbasisCurvature(_Curvature):
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
+        *,
+        rotated: bool = False,
+        targets: Sequence[EigenbasisCurvature | None] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
 
         The rotations run in ``dtype`` (default: the eigenvalues', float64). They are
         orthogonal, so they add only ``dtype``'s rounding, about eps √d of the entries'
         scale; F(σ) is evaluated in float64 and rounded once to ``dtype``.
+
+        A chain of curvatures (SOURCE's query side) can skip the way back through
+        parameter coordinates: ``rotated=True`` says ``grads`` are already in this
+        curvature's eigenbasis, and ``targets[i]``, when given, asks for the i-th result
+        in that curvature's eigenbasis (one basis change instead of a rotation back and
+        a rotation forward).
         """
         outs: list[dict[str, torch.Tensor]] = [{} for _ in fns]
+        targets = list(targets) if targets is not None else [None] * len(fns)
         for block in self.blocks:
             f = self.factors[block.name]
-            work = f.as_dtype(f.eigenvalues.dtype if dtype is None else dtype)
-            rotated = work.rotate(grads[block.name].to(dtype or f.eigenvalues.dtype))
+            work_dtype = f.eigenvalues.dtype if dtype is None else dtype
+            work = f.as_dtype(work_dtype)
+            v = grads[block.name].to(work_dtype)
+            rotated_v = v if rotated else work.rotate(v)
             sigma = f.eigenvalues + _shift_of(shift, block.name)
-            for out, fn in zip(outs, fns, strict=True):
-                out[block.name] = work.unrotate(fn(sigma).to(rotated.dtype) * rotated)
+            for out, fn, target in zip(outs, fns, targets, strict=True):
+                w = fn(sigma).to(rotated_v.dtype) * rotated_v
+                if target is None:
+                    out[block.name] = work.unrotate(w)
+                else:
+                    change = f.basis_change(target.factors[block.name]).as_dtype(work_dtype)
+                    out[block.name] = change.rotate(w)
         return outs
 
     def diagonal(self) -> dict[str, torch.Tensor]:

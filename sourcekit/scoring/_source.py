@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
+from ..curvature._objects import EigenbasisCurvature
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
 from ..exceptions import TrajectoryError
 from ..gradients._layers import LayerBlock
@@ -171,9 +173,17 @@ def precondition(
     *,
     dtype: torch.dtype | None = None,
     carry: bool = True,
+    rotated: bool = False,
+    target: EigenbasisCurvature | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(u, v_next): the vector scoring this segment's gradients, and v carried to the
     previous segment (None when ``carry`` is False: the first segment has no previous one).
+
+    ``rotated`` says ``v`` is given in this segment's eigenbasis, and ``target`` (the
+    previous segment's curvature) asks for v_next in that curvature's eigenbasis: the
+    chain then changes basis once per segment instead of rotating back to parameter
+    coordinates and forward again (both only where neither segment uses Adam's
+    preconditioner, whose diagonal acts in parameter coordinates).
 
     ``dtype`` is the precision of the rotations into the curvature's eigenbasis and back
     (default float64); the matrix functions are evaluated in float64. It applies where
@@ -200,8 +210,16 @@ def precondition(
                 DiscreteDecay(model.learning_rates),
             )
         fns = (residual, decay) if carry else (residual,)
-        applied = curvature.apply_many(fns, v, shift, dtype)  # type: ignore[attr-defined]
+        targets = (None, target) if carry else (None,)
+        if rotated or target is not None:
+            applied = curvature.apply_many(  # type: ignore[attr-defined]
+                fns, v, shift, dtype, rotated=rotated, targets=targets
+            )
+        else:
+            applied = curvature.apply_many(fns, v, shift, dtype)  # type: ignore[attr-defined]
         return rounded(applied[0]), (rounded(applied[1]) if carry else None)
+    if rotated or target is not None:
+        raise ValueError("Adam segments carry their vectors in parameter coordinates.")
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
     if model.decoupled_decay:
@@ -209,6 +227,18 @@ def precondition(
         shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
     u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
     return rounded(u), (rounded(_multiply(decay_diag, v)) if carry else None)
+
+
+def _chained(model: SegmentModel, previous: SegmentModel | None) -> bool:
+    """Whether ``model`` can hand its carried vector to ``previous`` in the latter's eigenbasis."""
+    return (
+        previous is not None
+        and model.preconditioner is None
+        and previous.preconditioner is None
+        and isinstance(model.curvature, EigenbasisCurvature)
+        and isinstance(previous.curvature, EigenbasisCurvature)
+        and set(model.curvature.factors) == set(previous.curvature.factors)
+    )
 
 
 def source_scores(
@@ -248,10 +278,27 @@ def source_scores(
     # float32 round each entry by about eps32 √d of the vector's scale.
     v: dict[str, torch.Tensor] | None = {k: g.to(dtype) for k, g in query_gradients.items()}
     ordered = list(segments)
+    rotated = False  # whether v is in the eigenbasis of the segment about to use it
     for position, model in enumerate(reversed(ordered)):
         assert v is not None
         last = position == len(ordered) - 1  # the first segment carries nothing further back
-        u, v = precondition(model, v, damping, matrix_function, dtype=dtype, carry=not last)
+        previous = None if last else ordered[len(ordered) - position - 2]
+        target = (
+            cast(EigenbasisCurvature, previous.curvature)  # type: ignore[union-attr]
+            if _chained(model, previous)
+            else None
+        )
+        u, v = precondition(
+            model,
+            v,
+            damping,
+            matrix_function,
+            dtype=dtype,
+            carry=not last,
+            rotated=rotated,
+            target=target,
+        )
+        rotated = target is not None
         queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)

@@ -239,3 +239,32 @@ def test_random_state_fixes_the_sampled_fisher_and_none_draws_afresh(run):
         SourceAttributor(random_state=None, **CPU).fit(run).transform(queries) for _ in range(2)
     ]
     assert not np.array_equal(fresh[0], fresh[1])  # no cache hides the second draw
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("case", ["mlp_momentum", "mlp_two_stage"])
+def test_the_query_chain_changes_basis_between_segments_without_changing_scores(
+    case, curvature, monkeypatch
+):
+    # Carrying v from one segment's eigenbasis to the previous one's in one rotation,
+    # Q'ᵀ Q ṽ Qᵀ Q', is the same linear map as rotating back to parameter coordinates and
+    # forward again: in float64 the scores agree to rounding (eps64 times a few rotations
+    # of the chain's scale). mlp_two_stage ends in an Adam stage, whose segments carry v
+    # in parameter coordinates: there only the SGD segments change basis directly.
+    import sourcekit.scoring._source as kernel
+
+    trajectory, queries = _cases.trajectory(case), _cases.queries(case)
+    params = {"n_segments": 3, "curvature": curvature, "fisher": "expected", "dtype": "float64"}
+    chained = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
+    calls: list[bool] = []
+    original = kernel._chained
+
+    def spy(model, previous):  # type: ignore[no-untyped-def]
+        calls.append(original(model, previous))
+        return False
+
+    monkeypatch.setattr(kernel, "_chained", spy)
+    plain = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
+    assert any(calls)  # the chained run did change basis somewhere
+    scale = np.abs(plain).max()
+    np.testing.assert_allclose(chained, plain, rtol=0, atol=1e-12 * scale)
