@@ -57,11 +57,14 @@ __all__ = [
 PATHS = ("auto", "formed", "contracted")
 _PATH: ContextVar[str] = ContextVar("sourcekit_contraction_path", default="auto")
 
-# Numbers an intermediate (formed gradients, or per-position products) may hold at once;
-# larger batches are processed in chunks of examples (32 MiB in float32). Each chunk reads
-# the query matrices again, so larger chunks read them less often: on the benchmark conv
-# net, 2**23 numbers scored a batch 18 % faster than 2**21, and 2**24 was slower again.
-_CHUNK_NUMBERS = 2**23
+# Numbers an intermediate may hold at once; larger batches are processed in chunks of
+# examples. Per-position products (the contractions) take 2**21 (8 MiB in float32: big
+# enough for efficient matrix products, small enough to stay in cache). Formed gradients
+# take 2**23 (32 MiB): each chunk reads the query matrices again, so larger chunks read
+# them less often (on the benchmark conv net 2**23 scored a batch 18 % faster than 2**21,
+# while the contraction of a Linear layer over 16 positions was 2.2 times slower).
+_CHUNK_NUMBERS = 2**21
+_FORMED_CHUNK_NUMBERS = 2**23
 # The cost, in multiply-adds of a matrix product, of one number written to an
 # intermediate and read back, and of one number gathered by index (see the module notes).
 _STREAM = 10
@@ -258,7 +261,7 @@ def block_dot(
     ``a`` (n, T, d_in) (one-hot blocks: indices (n, T)) and ``s`` (n, T, d_out') with
     d_out' the rows of ``query`` (a slice of the block's output rows is allowed).
     Examples are processed in chunks that keep every intermediate within
-    ``_CHUNK_NUMBERS`` numbers.
+    ``_CHUNK_NUMBERS`` numbers (``_FORMED_CHUNK_NUMBERS`` for formed gradients).
     """
     query = query.to(dtype)
     if block.one_hot and isinstance(query, LowRank):  # a lookup needs no factors
@@ -276,7 +279,8 @@ def block_dot(
         per_example = 2 * t * q * query.rank
     else:
         per_example = t * q * min(d_out, d_in)
-    chunk = max(1, _CHUNK_NUMBERS // max(1, per_example))
+    limit = _FORMED_CHUNK_NUMBERS if path == "formed" else _CHUNK_NUMBERS
+    chunk = max(1, limit // max(1, per_example))
     flat_u = _flat(query) if path == "formed" else None
     parts = []
     for start in range(0, n, chunk):

@@ -106,7 +106,9 @@ def test_chunks_of_examples_do_not_change_the_scores(name: str, monkeypatch) -> 
     for path in ("formed", "contracted"):
         with contraction_path(path):
             whole = gradient_dot(queries, grads, torch.float64)
-            monkeypatch.setattr(_contraction, "_CHUNK_NUMBERS", 50)  # a few examples at a time
+            # a few examples at a time, on either path
+            monkeypatch.setattr(_contraction, "_CHUNK_NUMBERS", 50)
+            monkeypatch.setattr(_contraction, "_FORMED_CHUNK_NUMBERS", 50)
             chunked = gradient_dot(queries, grads, torch.float64)
             monkeypatch.undo()
         assert torch.all((chunked - whole).abs() <= tol)
