@@ -367,10 +367,4 @@ def all_agree(flag: bool) -> bool:
     >>> all_agree(True)
     True
     """
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor(
-        [int(bool(flag))], dtype=torch.int64, device=_comm_device(torch.device("cpu"))
-    )
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(smallest_int(int(bool(flag))))
