@@ -323,6 +323,11 @@ def all_gather_columns(local: torch.Tensor, columns: np.ndarray) -> torch.Tensor
     return local
 
 
+def _int_tensor(value: int) -> torch.Tensor:
+    """``value`` as a one-element int64 tensor where the default group exchanges it."""
+    return torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(torch.device("cpu")))
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     """Rank ``src``'s ``value`` on every rank (e.g. a freshly drawn seed); ``value`` alone without a group.
 
@@ -334,7 +339,7 @@ def broadcast_int(value: int, src: int = 0) -> int:
     """
     if not is_distributed():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(torch.device("cpu")))
+    t = _int_tensor(value)
     dist.broadcast(t, src=src)
     return int(t.item())
 
@@ -350,7 +355,7 @@ def smallest_int(value: int) -> int:
     """
     if not is_distributed():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(torch.device("cpu")))
+    t = _int_tensor(value)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 

@@ -126,6 +126,9 @@ class _Curvature:
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
+        *,
+        rotated: bool = False,
+        targets: Sequence[EigenbasisCurvature | None] | None = None,
     ) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -328,12 +331,22 @@ class DenseCurvature(_Curvature):
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
+        *,
+        rotated: bool = False,
+        targets: Sequence[EigenbasisCurvature | None] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
 
         Always in float64 (``dtype`` is accepted for the common interface): the dense
-        forms are for tiny models, where precision matters more than speed.
+        forms are for tiny models, where precision matters more than speed. Its vectors
+        are always in parameter coordinates (``rotated`` and ``targets``, the
+        eigenbasis chain of :class:`EigenbasisCurvature`, are refused).
         """
+        if rotated or any(t is not None for t in targets or ()):
+            raise ValueError(
+                "A DenseCurvature takes and returns vectors in parameter coordinates; "
+                "rotated=True and targets are for EigenbasisCurvature chains."
+            )
         v = self.flatten(grads).to(self.matrix.dtype)
         if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
             diag = torch.cat(

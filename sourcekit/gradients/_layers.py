@@ -206,9 +206,7 @@ class Capture:
     s: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def add_call(
-        self, name: str, a: torch.Tensor | ConvPatches, output: torch.Tensor | None
-    ) -> None:
+    def add_call(self, name: str, a: Inputs, output: torch.Tensor | None) -> None:
         if name in self.a:  # the positions of every call, side by side
             a = torch.cat([dense(self.a[name]), dense(a)], dim=1)
         self.a[name] = a

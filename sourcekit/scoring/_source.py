@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 import torch
@@ -211,12 +210,9 @@ def precondition(
             )
         fns = (residual, decay) if carry else (residual,)
         targets = (None, target) if carry else (None,)
-        if rotated or target is not None:
-            applied = curvature.apply_many(  # type: ignore[attr-defined]
-                fns, v, shift, dtype, rotated=rotated, targets=targets
-            )
-        else:
-            applied = curvature.apply_many(fns, v, shift, dtype)  # type: ignore[attr-defined]
+        applied = curvature.apply_many(  # type: ignore[attr-defined]
+            fns, v, shift, dtype, rotated=rotated, targets=targets
+        )
         return rounded(applied[0]), (rounded(applied[1]) if carry else None)
     if rotated or target is not None:
         raise ValueError("Adam segments carry their vectors in parameter coordinates.")
@@ -229,16 +225,20 @@ def precondition(
     return rounded(u), (rounded(_multiply(decay_diag, v)) if carry else None)
 
 
-def _chained(model: SegmentModel, previous: SegmentModel | None) -> bool:
-    """Whether ``model`` can hand its carried vector to ``previous`` in the latter's eigenbasis."""
-    return (
-        previous is not None
-        and model.preconditioner is None
-        and previous.preconditioner is None
-        and isinstance(model.curvature, EigenbasisCurvature)
-        and isinstance(previous.curvature, EigenbasisCurvature)
-        and set(model.curvature.factors) == set(previous.curvature.factors)
-    )
+def _chain_target(
+    model: SegmentModel, previous: SegmentModel | None
+) -> EigenbasisCurvature | None:
+    """The curvature in whose eigenbasis ``model`` hands its carried vector to ``previous``.
+
+    None (parameter coordinates) unless both segments rotate into an eigenbasis of the
+    same blocks and neither uses Adam's preconditioner.
+    """
+    if previous is None or model.preconditioner is not None or previous.preconditioner is not None:
+        return None
+    mine, theirs = model.curvature, previous.curvature
+    if not (isinstance(mine, EigenbasisCurvature) and isinstance(theirs, EigenbasisCurvature)):
+        return None
+    return theirs if set(mine.factors) == set(theirs.factors) else None
 
 
 def source_scores(
@@ -283,11 +283,7 @@ def source_scores(
         assert v is not None
         last = position == len(ordered) - 1  # the first segment carries nothing further back
         previous = None if last else ordered[len(ordered) - position - 2]
-        target = (
-            cast(EigenbasisCurvature, previous.curvature)  # type: ignore[union-attr]
-            if _chained(model, previous)
-            else None
-        )
+        target = _chain_target(model, previous)
         u, v = precondition(
             model,
             v,

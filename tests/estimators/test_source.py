@@ -257,14 +257,25 @@ def test_the_query_chain_changes_basis_between_segments_without_changing_scores(
     params = {"n_segments": 3, "curvature": curvature, "fisher": "expected", "dtype": "float64"}
     chained = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
     calls: list[bool] = []
-    original = kernel._chained
+    original = kernel._chain_target
 
     def spy(model, previous):  # type: ignore[no-untyped-def]
-        calls.append(original(model, previous))
-        return False
+        calls.append(original(model, previous) is not None)
+        return None  # parameter coordinates between every pair of segments
 
-    monkeypatch.setattr(kernel, "_chained", spy)
+    monkeypatch.setattr(kernel, "_chain_target", spy)
     plain = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
     assert any(calls)  # the chained run did change basis somewhere
     scale = np.abs(plain).max()
     np.testing.assert_allclose(chained, plain, rtol=0, atol=1e-12 * scale)
+
+
+def test_a_dense_curvature_refuses_the_eigenbasis_chain():
+    trajectory = _cases.trajectory("mlp_momentum")
+    source = SourceAttributor(n_segments=2, curvature="exact", device="cpu").fit(trajectory)
+    first, last = (m.curvature for m in source.state_["segments"])
+    v = {b.name: torch.zeros(1, b.d_out, b.d_in + (b.bias is not None)) for b in first.blocks}
+    with pytest.raises(ValueError, match="parameter coordinates"):
+        last.apply_many([lambda s: s], v, rotated=True)
+    with pytest.raises(ValueError, match="parameter coordinates"):
+        last.apply_many([lambda s: s], v, targets=[first])
