@@ -7,14 +7,24 @@ the targets of n examples to a tensor of shape (n,):
 - the measurement f(z_q, θ) whose change attribution explains.
 
 Built-in ones are named by strings (so that a saved trajectory can name them); any
-importable function ``module:qualname`` works too. A loss that defines
-``loss.sample_targets(outputs, uniforms)`` (targets drawn from the model's predictive
-distribution, given uniform noise in [0, 1)) supports the true Fisher; the built-in
-losses do. The noise is shaped like the outputs unless the loss also defines
-``loss.noise_shape(shape)``, which maps one example's output shape to its noise shape
-(cross-entropy draws one uniform per position, not one per class). ``loss.output_hessian_sqrt(outputs)`` (a factor M with
-M Mᵀ = ∇²_outputs L, shape (..., C, C)) gives the exact expected Fisher (the
-Gauss-Newton matrix).
+importable function ``module:qualname`` works too. A loss may also define, as
+attributes of the callable:
+
+- ``loss.sample_targets(outputs, uniforms)``: targets drawn from the model's predictive
+  distribution, given uniform noise in [0, 1) (the true Fisher). The noise is shaped
+  like the outputs unless ``loss.noise_shape(shape)`` maps one example's output shape
+  to its noise shape (cross-entropy draws one uniform per position, not one per class).
+- ``loss.output_hessian_sqrt(outputs)``: a factor M with M Mᵀ = ∇²_z ℓ, the Hessian of
+  one position's loss ℓ with respect to that position's outputs z (shape
+  (..., C, C)), for the exact expected Fisher (the Gauss-Newton matrix).
+- ``loss.per_position(outputs, targets)``: for outputs with positions (a sequence
+  model's (n, T, C) logits), the pair (ℓ, w) of shape (n, T) with
+  L = Σ_t w_t ℓ_t: each position's own loss and the weight the per-example loss gives
+  it (1/T for a mean over positions, 0 for an ignored position). The curvature of the
+  objective is then Σ_t w_t J_tᵀ ∇²ℓ_t J_t per example, and the Fisher is formed per
+  position with these weights (see the curvature page of the documentation). The
+  built-in losses define it; a loss over positions that does not is treated as one
+  position per example.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch.nn.functional as F
 from ._imports import import_object, importable_name
 
 __all__ = [
+    "IGNORE_INDEX",
     "LOSSES",
     "MEASUREMENTS",
     "absolute_error",
@@ -42,23 +53,47 @@ __all__ = [
 PerExample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+IGNORE_INDEX = -100
+"""Class targets equal to this value mark positions that no built-in loss or measurement
+counts (padding, prompt tokens), as ``torch.nn.functional.cross_entropy`` does."""
+
+
 def _flatten_positions(
     outputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    # (n, T, C) logits with (n, T) targets: sequence models; positions are averaged.
+    # (n, T, C) logits with (n, T) targets: sequence models, one class per position.
     if outputs.ndim == 3 and targets.ndim == 2:
         n, t, c = outputs.shape
         return outputs.reshape(n * t, c), targets.reshape(n * t), t
     return outputs, targets, 1
 
 
+def _class_position_weights(labels: torch.Tensor, positions: int) -> torch.Tensor:
+    """(n, T) weights of a mean over each example's counted positions (0 where ignored)."""
+    counted = (labels != IGNORE_INDEX).reshape(-1, positions).to(torch.float64)
+    return counted / counted.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def _cross_entropy_per_position(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, labels, positions = _flatten_positions(outputs, targets)
+    labels = labels.long()
+    values = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
+    weights = _class_position_weights(labels, positions).to(values.device)
+    return values.reshape(-1, positions), weights.to(values.dtype)
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits against integer class targets, one value per example.
 
-    For sequence outputs (n, T, C) with targets (n, T), the mean over positions. It
-    defines ``sample_targets`` (labels drawn from the softmax by inverse transform
-    sampling, one uniform per position, for the true Fisher), ``noise_shape`` and
-    ``output_hessian_sqrt`` (for the expected Fisher).
+    For sequence outputs (n, T, C) with targets (n, T), the mean over the example's
+    positions whose target is not ``IGNORE_INDEX`` (-100, torch's default: padding and
+    prompt tokens); an example with no counted position has loss 0. It defines
+    ``sample_targets`` (labels drawn from the softmax by inverse transform sampling, one
+    uniform per position, for the true Fisher), ``noise_shape``, ``output_hessian_sqrt``
+    (for the expected Fisher) and ``per_position`` (each position's loss and its weight
+    1/T_counted, so that the Fisher is formed per position at the objective's scale).
 
     Parameters
     ----------
@@ -78,10 +113,14 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     >>> cross_entropy(logits, torch.tensor([0, 0]))
     tensor([0.2395, 2.2395])
+
+    A sequence of two positions whose second target is ignored counts the first only:
+
+    >>> cross_entropy(logits[None], torch.tensor([[0, -100]]))
+    tensor([0.2395])
     """
-    logits, labels, positions = _flatten_positions(outputs, targets)
-    losses = F.cross_entropy(logits, labels.long(), reduction="none")
-    return losses.reshape(-1, positions).mean(dim=1)
+    values, weights = _cross_entropy_per_position(outputs, targets)
+    return (values * weights).sum(dim=1)
 
 
 def _sample_categorical(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -110,13 +149,15 @@ def _softmax_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
 cross_entropy.sample_targets = _sample_categorical  # type: ignore[attr-defined]
 cross_entropy.noise_shape = _categorical_noise_shape  # type: ignore[attr-defined]
 cross_entropy.output_hessian_sqrt = _softmax_hessian_sqrt  # type: ignore[attr-defined]
+cross_entropy.per_position = _cross_entropy_per_position  # type: ignore[attr-defined]
 
 
 def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Half the squared error, summed over output dimensions: ½‖f(x) − y‖².
 
-    It defines ``sample_targets`` (y ~ N(f(x), I), for the true Fisher) and
-    ``output_hessian_sqrt`` (the identity, for the expected Fisher).
+    It defines ``sample_targets`` (y ~ N(f(x), I), for the true Fisher),
+    ``output_hessian_sqrt`` (the identity, for the expected Fisher) and
+    ``per_position`` (outputs (n, T, D): each position's ½‖z_t − y_t‖², weight 1).
 
     Parameters
     ----------
@@ -138,6 +179,17 @@ def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
 
+def _squared_error_per_position(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The last axis is a position's output; the axes between the first and the last are
+    # positions (none for (n, D) outputs: one position per example).
+    diff = outputs - targets.reshape(outputs.shape).to(outputs.dtype)
+    positions = 1 if diff.ndim < 3 else int(torch.tensor(diff.shape[1:-1]).prod())
+    values = 0.5 * diff.pow(2).reshape(diff.shape[0], positions, -1).sum(dim=2)
+    return values, torch.ones_like(values)
+
+
 def _sample_gaussian(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # y ~ N(f(x), I): the predictive distribution of the squared-error loss.
     normal = torch.special.ndtri(uniforms.double().clamp(1e-12, 1 - 1e-12))
@@ -151,14 +203,15 @@ def _identity_hessian_sqrt(outputs: torch.Tensor) -> torch.Tensor:
 
 squared_error.sample_targets = _sample_gaussian  # type: ignore[attr-defined]
 squared_error.output_hessian_sqrt = _identity_hessian_sqrt  # type: ignore[attr-defined]
+squared_error.per_position = _squared_error_per_position  # type: ignore[attr-defined]
 
 
 def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct-class margin: logit_y − logsumexp over the other classes.
 
     Positive when the model prefers the correct class; it is the default measurement for
-    classification (the paper's). Sequence outputs are averaged over positions. It
-    equals log p_y − log(1 − p_y) for the softmax probability p_y of the correct class,
+    classification (the paper's). Sequence outputs are averaged over the positions
+    whose target is not ``IGNORE_INDEX`` (-100). It equals log p_y − log(1 − p_y) for the softmax probability p_y of the correct class,
     so a margin of 0 means p_y = ½.
 
     Parameters
@@ -186,10 +239,14 @@ def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     logits, labels, positions = _flatten_positions(outputs, targets)
     labels = labels.long()
+    counted = labels != IGNORE_INDEX
+    labels = torch.where(counted, labels, 0)
     correct = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))
     values = correct - torch.logsumexp(others, dim=1)
-    return values.reshape(-1, positions).mean(dim=1)
+    weights = _class_position_weights(labels.masked_fill(~counted, IGNORE_INDEX), positions)
+    values = values.masked_fill(~counted, 0.0).reshape(-1, positions)
+    return (values * weights.to(values)).sum(dim=1)
 
 
 def absolute_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

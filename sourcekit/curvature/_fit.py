@@ -2,8 +2,11 @@
 
 For EK-FAC, at every checkpoint c of the segment, over the stage's training examples:
 
-1. A_c = E[a aᵀ] (layer inputs, bias as an input of 1, averaged over positions) and
-   S_c = E[Σ_t s_t s_tᵀ] (output gradients for Fisher targets); each batch's sum is
+1. A_c = E[a aᵀ] (layer inputs, bias as an input of 1, averaged over positions, weighted
+   by the loss's position weights where the layer's positions are the outputs') and
+   S_c = E[Σ_t s_t s_tᵀ] (output gradients for Fisher targets, formed per output
+   position with weights √w_t, so that the Fisher has the objective's scale: see
+   ``_fisher_totals`` in ``sourcekit.gradients._per_example``); each batch's sum is
    formed in the working precision and accumulated across batches in float64;
 2. A = mean_c A_c and S = mean_c S_c are eigendecomposed in float64 (one basis per
    segment): A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ;
@@ -218,6 +221,25 @@ def _gram(x: Inputs, dtype: torch.dtype) -> torch.Tensor:
     return (flat.T @ flat).double()
 
 
+def _position_weighted(
+    x: Inputs, weights: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[Inputs, float]:
+    """A block's inputs scaled by √w_t of the loss's output positions, and their total weight.
+
+    Where a layer has as many positions as the outputs (a sequence model's Linear layers
+    at every token), its input covariance weighs position t by the loss's weight w_t:
+    Ā = Σ w_t a_t a_tᵀ / Σ w_t, so that positions the loss ignores (padding) do not count
+    and K-FAC is exact where the curvature is a Kronecker product (a linear layer under a
+    squared error). Other layers (convolutions, layers before a pooling) average their
+    positions uniformly. The scaled inputs are in ``dtype``.
+    """
+    n, t = x.shape[0], x.shape[1]
+    if weights is None or not isinstance(x, torch.Tensor) or tuple(weights.shape) != (n, t):
+        return x, float(n * t)
+    root = weights.sqrt().to(device=x.device, dtype=dtype)
+    return x.to(dtype) * root[..., None], float(weights.sum())
+
+
 def _sum_fisher(
     blocks: Sequence[LayerBlock],
     batch: BatchFactors,
@@ -227,15 +249,15 @@ def _sum_fisher(
     dtype: torch.dtype,
 ) -> None:
     for block in blocks:
-        a = batch.a[block.name]
+        a, weight = _position_weighted(batch.a[block.name], batch.position_weights, dtype)
         a_sums[block.name] += _gram(a, dtype)
-        counts[block.name][0] += a.shape[0] * a.shape[1]
+        counts[block.name][0] += weight
         for variant in batch.fisher:
             s_sums[block.name] += _gram(variant[block.name], dtype)
         counts[block.name][1] += a.shape[0]
 
 
-def _sum_over_ranks(sums: Sequence[torch.Tensor], counts: Sequence[int]) -> list[int]:
+def _sum_over_ranks(sums: Sequence[torch.Tensor], counts: Sequence[float]) -> list[float]:
     """Sum ``sums`` (in place) and ``counts`` over the ranks; return the summed counts.
 
     The seam between a pass over this rank's shard of the examples and the
@@ -244,7 +266,7 @@ def _sum_over_ranks(sums: Sequence[torch.Tensor], counts: Sequence[int]) -> list
     """
     if not is_distributed():
         return list(counts)
-    table = torch.tensor(list(counts), dtype=torch.int64)
+    table = torch.tensor(list(counts), dtype=torch.float64)  # integers exact up to 2**53
     all_reduce_sum([*sums, table])
     return table.tolist()
 
@@ -439,7 +461,7 @@ def fit_curvature(
         a_sum = {name: torch.zeros_like(m) for name, m in a_mean.items()}
         s_sum = {name: torch.zeros_like(m) for name, m in s_mean.items()}
         diag_sum = {name: torch.zeros_like(m) for name, m in diag_mean.items()}
-        counts = {b.name: [0, 0] for b in blocks}
+        counts = {b.name: [0.0, 0.0] for b in blocks}
         # The training-loss factors (what scoring needs) and the Fisher factors (what the
         # eigenvalue correction needs) are kept while the budget allows; once the loss
         # factors cannot be kept, the pass stops computing them.
@@ -501,7 +523,7 @@ def fit_curvature(
         else:
             batches_iter = iter(batches)
         total = {name: torch.zeros_like(m) for name, m in corrected.items()}
-        n = 0
+        n = 0.0
         for batch in batches_iter:
             n += len(batch.indices)
             for b in kronecker:

@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_batches",
     "measurement_gradients",
     "model_at",
+    "position_weights",
 ]
 
 FISHER = ("true", "empirical", "expected")
@@ -159,19 +160,122 @@ class BatchFactors:
     """Layer inputs and output gradients of one batch of training examples.
 
     ``fisher`` holds one or more sets of output gradients whose outer products average to
-    the Fisher (one set of sampled or recorded targets; C sets for the expected Fisher);
-    ``loss`` holds the gradients of each example's own training loss (recorded targets).
+    the Fisher (one set of sampled or recorded targets; T·C sets for the expected Fisher
+    of outputs with T positions and C classes); ``loss`` holds the gradients of each
+    example's own training loss (recorded targets). ``position_weights`` (n, T) are the
+    loss's weights w_t of the output positions (:func:`position_weights`), or None for
+    outputs without positions.
     """
 
     indices: np.ndarray
     a: dict[str, Inputs]
     fisher: list[dict[str, torch.Tensor]] = field(default_factory=list)
     loss: dict[str, torch.Tensor] | None = None
+    position_weights: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         tensors = list(self.a.values()) + [t for d in self.fisher for t in d.values()]
         tensors += list(self.loss.values()) if self.loss is not None else []
+        tensors += [] if self.position_weights is None else [self.position_weights]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _n_positions(outputs: torch.Tensor) -> int:
+    """The output positions of one example: the axes between the first and the last."""
+    return int(np.prod(outputs.shape[1:-1], dtype=np.int64)) if outputs.ndim > 2 else 1
+
+
+def position_weights(
+    loss: Callable, outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
+    """The weights w (n, T) of a loss over T output positions, L = Σ_t w_t ℓ_t, or None.
+
+    None when the outputs have no positions (shape (n, C)), or when the loss does not
+    describe its positions (``loss.per_position``): its per-example value then counts
+    as one position.
+    """
+    per_position = getattr(loss, "per_position", None)
+    if per_position is None or _n_positions(outputs) == 1:
+        return None
+    with torch.no_grad():
+        _, weights = per_position(outputs.detach(), targets)
+    return weights.detach().to(torch.float64)
+
+
+def _fisher_totals(
+    loss: Callable,
+    fisher: str,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    uniforms: Callable[[tuple[int, ...]], torch.Tensor],
+) -> list[torch.Tensor]:
+    """The scalars whose backward passes give the Fisher's output gradients.
+
+    The objective's curvature is, per example, Σ_t w_t J_tᵀ ∇²ℓ_t J_t over the output
+    positions t (weights w_t of the loss, ℓ_t a position's loss, J_t the Jacobian of its
+    outputs). Each pass backpropagates Σ_t √w_t ψ_t, so that the outer products of the
+    per-example gradients it yields average to that curvature:
+
+    - ``"true"``: ψ_t = ℓ_t(y_t) with y_t drawn from the model at every position. The
+      draws of different positions are independent with zero-mean gradients, so the
+      cross-position terms vanish in expectation and E[G Gᵀ] = Σ_t w_t J_tᵀ H_t J_t,
+      the Gauss-Newton matrix (a whole-example gradient of the weighted loss would give
+      Σ_t w_t² instead: T times too small for a mean over positions).
+    - ``"empirical"``: ψ_t = ε_t ℓ_t(recorded y_t) with independent random signs ε_t,
+      which cancel the cross-position terms in expectation: the per-position empirical
+      Fisher Σ_t w_t J_tᵀ ∇ℓ_t ∇ℓ_tᵀ J_t. With one position it is the per-example
+      gradient's outer product, exactly (no sign is drawn).
+    - ``"expected"``: ψ = z_t · M_t[:, c] for every position t and column c of the
+      Hessian's square root M_t M_tᵀ = ∇²ℓ_t, one pass each (T·C passes): the
+      Gauss-Newton matrix exactly.
+    """
+    per_position = getattr(loss, "per_position", None)
+    positions = _n_positions(outputs)
+    if weights is None:
+        root = None
+    else:
+        root = weights.sqrt().to(outputs.dtype)
+    if fisher == "true":
+        noise_shape = getattr(loss, "noise_shape", None) or (lambda shape: shape)
+        u = uniforms(noise_shape(tuple(outputs.shape[1:])))
+        sampled = loss.sample_targets(outputs, u)  # type: ignore[attr-defined]
+        if root is None:
+            return [loss(outputs, sampled).sum()]
+        values, _ = per_position(outputs, sampled)  # type: ignore[misc]
+        return [(values * root).sum()]
+    if fisher == "empirical":
+        if root is None:
+            return [loss(outputs, targets).sum()]
+        values, _ = per_position(outputs, targets)  # type: ignore[misc]
+        signs = torch.where(uniforms((positions,)) < 0.5, -1.0, 1.0).to(root)
+        return [(values * root * signs).sum()]
+    # "expected"
+    if outputs.ndim < 2:
+        raise ValueError(
+            "fisher='expected' needs outputs of shape (n, C) or (n, T, C); got "
+            f"{tuple(outputs.shape)}. Use fisher='true'."
+        )
+    if positions > 1 and root is None:
+        raise ValueError(
+            f"fisher='expected' with outputs of shape {tuple(outputs.shape)} (positions) needs "
+            "the weights the loss gives each position (loss.per_position); the trajectory's loss "
+            "has none. Use a built-in loss, define per_position on the loss, or use "
+            "fisher='true'."
+        )
+    n, c = outputs.shape[0], outputs.shape[-1]
+    z = outputs.reshape(n, positions, c)
+    hessian_root = loss.output_hessian_sqrt(outputs).to(outputs.dtype)  # type: ignore[attr-defined]
+    hessian_root = hessian_root.reshape(n, positions, c, c)
+    if root is None:
+        root = torch.ones(n, positions, dtype=outputs.dtype, device=outputs.device)
+    totals = []
+    for t in range(positions):
+        if not bool((root[:, t] != 0).any()):
+            continue  # a position no example counts adds nothing
+        for k in range(c):
+            totals.append((z[:, t] * hessian_root[:, t, :, k] * root[:, t, None]).sum())
+    return totals
 
 
 def checkpoint_batches(
@@ -195,7 +299,9 @@ def checkpoint_batches(
     them from the model's predictive distribution (needs ``loss.sample_targets``),
     ``"empirical"`` uses the recorded targets, ``"expected"`` backpropagates the columns of
     a square root of the loss's output Hessian (the exact Gauss-Newton matrix; one
-    backward pass per output), None skips them. ``want_loss`` adds the gradients of each
+    backward pass per output and position), None skips them. Outputs with positions
+    are weighted per position as :func:`_fisher_totals` derives, so that the Fisher has
+    the scale of the objective the run minimised. ``want_loss`` adds the gradients of each
     example's training loss; given as a callable it is asked before every batch, so that
     a caller that stops keeping them stops paying for their backward pass. All gradients
     are per example (of a sum, not a mean).
@@ -216,9 +322,6 @@ def checkpoint_batches(
             "fisher='expected' needs the loss's output Hessian (loss.output_hessian_sqrt); the "
             "trajectory's loss has none. Use fisher='true' or 'empirical'."
         )
-    # One example's noise for the sampled targets: shaped like its outputs unless the loss
-    # says otherwise (cross-entropy: one uniform per position).
-    noise_shape = getattr(loss, "noise_shape", None) or (lambda shape: shape)
     with collect(model, blocks) as capture:
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
@@ -226,32 +329,31 @@ def checkpoint_batches(
             result = BatchFactors(idx, {})
             with torch.enable_grad():
                 outputs, targets = _widened(_forward(model, batch.inputs), batch.targets)
+                weights = position_weights(loss, outputs, targets)
+                result.position_weights = weights
                 passes: list[tuple[str, torch.Tensor]] = []
                 loss_wanted = wants_loss()
-                if loss_wanted or fisher == "empirical":
+                # With one position per example, the empirical Fisher's pass is the
+                # training loss's own: its gradients serve both.
+                shared = fisher == "empirical" and weights is None
+                if loss_wanted or shared:
                     values = loss(outputs, targets)
                     _check_finite(values.detach(), "training losses", step)
                     passes.append(("loss", values.sum()))
-                if fisher == "true":
-                    u = noise.uniforms(idx, noise_shape(tuple(outputs.shape[1:]))).to(device)  # type: ignore[union-attr]
-                    sampled = loss.sample_targets(outputs, u)  # type: ignore[attr-defined]
-                    passes.append(("fisher", loss(outputs, sampled).sum()))
-                elif fisher == "expected":
-                    if outputs.ndim != 2:
-                        raise ValueError(
-                            "fisher='expected' supports outputs of shape (n, C); got "
-                            f"{tuple(outputs.shape)}. Use fisher='true'."
-                        )
-                    root = loss.output_hessian_sqrt(outputs).to(outputs.dtype)  # type: ignore[attr-defined]
-                    for c in range(outputs.shape[1]):
-                        passes.append(("fisher", (outputs * root[:, :, c]).sum()))
+                if fisher is not None and not shared:
+
+                    def uniforms(shape: tuple[int, ...], idx: np.ndarray = idx) -> torch.Tensor:
+                        return noise.uniforms(idx, shape).to(device)  # type: ignore[union-attr]
+
+                    for total in _fisher_totals(loss, fisher, outputs, targets, weights, uniforms):
+                        passes.append(("fisher", total))
                 for i, (kind, total) in enumerate(passes):
                     keep_graph = i < len(passes) - 1
                     capture.backward(total, retain_graph=keep_graph)
                     grads = dict(capture.s)
                     if kind == "loss":
                         result.loss = grads if loss_wanted else None
-                        if fisher == "empirical":
+                        if shared:
                             result.fisher.append(grads)
                     else:
                         result.fisher.append(grads)

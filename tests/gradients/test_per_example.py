@@ -406,17 +406,24 @@ def test_fisher_targets_need_the_losses_helpers(fisher: str, words: str) -> None
         )
 
 
-def test_expected_fisher_rejects_sequence_outputs() -> None:
+def test_expected_fisher_with_positions_needs_the_losses_position_weights() -> None:
     model, x, y = model_data("sequence")
-    with pytest.raises(ValueError, match=r"shape \(n, C\)"):
+    with pytest.raises(ValueError, match="per_position"):
         _batches(
             model,
             find_blocks(model),
             Examples(x, y),
             np.arange(7),
-            cross_entropy,
+            _sequence_loss_without_positions,
             fisher="expected",
         )
+
+
+def _sequence_loss_without_positions(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(outputs, targets)
+
+
+_sequence_loss_without_positions.output_hessian_sqrt = cross_entropy.output_hessian_sqrt  # type: ignore[attr-defined]
 
 
 def test_non_finite_losses_and_measurements_name_the_checkpoint_step() -> None:
