@@ -133,9 +133,7 @@ class TextTask:
             return [
                 TrainingStage(sgd, epochs=30, batch_size=32, stop_fraction=0.25, n_checkpoints=6)
             ]
-        raise ValueError(
-            f"The 'recipe' parameter must be one of {TEXT_RECIPES}; got {recipe!r}."
-        )
+        raise ValueError(f"The 'recipe' parameter must be one of {TEXT_RECIPES}; got {recipe!r}.")
 
     def record(
         self, recipe: str = "standard", *, random_state: int = 0, progress: bool = True
