@@ -36,7 +36,7 @@ import sourcekit
 from sourcekit.base import clear_state_cache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests import _cases  # noqa: E402  (the shared tiny runs; run from the repository root)
+from tests import _cases  # the shared tiny runs (the repository root is on the path)
 
 TINY_CASES = ("mlp_sgd", "mlp_momentum", "mlp_adam", "mlp_adamw", "mlp_two_stage")
 KINDS = ("ekfac", "kfac", "diagonal", "identity", "exact", "hessian")
