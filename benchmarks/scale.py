@@ -65,7 +65,7 @@ import workloads
 
 import sourcekit
 from sourcekit._denormals import flushing_denormals
-from sourcekit.trajectory._replay import resolve_device
+from sourcekit._device import resolve_device
 
 # memory_limit per scale: the default (timing (i) and (ii)), one large enough to keep
 # the factor cache of every checkpoint the budget allows (a second row of (i)), and a

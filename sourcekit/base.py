@@ -33,12 +33,12 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._denormals import flushing_denormals
+from ._device import resolve_device
 from ._distributed import all_agree, is_distributed, rank, world_size
 from ._memory import AUTO, resolve_memory_limit
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
-from .trajectory._replay import resolve_device
 
 __version__ = "0.1.0"
 

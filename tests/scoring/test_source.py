@@ -30,11 +30,11 @@ from sourcekit import (
     TrajectoryRecorder,
     UnrolledAttributor,
 )
+from sourcekit._device import resolve_device
 from sourcekit.exceptions import PerformanceWarning
 from sourcekit.gradients._layers import find_blocks
 from sourcekit.gradients._per_example import TrainingGradients
 from sourcekit.scoring._source import precondition
-from sourcekit.trajectory._replay import resolve_device
 
 from .. import _cases
 from ..gradients.test_layers import TokenModel, token_data
