@@ -130,14 +130,16 @@ CATEGORIES = (
 
 
 def instrument(device: torch.device) -> Clock:
-    import sourcekit.curvature._fit as fit
+    import sourcekit.curvature._ekfac as ekfac
+    import sourcekit.curvature._kfac as kfac
     import sourcekit.estimators._shared as shared
     import sourcekit.scoring._source as kernel
 
     clock = Clock(device)
-    clock.wrap(fit, "_gram", "covariances")
-    clock.wrap(fit, "_eigh", "eigendecompositions")
-    clock.wrap(fit, "_squared_rotated", "correction")
+    clock.wrap(kfac, "_gram", "covariances")
+    clock.wrap(kfac, "eigh", "eigendecompositions")
+    clock.wrap(kfac, "squared_rotated", "correction")
+    clock.wrap(ekfac, "squared_rotated", "correction")
     clock.wrap(shared, "query_gradients", "query gradients")
     clock.wrap(kernel, "precondition", "preconditioning")
     clock.wrap(kernel, "query_matrices", "preconditioning")

@@ -10,9 +10,9 @@ import torch
 
 from .._validation import Interval
 from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, LossCache, fit_curvature
+from ..curvature import fit_curvature
 from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import CacheBudget, LossCache, TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
 from ._shared import (

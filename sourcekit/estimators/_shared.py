@@ -20,28 +20,22 @@ import sklearn
 import torch
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from .._distributed import all_gather_columns, broadcast_int, is_main, owners, shard, world_size
 from .._validation import InstanceOf, Interval, Options
 from ..base import DEVICE, DTYPE, GRADIENT_DTYPE, MEMORY, MEMORY_LIMIT, POSITIVE_INT, PROGRESS
-from ..curvature._fit import CURVATURES, CacheBudget, FitSettings, PassCache
+from ..curvature import CURVATURES
+from ..curvature._passes import FitSettings
 from ..exceptions import PerformanceWarning
 from ..gradients._layers import LayerBlock
-from ..gradients._per_example import (
-    FISHER,
-    BatchFactors,
-    TrainingGradients,
-    checkpoint_batches,
-    measurement_gradients,
-    model_at,
-)
+from ..gradients._per_example import FISHER, measurement_gradients, model_at
+from ..gradients._training import TrainingGradients
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
 
 __all__ = [
     "CURVATURE_CONSTRAINTS",
     "GRADIENT_CONSTRAINTS",
     "QueryGradientsAt",
-    "cache_training_factors",
     "curvature_subset",
     "fit_settings",
     "local_examples",
@@ -301,54 +295,3 @@ def score_in_query_blocks(
         lambda grads_at, training: score(grads_at(final), training),
         trajectory,
     )
-
-
-def cache_training_factors(
-    trajectory: Trajectory,
-    blocks: Sequence[LayerBlock],
-    checkpoints: Sequence[tuple[int, np.ndarray]],
-    *,
-    memory_limit: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = False,
-) -> dict[int, list[BatchFactors]]:
-    """Layer inputs and training-loss output gradients at each ``(step, examples)``.
-
-    What :class:`~sourcekit.gradients._per_example.TrainingGradients` needs to score
-    without another pass over the data, kept while ``memory_limit`` bytes allow: a
-    checkpoint whose factors do not fit is left out (its pass stops as soon as its first
-    batch shows they will not fit, and it is streamed again when scoring).
-    """
-    budget = CacheBudget(memory_limit)
-    cache: dict[int, list[BatchFactors]] = {}
-    for step, examples in tqdm(
-        checkpoints, desc="caching gradients", disable=not (progress and is_main()), leave=False
-    ):
-        if len(examples) == 0:  # a rank's shard of a stage may be empty: nothing to cache
-            continue
-        model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
-        kept = PassCache(budget, len(examples))
-        for batch in checkpoint_batches(
-            model,
-            blocks,
-            trajectory.train,
-            examples,
-            trajectory.loss,
-            fisher=None,
-            want_loss=True,
-            noise=None,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            step=step,
-        ):
-            kept.offer(batch)
-            if not kept.wanted():
-                break
-        batches = kept.close()
-        if batches is None:
-            break  # the budget is spent: stop caching rather than start more partial passes
-        cache[step] = batches
-    return cache

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import resolve_device
 from .._distributed import all_gather_columns
 from .._validation import InstanceOf, Options
 from ..base import DEVICE, DTYPE, POSITIVE_INT, BaseAttributor
 from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import TrainingGradients, cache_training_factors
 from ..scoring._similarity import (
     SIMILARITIES,
     default_layer,
@@ -22,10 +23,8 @@ from ..scoring._similarity import (
     representation_similarity,
 )
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
 from ._shared import (
     GRADIENT_CONSTRAINTS,
-    cache_training_factors,
     local_examples,
     score_in_query_blocks,
 )

@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, LossCache, fit_curvature
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
-from ..scoring._source import segment_models, source_scores
-from ..trajectory import Examples, Trajectory
+from ..curvature import Curvature, fit_curvature
+from ..curvature._preconditioner import adam_preconditioner
+from ..gradients._layers import LayerBlock, find_blocks
+from ..gradients._training import CacheBudget, LossCache, TrainingGradients
+from ..scoring._source import SegmentModel, source_scores
+from ..trajectory import Examples, Segment, Trajectory
 from ..trajectory._averaged import averaged_states, with_states
 from ._shared import (
     CURVATURE_CONSTRAINTS,
@@ -261,7 +262,10 @@ class SourceAttributor(BaseAttributor):
                 )
             )
         # Learning rates and Adam's moments come from the recorded segments.
-        models = segment_models(trajectory, segments, blocks, curvatures)
+        models = [
+            _segment_model(trajectory, s, blocks, c)
+            for s, c in zip(segments, curvatures, strict=True)
+        ]
         return {
             "blocks": blocks,
             "segments": [replace(m, segment=s) for m, s in zip(models, evaluated, strict=True)],
@@ -305,3 +309,22 @@ class SourceAttributor(BaseAttributor):
             len(stage_examples[m.segment.stage]) * len(m.segment.checkpoints) for m in segments
         )
         return score_in_query_blocks(self, queries, per_block, score, passes)
+
+
+def _segment_model(
+    trajectory: Trajectory, segment: Segment, blocks: list[LayerBlock], curvature: Curvature
+) -> SegmentModel:
+    """A segment with its curvature and what the recorded optimiser did in it."""
+    opt = trajectory.stages[segment.stage].optimizer
+    lrs = trajectory.learning_rates[segment.start : segment.end] * opt.effective_lr_factor
+    return SegmentModel(
+        segment=segment,
+        curvature=curvature,
+        learning_rates=lrs,
+        n_examples=trajectory.stages[segment.stage].n_examples,
+        weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
+        decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
+        preconditioner=adam_preconditioner(trajectory, segment, blocks)
+        if opt.is_adaptive
+        else None,
+    )

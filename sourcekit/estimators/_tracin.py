@@ -7,17 +7,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._device import resolve_device
 from .._validation import InstanceOf
 from ..base import BaseAttributor
 from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import TrainingGradients, cache_training_factors
 from ..scoring._tracin import TracInCheckpoint, tracin_checkpoints, tracin_scores
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
 from ._shared import (
     GRADIENT_CONSTRAINTS,
     QueryGradientsAt,
-    cache_training_factors,
     local_examples,
     score_query_blocks,
 )

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from .._distributed import all_gather_columns, all_reduce_sum, is_main
 from .._validation import Interval, Options
 from ..base import BaseAttributor
 from ..exceptions import NonFiniteError
 from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import TrainingGradients
 from ..scoring._trak import (
     PROJECTIONS,
     RandomProjection,
@@ -26,7 +27,6 @@ from ..scoring._trak import (
     trak_scores,
 )
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
 from ._shared import (
     GRADIENT_CONSTRAINTS,
     local_examples,

@@ -19,23 +19,12 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from sourcekit import Examples, OptimizerSpec, Trajectory
-from sourcekit.curvature._fit import (
-    CURVATURES,
-    CacheBudget,
-    FitSettings,
-    LossCache,
-    fisher_seed,
-    fit_curvature,
-)
-from sourcekit.curvature._objects import DenseCurvature, EigenbasisCurvature
+from sourcekit.curvature import CURVATURES, DenseCurvature, EigenbasisCurvature, fit_curvature
+from sourcekit.curvature._passes import FitSettings, fisher_seed
 from sourcekit.exceptions import NonFiniteError
 from sourcekit.gradients._layers import LayerBlock, find_blocks
-from sourcekit.gradients._per_example import (
-    FisherNoise,
-    TrainingGradients,
-    checkpoint_batches,
-    model_at,
-)
+from sourcekit.gradients._per_example import FisherNoise, checkpoint_batches, model_at
+from sourcekit.gradients._training import CacheBudget, LossCache, TrainingGradients
 from sourcekit.trajectory import Checkpoint, Stage
 
 from .. import _cases

@@ -20,7 +20,7 @@ import sourcekit
 from sourcekit import Examples, OptimizerSpec, TrainingStage
 from sourcekit.curvature._spectral import Inverse
 from sourcekit.estimators._shared import query_gradients
-from sourcekit.gradients._per_example import TrainingGradients
+from sourcekit.gradients._training import TrainingGradients
 from sourcekit.scoring._contraction import contraction_path
 
 from .. import _cases

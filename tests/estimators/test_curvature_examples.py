@@ -63,10 +63,10 @@ def test_source_fits_each_segment_on_its_stage_subset(run):
 
 
 def test_scoring_streams_only_the_examples_outside_the_kept_subset(run, monkeypatch):
-    import sourcekit.gradients._per_example as per_example
+    import sourcekit.gradients._training as training
 
     streamed: list[int] = []
-    original = per_example.checkpoint_batches
+    original = training.checkpoint_batches
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         for batch in original(*args, **kwargs):
@@ -74,7 +74,7 @@ def test_scoring_streams_only_the_examples_outside_the_kept_subset(run, monkeypa
             yield batch
 
     source = SourceAttributor(n_segments=2, curvature_examples=4, **CPU).fit(run)
-    monkeypatch.setattr(per_example, "checkpoint_batches", counting)
+    monkeypatch.setattr(training, "checkpoint_batches", counting)
     source.transform(_queries())
     expected = sum(
         len(run.stages[m.segment.stage].examples) - 4

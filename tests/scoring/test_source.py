@@ -31,9 +31,10 @@ from sourcekit import (
     UnrolledAttributor,
 )
 from sourcekit._device import resolve_device
+from sourcekit.curvature import Carried
 from sourcekit.exceptions import PerformanceWarning
 from sourcekit.gradients._layers import find_blocks
-from sourcekit.gradients._per_example import TrainingGradients
+from sourcekit.gradients._training import TrainingGradients
 from sourcekit.scoring._source import precondition
 
 from .. import _cases
@@ -342,12 +343,14 @@ def _abs_product_bound(attributor: SourceAttributor, queries: Examples) -> np.nd
     device = resolve_device("cpu")
     from sourcekit.estimators._shared import query_gradients
 
-    v = {
-        k: g.double()
-        for k, g in query_gradients(
-            trajectory, blocks, queries, batch_size=64, device=device, dtype=torch.float64
-        ).items()
-    }
+    v = Carried(
+        {
+            k: g.double()
+            for k, g in query_gradients(
+                trajectory, blocks, queries, batch_size=64, device=device, dtype=torch.float64
+            ).items()
+        }
+    )
     training = TrainingGradients(
         trajectory, blocks, None, batch_size=64, device=device, dtype=torch.float64
     )
@@ -397,8 +400,10 @@ def test_the_chain_in_float32_rounds_like_its_rotations(case):
     blocks = attributor.state_["blocks"]
     v = {b.name: torch.randn(4, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks}
     for model in attributor.state_["segments"]:
-        exact, carried = precondition(model, v, 1e-3, "exp")
-        fast, carried32 = precondition(model, v, 1e-3, "exp", dtype=torch.float32)
+        exact, ahead = precondition(model, Carried(v), 1e-3, "exp")
+        fast, ahead32 = precondition(model, Carried(v), 1e-3, "exp", dtype=torch.float32)
+        # v carried ahead, in parameter coordinates (the rotation back in its own precision)
+        carried, carried32 = ahead.in_parameters(), ahead32.in_parameters()
         assert fast[blocks[0].name].dtype == carried32[blocks[0].name].dtype == torch.float32
         # max F: the residual (1 − e^{−sσ})/σ ≤ s and the decay ≤ 1. Under Adam the
         # inverse runs in float64 whatever the dtype, so only the final rounding is left.
@@ -414,11 +419,10 @@ def test_the_chain_in_float32_rounds_like_its_rotations(case):
                 error = torch.linalg.norm((ours[b.name].double() - reference[b.name]), dim=(1, 2))
                 assert torch.all(error <= bound), (b.name, error, bound)
     # the first segment carries nothing further back
-    u, nothing = precondition(attributor.state_["segments"][0], v, 1e-3, "exp", carry=False)
+    first = attributor.state_["segments"][0]
+    u, nothing = precondition(first, Carried(v), 1e-3, "exp", carry=False)
     assert nothing is None
-    torch.testing.assert_close(
-        u, precondition(attributor.state_["segments"][0], v, 1e-3, "exp")[0]
-    )
+    torch.testing.assert_close(u, precondition(first, Carried(v), 1e-3, "exp")[0])
 
 
 # --- gradients come from each segment's own checkpoints ----------------------------------------------
