@@ -132,7 +132,7 @@ CATEGORIES = (
 def instrument(device: torch.device) -> Clock:
     import sourcekit.curvature._ekfac as ekfac
     import sourcekit.curvature._kfac as kfac
-    import sourcekit.estimators._shared as shared
+    import sourcekit.estimators._gradient as gradient
     import sourcekit.scoring._source as kernel
 
     clock = Clock(device)
@@ -140,7 +140,7 @@ def instrument(device: torch.device) -> Clock:
     clock.wrap(kfac, "eigh", "eigendecompositions")
     clock.wrap(kfac, "squared_rotated", "correction")
     clock.wrap(ekfac, "squared_rotated", "correction")
-    clock.wrap(shared, "query_gradients", "query gradients")
+    clock.wrap(gradient.QueryGradients, "at", "query gradients")
     clock.wrap(kernel, "precondition", "preconditioning")
     clock.wrap(kernel, "query_matrices", "preconditioning")
     clock.wrap(kernel, "gradient_dot", "contraction")
@@ -190,7 +190,7 @@ def measure_source(
     device: torch.device,
     settings: dict,
 ) -> dict:
-    from sourcekit.estimators._shared import query_slices
+    from sourcekit.estimators._gradient import query_slices
 
     clock = instrument(device) if settings["profile"] else None
     queries = queries[: settings["queries"]]
@@ -226,7 +226,7 @@ def measure_source(
     peak = _peak_bytes(device)
     if settings.get("save"):
         np.save(settings["save"], scores)
-    blocks = source.state_["blocks"]
+    blocks = source.state_.blocks
     return {
         "fit_s": fitted - start,
         "transform_s": done - fitted,
@@ -234,7 +234,7 @@ def measure_source(
         "baseline": baseline,
         "peak": peak,
         "cache": _factor_bytes(source.state_),
-        "cached_checkpoints": len(source.state_["cache"]),
+        "cached_checkpoints": len(source.state_.cache),
         "query_blocks": len(query_slices(len(queries), blocks, settings["memory_limit"])),
         "scores": int(scores.nbytes),
         "breakdown": {} if clock is None else clock.seconds,

@@ -55,11 +55,11 @@ def test_the_fitted_state_lives_on_the_device() -> None:
     from sourcekit import SourceAttributor
 
     source = SourceAttributor(device="cuda").fit(_cases.trajectory(CASE))
-    for model in source.state_["segments"]:
+    for model in source.state_.segments:
         for factors in model.curvature.factors.values():
             assert factors.eigenvalues.device.type == "cuda"
             assert factors.eigenvalues.dtype == torch.float64  # eigendecomposed in float64
-    for batches in source.state_["cache"].values():
+    for batches in source.state_.cache.values():
         for batch in batches:
             assert all(t.device.type == "cuda" for t in batch.a.values())
 

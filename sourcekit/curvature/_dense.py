@@ -57,7 +57,7 @@ class DenseCurvature(Curvature):
     >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
     >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
     >>> influence = sourcekit.InfluenceAttributor(curvature="exact").fit(trajectory)
-    >>> curvature = influence.state_["curvature"]
+    >>> curvature = influence.state_.curvature
     >>> curvature, tuple(curvature.matrix.shape)
     (DenseCurvature(kind='exact', n_params=26), (26, 26))
     >>> bool(curvature.eigenvalues.min() > -1e-12)  # a Gauss-Newton matrix is PSD

@@ -300,7 +300,7 @@ class EigenbasisCurvature(Curvature):
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
     >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
-    >>> curvature = sourcekit.InfluenceAttributor().fit(trajectory).state_["curvature"]
+    >>> curvature = sourcekit.InfluenceAttributor().fit(trajectory).state_.curvature
     >>> curvature
     EigenbasisCurvature(kind='ekfac', blocks=['0', '2'])
     >>> grads = {b.name: torch.randn(5, b.d_out, b.d_in) for b in curvature.blocks}

@@ -108,7 +108,7 @@ def test_segments_never_cross_stages():
 def test_momentum_scales_the_learning_rate_sum(run):
     attributor = SourceAttributor(n_segments=3, **CPU).fit(run)
     beta = run.stages[0].optimizer.momentum
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         recorded = run.learning_rates[model.segment.start : model.segment.end].sum()
         assert model.lr_sum == pytest.approx(recorded / (1 - beta), rel=1e-12)
         assert model.weight_decay == run.stages[0].optimizer.weight_decay
@@ -118,7 +118,7 @@ def test_adam_preconditioner_comes_from_the_recorded_second_moments():
     adam = _cases.trajectory("mlp_adam")
     attributor = SourceAttributor(n_segments=3, **CPU).fit(adam)
     beta2, eps = adam.stages[0].optimizer.betas[1], adam.stages[0].optimizer.eps
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         (step,) = model.segment.checkpoints
         state = adam.checkpoint(step).optimizer
         v = state["exp_avg_sq"]["0.weight"].double() / (1 - beta2 ** state["step"])
@@ -131,7 +131,7 @@ def test_adam_preconditioner_comes_from_the_recorded_second_moments():
 def test_adamw_separates_decoupled_decay():
     adamw = _cases.trajectory("mlp_adamw")
     attributor = SourceAttributor(n_segments=3, **CPU).fit(adamw)
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         assert model.weight_decay == 0.0
         assert model.decoupled_decay == adamw.stages[0].optimizer.weight_decay
 
@@ -205,7 +205,7 @@ def test_true_fisher_needs_a_sampler(run):
 
 def test_influence_default_damping_is_a_tenth_of_the_mean_eigenvalue(run):
     attributor = InfluenceAttributor(damping=None, **CPU).fit(run)
-    means = attributor.state_["curvature"].mean_eigenvalues()
+    means = attributor.state_.curvature.mean_eigenvalues()
     wd = run.stages[-1].optimizer.weight_decay
     assert attributor.damping_ == pytest.approx({k: 0.1 * (v + wd) for k, v in means.items()})
     assert InfluenceAttributor(damping=0.3, **CPU).fit(run).damping_ == 0.3
@@ -285,8 +285,8 @@ def test_a_curvature_without_an_eigenbasis_takes_part_in_parameter_coordinates()
     options = {"n_segments": 2, "device": "cpu", "dtype": "float64"}
     exact = SourceAttributor(curvature="exact", **options).fit(trajectory)
     ekfac = SourceAttributor(curvature="ekfac", **options).fit(trajectory)
-    dense = exact.state_["segments"][0].curvature
-    basis = ekfac.state_["segments"][0].curvature
+    dense = exact.state_.segments[0].curvature
+    basis = ekfac.state_.segments[0].curvature
     g = torch.Generator().manual_seed(0)
     v = {
         b.name: torch.randn(2, b.d_out, b.d_in, generator=g, dtype=torch.float64)
