@@ -136,10 +136,11 @@ class SourceAttributor(CurvatureAttributor):
         available on a CPU up to 1 GiB, read when ``fit`` runs (``memory_limit_`` holds
         the bytes).
     memory : str, path or joblib.Memory, optional
-        Also cache the fitted state (curvature, cached factors) on disk under this
-        directory, keyed by the trajectory's fingerprint and the parameters that shape
-        the state, so that other processes (a search with ``n_jobs``, a later session)
-        reuse it instead of fitting again.
+        Also cache the fitted state (the curvatures; not the kept training gradients,
+        which a state read from disk computes again when scoring) on disk under this
+        directory, keyed by the trajectory's fingerprint, the parameters that shape the
+        state and its format, so that other processes (a search with ``n_jobs``, a later
+        session) reuse it instead of fitting again.
     device : str or torch.device, default="auto"
     dtype : {"float32", "float64"}, default="float32"
         Precision of gradients and scores (eigendecompositions are always float64).
