@@ -160,22 +160,21 @@ def _unflat_block_vector(
     return out
 
 
-def _gauss_newton_sum(
-    model, blocks, trajectory, indices, batch_size, device, step
-) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _gauss_newton_sum(passes: CurvaturePasses, model: torch.nn.Module, step: int) -> torch.Tensor:
     """Σ_m J_mᵀ ∇²_z L J_m over the examples: the expected Fisher, one backward per output."""
+    blocks, device = passes.blocks, passes.settings.device
     n_params = sum(b.n_params for b in blocks)
     total = torch.zeros(n_params, n_params, dtype=torch.float64, device=device)
     for batch in checkpoint_batches(
         model,
         blocks,
-        trajectory.train,
-        indices,
-        trajectory.loss,
+        passes.trajectory.train,
+        passes.indices,
+        passes.trajectory.loss,
         fisher="expected",
         want_loss=False,
         noise=None,
-        batch_size=batch_size,
+        batch_size=passes.settings.batch_size,
         device=device,
         dtype=torch.float64,
         step=step,
@@ -187,8 +186,10 @@ def _gauss_newton_sum(
     return total
 
 
-def _hessian_sum(model, blocks, trajectory, indices, batch_size, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _hessian_sum(passes: CurvaturePasses, model: torch.nn.Module, step: int) -> torch.Tensor:
     """Σ_m ∇²_θ L(z_m, θ) restricted to the blocks' parameters."""
+    blocks, trajectory, indices = passes.blocks, passes.trajectory, passes.indices
+    batch_size, device = passes.settings.batch_size, passes.settings.device
     params = _block_params(model, blocks)
     shapes = {k: v.shape for k, v in params.items()}
     fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
@@ -210,9 +211,10 @@ def _hessian_sum(model, blocks, trajectory, indices, batch_size, device) -> torc
 def _fit_dense(
     kind: str,
     passes: CurvaturePasses,
-    part: Callable[[torch.nn.Module, int], torch.Tensor],
+    part: Callable[[CurvaturePasses, torch.nn.Module, int], torch.Tensor],
 ) -> DenseCurvature:
-    """mean_c of ``part(model at c, c)`` / N over the checkpoints, as a DenseCurvature."""
+    """mean_c of ``part(passes, model at c, c)`` / N over the checkpoints, as a
+    DenseCurvature."""
     blocks = passes.blocks
     n_params = sum(b.n_params for b in blocks)
     if n_params > MAX_PARAMETERS:
@@ -225,7 +227,7 @@ def _fit_dense(
     (n_examples,) = sum_over_ranks([], [len(passes.indices)])
     for step in passes.steps:
         model = model_at(passes.trajectory, step, blocks, device=dev, dtype=torch.float64)
-        summed = part(model, step)
+        summed = part(passes, model, step)
         sum_over_ranks([summed], [])
         if not torch.isfinite(summed).all():
             raise NonFiniteError(
@@ -238,34 +240,9 @@ def _fit_dense(
 
 def fit_gauss_newton(passes: CurvaturePasses) -> DenseCurvature:
     """The dense Gauss-Newton matrix ("exact"), the expected Fisher computed exactly."""
-    settings = passes.settings
-
-    def part(model: torch.nn.Module, step: int) -> torch.Tensor:
-        return _gauss_newton_sum(
-            model,
-            passes.blocks,
-            passes.trajectory,
-            passes.indices,
-            settings.batch_size,
-            settings.device,
-            step,
-        )
-
-    return _fit_dense("exact", passes, part)
+    return _fit_dense("exact", passes, _gauss_newton_sum)
 
 
 def fit_hessian(passes: CurvaturePasses) -> DenseCurvature:
     """The dense Hessian of the mean training loss ("hessian")."""
-    settings = passes.settings
-
-    def part(model: torch.nn.Module, step: int) -> torch.Tensor:
-        return _hessian_sum(
-            model,
-            passes.blocks,
-            passes.trajectory,
-            passes.indices,
-            settings.batch_size,
-            settings.device,
-        )
-
-    return _fit_dense("hessian", passes, part)
+    return _fit_dense("hessian", passes, _hessian_sum)

@@ -20,7 +20,8 @@ contracting query gradients ∇f(z_q, θ) with per-example training-loss gradien
   source, then gathers the score columns of every rank under ``torch.distributed``.
 
 An estimator of this family implements ``_fit_state`` (returning a
-:class:`GradientState`), ``_score_block`` and ``_examples_per_block``.
+:class:`GradientState`) and ``_score_block``, and ``_examples_per_block`` where scoring
+streams other than each training example once.
 """
 
 from __future__ import annotations
@@ -313,10 +314,20 @@ class GradientAttributor(BaseAttributor, ABC):
         """The (n_queries, n_train) scores of one block of queries; the columns of this
         rank's training examples are filled (all of them in one process)."""
 
-    @abstractmethod
+    def _local_examples(self) -> np.ndarray:
+        """The training examples whose score columns this rank computes (all of them in
+        one process)."""
+        everything = np.arange(self.trajectory_.n_train, dtype=np.int64)
+        return local_examples(self.trajectory_, everything)
+
+    def _stage_examples(self) -> list[np.ndarray]:
+        """This rank's training examples of each stage."""
+        return [local_examples(self.trajectory_, s.examples) for s in self.trajectory_.stages]
+
     def _examples_per_block(self) -> int:
-        """Training examples this rank scores per block of queries (the progress bar's
-        unit; 0 when scoring streams none)."""
+        """Training examples this rank scores per block of queries, the progress bar's
+        unit: each of its examples once here (0 when scoring streams none)."""
+        return len(self._local_examples())
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         """Score ``queries`` in blocks, as many queries per block as ``memory_limit_``
@@ -346,5 +357,4 @@ class GradientAttributor(BaseAttributor, ABC):
             )
             parts.append(self._score_block(block, training))
         bar.close()
-        mine = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
-        return all_gather_columns(torch.cat(parts), mine).cpu()
+        return all_gather_columns(torch.cat(parts), self._local_examples()).cpu()

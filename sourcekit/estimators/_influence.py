@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._distributed import local_examples
 from .._validation import Interval
 from ..base import FittedState
 from ..curvature import Curvature
@@ -189,13 +188,6 @@ class InfluenceAttributor(CurvatureAttributor):
             return float(self.damping)
         return default_damping(self.state_.curvature, self._weight_decay())
 
-    def _examples(self) -> np.ndarray:
-        everything = np.arange(self.trajectory_.n_train, dtype=np.int64)
-        return local_examples(self.trajectory_, everything)
-
-    def _examples_per_block(self) -> int:
-        return len(self._examples())
-
     def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
         damping, wd = self.damping_, self._weight_decay()
         shift = (
@@ -206,7 +198,7 @@ class InfluenceAttributor(CurvatureAttributor):
             self.state_.curvature,
             training,
             self.trajectory_.n_steps,
-            self._examples(),
+            self._local_examples(),
             n_train=self.trajectory_.n_train,
             n_examples=self.trajectory_.n_train,
             shift=shift,

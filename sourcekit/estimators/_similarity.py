@@ -139,19 +139,12 @@ class GradientSimilarityAttributor(GradientAttributor):
         cache = self._cache_training_factors(trajectory, blocks, [(trajectory.n_steps, examples)])
         return GradientState(blocks, cache=cache)
 
-    def _examples(self) -> np.ndarray:
-        everything = np.arange(self.trajectory_.n_train, dtype=np.int64)
-        return local_examples(self.trajectory_, everything)
-
-    def _examples_per_block(self) -> int:
-        return len(self._examples())
-
     def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
         return gradient_similarity_scores(
             queries.final(),
             training,
             self.trajectory_.n_steps,
-            self._examples(),
+            self._local_examples(),
             n_train=self.trajectory_.n_train,
             n_examples=self.trajectory_.n_train,
             similarity=self.similarity,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._distributed import is_main, local_examples
+from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import FittedState
 from ..curvature import Curvature
@@ -287,9 +287,6 @@ class SourceAttributor(CurvatureAttributor):
 
     def _passes_trajectory(self) -> Trajectory:
         return with_states(self.trajectory_, self.state_.averaged)  # type: ignore[return-value]
-
-    def _stage_examples(self) -> list[np.ndarray]:
-        return [local_examples(self.trajectory_, s.examples) for s in self.trajectory_.stages]
 
     def _examples_per_block(self) -> int:
         stage_examples = self._stage_examples()

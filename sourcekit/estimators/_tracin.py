@@ -140,9 +140,6 @@ class TracInAttributor(GradientAttributor):
             self.trajectory_, momentum_correction=bool(self.momentum_correction)
         )
 
-    def _stage_examples(self) -> list:
-        return [local_examples(self.trajectory_, s.examples) for s in self.trajectory_.stages]
-
     def _examples_per_block(self) -> int:
         stage_examples = self._stage_examples()
         return sum(len(stage_examples[t.stage]) for t in self.checkpoints_)

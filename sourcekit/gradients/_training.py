@@ -35,6 +35,7 @@ __all__ = [
     "PassCache",
     "TrainingGradients",
     "cache_training_factors",
+    "loss_batches",
 ]
 
 
@@ -195,23 +196,46 @@ class TrainingGradients:
             indices = np.setdiff1d(indices, kept)
             if len(indices) == 0:
                 return
-        model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
-        for batch in checkpoint_batches(
-            model,
+        for batch in loss_batches(
+            self.trajectory,
             self.blocks,
-            self.trajectory.train,
+            step,
             indices,
-            self.trajectory.loss,
-            fisher=None,
-            want_loss=True,
-            noise=None,
             batch_size=self.batch_size,
             device=self.device,
             dtype=self.dtype,
-            step=step,
         ):
             yield batch.indices, self._factored(batch)
             self._tick(len(batch.indices))
+
+
+def loss_batches(
+    trajectory: Trajectory,
+    blocks: Sequence[LayerBlock],
+    step: int,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[BatchFactors]:
+    """One pass over ``indices`` at checkpoint ``step``: the layer inputs and the
+    training-loss output gradients of every batch (no Fisher targets)."""
+    model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
+    return checkpoint_batches(
+        model,
+        blocks,
+        trajectory.train,
+        indices,
+        trajectory.loss,
+        fisher=None,
+        want_loss=True,
+        noise=None,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        step=step,
+    )
 
 
 def cache_training_factors(
@@ -227,8 +251,7 @@ def cache_training_factors(
 ) -> dict[int, list[BatchFactors]]:
     """Layer inputs and training-loss output gradients at each ``(step, examples)``.
 
-    What :class:`TrainingGradients` needs to score
-    without another pass over the data, kept while ``memory_limit`` bytes allow: a
+    What :class:`TrainingGradients` needs to score without another pass over the data, kept while ``memory_limit`` bytes allow: a
     checkpoint whose factors do not fit is left out (its pass stops as soon as its first
     batch shows they will not fit, and it is streamed again when scoring).
     """
@@ -239,21 +262,9 @@ def cache_training_factors(
     ):
         if len(examples) == 0:  # a rank's shard of a stage may be empty: nothing to cache
             continue
-        model = model_at(trajectory, step, blocks, device=device, dtype=dtype)
         kept = PassCache(budget, len(examples))
-        for batch in checkpoint_batches(
-            model,
-            blocks,
-            trajectory.train,
-            examples,
-            trajectory.loss,
-            fisher=None,
-            want_loss=True,
-            noise=None,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            step=step,
+        for batch in loss_batches(
+            trajectory, blocks, step, examples, batch_size=batch_size, device=device, dtype=dtype
         ):
             kept.offer(batch)
             if not kept.wanted():
