@@ -266,7 +266,7 @@ class SourceAttributor(CurvatureAttributor):
             )
         )
         passes = with_states(trajectory, averaged)
-        curvatures, cache = self._fit_curvatures(trajectory, passes, blocks, jobs)  # type: ignore[arg-type]
+        curvatures, cache = self._fit_curvatures(trajectory, passes, blocks, jobs)
         # Learning rates and Adam's moments come from the recorded segments.
         models = [
             _segment_model(trajectory, recorded, evaluated_segment, blocks, curvature)
@@ -286,7 +286,7 @@ class SourceAttributor(CurvatureAttributor):
         return list(self.state_.spans)
 
     def _passes_trajectory(self) -> Trajectory:
-        return with_states(self.trajectory_, self.state_.averaged)  # type: ignore[return-value]
+        return with_states(self.trajectory_, self.state_.averaged)
 
     def _examples_per_block(self) -> int:
         stage_examples = self._stage_examples()
