@@ -195,9 +195,6 @@ class QueryGradients:
         """The measurement gradients at the final parameters θ_T."""
         return self.at(self.trajectory.n_steps)
 
-    def __len__(self) -> int:
-        return len(self.queries)
-
 
 class GradientAttributor(BaseAttributor, ABC):
     """The base of the attributors that stream per-example gradients (see the module notes).
