@@ -29,8 +29,8 @@ import torch
 import workloads
 
 import sourcekit
+from sourcekit._device import resolve_device
 from sourcekit.base import clear_state_cache
-from sourcekit.trajectory._replay import resolve_device
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 

@@ -65,7 +65,7 @@ import workloads
 
 import sourcekit
 from sourcekit._denormals import flushing_denormals
-from sourcekit.trajectory._replay import resolve_device
+from sourcekit._device import resolve_device
 
 # memory_limit per scale: the default (timing (i) and (ii)), one large enough to keep
 # the factor cache of every checkpoint the budget allows (a second row of (i)), and a
@@ -130,15 +130,17 @@ CATEGORIES = (
 
 
 def instrument(device: torch.device) -> Clock:
-    import sourcekit.curvature._fit as fit
-    import sourcekit.estimators._shared as shared
+    import sourcekit.curvature._ekfac as ekfac
+    import sourcekit.curvature._kfac as kfac
+    import sourcekit.estimators._gradient as gradient
     import sourcekit.scoring._source as kernel
 
     clock = Clock(device)
-    clock.wrap(fit, "_gram", "covariances")
-    clock.wrap(fit, "_eigh", "eigendecompositions")
-    clock.wrap(fit, "_squared_rotated", "correction")
-    clock.wrap(shared, "query_gradients", "query gradients")
+    clock.wrap(kfac, "_gram", "covariances")
+    clock.wrap(kfac, "eigh", "eigendecompositions")
+    clock.wrap(kfac, "squared_rotated", "correction")
+    clock.wrap(ekfac, "squared_rotated", "correction")
+    clock.wrap(gradient.QueryGradients, "at", "query gradients")
     clock.wrap(kernel, "precondition", "preconditioning")
     clock.wrap(kernel, "query_matrices", "preconditioning")
     clock.wrap(kernel, "gradient_dot", "contraction")
@@ -188,7 +190,7 @@ def measure_source(
     device: torch.device,
     settings: dict,
 ) -> dict:
-    from sourcekit.estimators._shared import query_slices
+    from sourcekit.estimators._gradient import query_slices
 
     clock = instrument(device) if settings["profile"] else None
     queries = queries[: settings["queries"]]
@@ -224,7 +226,7 @@ def measure_source(
     peak = _peak_bytes(device)
     if settings.get("save"):
         np.save(settings["save"], scores)
-    blocks = source.state_["blocks"]
+    blocks = source.state_.blocks
     return {
         "fit_s": fitted - start,
         "transform_s": done - fitted,
@@ -232,7 +234,7 @@ def measure_source(
         "baseline": baseline,
         "peak": peak,
         "cache": _factor_bytes(source.state_),
-        "cached_checkpoints": len(source.state_["cache"]),
+        "cached_checkpoints": len(source.state_.cache),
         "query_blocks": len(query_slices(len(queries), blocks, settings["memory_limit"])),
         "scores": int(scores.nbytes),
         "breakdown": {} if clock is None else clock.seconds,

@@ -22,6 +22,7 @@ NCCL, whatever device the tensors live on; results are copied back in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "broadcast_int",
     "is_distributed",
     "is_main",
+    "local_examples",
     "owners",
     "rank",
     "shard",
@@ -207,6 +209,54 @@ def shard(
         return indices
     mine = owner[indices] == r if owner is not None else indices % w == r
     return indices[mine]
+
+
+class _Stage(Protocol):
+    @property
+    def examples(self) -> np.ndarray: ...
+
+
+class _Run(Protocol):
+    """What :func:`local_examples` reads of a trajectory."""
+
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def n_train(self) -> int: ...
+    @property
+    def stages(self) -> Sequence[_Stage]: ...
+
+
+# The owner of every training example, per (trajectory fingerprint, world size): the
+# one table of this module that outlives a call (see docs/architecture.md).
+_OWNERS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def local_examples(trajectory: _Run, indices: np.ndarray) -> np.ndarray:
+    """The examples of ``indices`` that this rank streams (all of them in one process).
+
+    Ownership is balanced within every stage of the trajectory (:func:`owners`) and is
+    the same in all of them; it is computed once per trajectory and world size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import sourcekit
+    >>> from sourcekit._distributed import local_examples
+    >>> task = sourcekit.datasets.load_digits_task()
+    >>> trajectory = task.record("early", progress=False)
+    >>> local_examples(trajectory, np.arange(5))  # one process: every example
+    array([0, 1, 2, 3, 4])
+    """
+    w = world_size()
+    if w == 1:
+        return np.asarray(indices, dtype=np.int64)
+    key = (trajectory.fingerprint, w)
+    if key not in _OWNERS:
+        if len(_OWNERS) >= 4:
+            _OWNERS.pop(next(iter(_OWNERS)))
+        _OWNERS[key] = owners(trajectory.n_train, [s.examples for s in trajectory.stages])
+    return shard(indices, _OWNERS[key])
 
 
 def _comm_device(device: torch.device) -> torch.device:

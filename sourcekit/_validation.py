@@ -38,7 +38,20 @@ def bad_value(
 
 @dataclass(frozen=True)
 class Interval:
-    """A real (or integer) interval constraint, e.g. ``Interval(float, 0, None)``."""
+    """A real (or integer) interval constraint, e.g. ``Interval(float, 0, None)``.
+
+    A bound of None is open: the interval holds finite numbers only (``[0, inf)``
+    does not hold ``inf``), and never NaN.
+
+    Examples
+    --------
+    >>> from sourcekit._validation import Interval
+    >>> damping = Interval(float, 0, None)
+    >>> damping.accepts(1e-3), damping.accepts(-1.0), damping.accepts(float("inf"))
+    (True, False, False)
+    >>> damping.describe()
+    'a float in [0, inf)'
+    """
 
     kind: type
     low: float | None
@@ -53,7 +66,7 @@ class Interval:
         if not isinstance(value, numbers.Real):
             return False
         value = float(value)
-        if math.isnan(value):
+        if not math.isfinite(value):
             return False
         if self.low is not None:
             if value < self.low or (value == self.low and self.closed in ("right", "neither")):

@@ -4,23 +4,31 @@
 - ``fit(X)`` takes a :class:`~sourcekit.Trajectory` or a bound
   :class:`~sourcekit.trajectory.AttributionTask`, validates the parameters declared in
   ``_parameter_constraints`` and computes the damping-independent state, which is
-  cached under (class, trajectory fingerprint, the parameters that shape it): in this
-  process always, and on disk too when the attributor has a ``memory`` parameter set
-  (a directory or a ``joblib.Memory``), so that other processes reuse it.
-- ``transform(X)`` takes :class:`~sourcekit.Examples` queries (or a bound task) and
-  returns the (n_queries, n_train) score matrix as a NumPy array: τ[q, m] is the
-  first-order effect of *including* training example m on the measurement of query q,
-  with the 1/N scale included (METHOD.md section 1).
+  cached under (class, trajectory fingerprint, the parameters that shape it, the
+  state's format): in this process always, and on disk too when the attributor names
+  a disk cache (``_disk_cache``: the gradient attributors' ``memory`` parameter), so
+  that other processes reuse it.
+- ``transform(X)`` validates the parameters again (``set_params`` may have changed
+  those that only ``transform`` reads, such as ``damping``), takes
+  :class:`~sourcekit.Examples` queries (or a bound task) and returns the
+  (n_queries, n_train) score matrix as a NumPy array: τ[q, m] is the first-order
+  effect of *including* training example m on the measurement of query q, with the
+  1/N scale included (METHOD.md section 1).
 - Fitted attributes end in ``_``; using an unfitted attributor raises
   :class:`~sourcekit.exceptions.NotFittedError`.
 - ``fit`` and ``transform`` compute with subnormal numbers flushed to zero on the
   calling thread and restore its previous mode on return (``sourcekit._denormals``:
   subnormals slow a CPU's arithmetic many times, and flushing them moves no score by
   more than its rounding).
+
+The behaviour that only some attributors have is not probed for here: it belongs to
+a subclass (``sourcekit.estimators._gradient.GradientAttributor`` for the attributors
+that stream per-example gradients), which overrides the hooks below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -34,26 +42,53 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._denormals import flushing_denormals
 from ._distributed import all_agree, is_distributed, rank, world_size
-from ._memory import AUTO, resolve_memory_limit
+from ._memory import AUTO
 from ._validation import InstanceOf, Interval, Options, validate_parameters
 from .exceptions import NonFiniteError, NotFittedError
 from .trajectory import AttributionTask, Examples, Trajectory
-from .trajectory._replay import resolve_device
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseAttributor", "clear_state_cache", "state_cache_info"]
+__all__ = ["BaseAttributor", "FittedState", "clear_state_cache", "state_cache_info"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, **_DTYPES}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, **DTYPES}
 
 # Shared constraints that most attributors declare.
 DEVICE = InstanceOf((str, torch.device), "'auto', 'cpu', 'cuda' or a torch.device")
-DTYPE = Options("float32", "float64")
-GRADIENT_DTYPE = Options(*_GRADIENT_DTYPES)
+DTYPE = Options(*DTYPES)
+GRADIENT_DTYPE = Options(*GRADIENT_DTYPES)
 PROGRESS = InstanceOf((bool,), "a bool")
 MEMORY_LIMIT = (Interval(int, 1, None), Options(AUTO))
 POSITIVE_INT = Interval(int, 1, None)
+
+
+@dataclasses.dataclass
+class FittedState:
+    """The base of an attributor's fitted state (``state_``): a small typed object.
+
+    Subclasses are dataclasses. ``FORMAT`` is raised when the meaning of a field
+    changes, so that a state cached on disk by another version of the class is never
+    read as this one: the cache's key holds the class, ``FORMAT`` and the field names
+    (:meth:`format_key`).
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> from sourcekit.base import FittedState
+    >>> @dataclasses.dataclass
+    ... class Means(FittedState):
+    ...     means: list
+    >>> Means.format_key()
+    ('Means', 1, ('means',))
+    """
+
+    FORMAT: ClassVar[int] = 1
+
+    @classmethod
+    def format_key(cls) -> tuple[str, int, tuple[str, ...]]:
+        """(class, ``FORMAT``, field names): what a cache key records of the format."""
+        return (cls.__qualname__, cls.FORMAT, tuple(f.name for f in dataclasses.fields(cls)))
 
 
 class _StateCache:
@@ -110,22 +145,26 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
     - ``fit(X)`` takes a :class:`~sourcekit.Trajectory` or a bound
       :class:`~sourcekit.AttributionTask`, validates the parameters and computes the
       damping-independent state, cached under (class, trajectory fingerprint, the
-      parameters that shape it): in this process always, and on disk too when the
-      attributor has a ``memory`` parameter set.
-    - ``transform(X)`` takes :class:`~sourcekit.Examples` queries (or a bound task)
-      and returns the (n_queries, n_train) score matrix: ``scores[q, m]`` is the
-      first-order effect of *including* training example m on the measurement of query
-      q, with the 1/N scale included.
+      parameters that shape it, the state's format): in this process always, and on
+      disk too when the attributor has a ``memory`` parameter set.
+    - ``transform(X)`` validates the parameters again, takes
+      :class:`~sourcekit.Examples` queries (or a bound task) and returns the
+      (n_queries, n_train) score matrix: ``scores[q, m]`` is the first-order effect of
+      *including* training example m on the measurement of query q, with the 1/N
+      scale included.
     - Fitted attributes end in ``_``; an unfitted attributor raises
       :class:`~sourcekit.exceptions.NotFittedError`.
 
-    Subclasses declare ``_parameter_constraints`` and ``_state_parameters`` (the
-    constructor parameters the fitted state depends on) and implement
-    ``_check_trajectory``, ``_fit_state`` and ``_scores``.
+    Subclasses declare ``_parameter_constraints``, ``_state_parameters`` (the
+    constructor parameters the fitted state depends on) and ``_state_type`` (the
+    :class:`FittedState` subclass ``_fit_state`` returns, if any), and implement
+    ``_check_trajectory``, ``_fit_state`` and ``_scores``; the other hooks
+    (``_prepare_fit``, ``_disk_cache``, ``_fresh_each_fit``, ``_torch_dtype``) have
+    defaults for an attributor without those settings.
 
     Attributes
     ----------
-    state_ : object
+    state_ : FittedState or None
         The fitted, damping-independent state (what ``_fit_state`` returned).
     trajectory_ : Trajectory
         The run the attributor was fitted to.
@@ -157,10 +196,24 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
     _state_parameters: ClassVar[tuple[str, ...]] = ()
+    _state_type: ClassVar[type[FittedState] | None] = None
 
     # --- hooks for subclasses ----------------------------------------------------------
     def _check_trajectory(self, trajectory: Trajectory) -> None:
         """Raise if ``trajectory`` lacks what the method needs."""
+
+    def _prepare_fit(self) -> None:
+        """Settings that depend on the machine, resolved once per fit (after validation,
+        before the state): none here."""
+
+    def _disk_cache(self) -> joblib.Memory | None:
+        """Where the fitted state is also cached on disk: nowhere here."""
+        return None
+
+    def _fresh_each_fit(self) -> bool:
+        """Whether every fit must compute its state afresh (no cache): with fresh
+        randomness, scikit-learn's ``random_state=None``. Never here."""
+        return False
 
     def _fit_state(self, trajectory: Trajectory) -> Any:
         """The expensive, damping-independent state (cached)."""
@@ -168,6 +221,11 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
 
     def _scores(self, queries: Examples) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _torch_dtype(self) -> torch.dtype:
+        """The precision of the scores: float32 here (attributors with a ``dtype``
+        parameter return what it names)."""
+        return torch.float32
 
     # --- the contract ------------------------------------------------------------------
     def fit(self, X: Trajectory | AttributionTask, y: Any = None) -> BaseAttributor:
@@ -187,16 +245,15 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         validate_parameters(self, self._parameter_constraints)
         trajectory = _as_trajectory(X, type(self).__name__)
         self._check_trajectory(trajectory)
-        if hasattr(self, "memory_limit"):  # "auto" becomes bytes here, once per fit
-            device = resolve_device(getattr(self, "device", "auto"))
-            self.memory_limit_ = resolve_memory_limit(self.memory_limit, device)
+        self._prepare_fit()
         key = (
             type(self).__qualname__,
+            None if self._state_type is None else self._state_type.format_key(),
             trajectory.fingerprint,
             tuple((name, repr(getattr(self, name))) for name in self._state_parameters),
             ("shard", rank(), world_size()),  # a rank's state holds its shard's data
         )
-        memory = as_memory(getattr(self, "memory", None))
+        memory = self._disk_cache()
         if memory is None:
             compute = lambda: self._fit_state(trajectory)  # noqa: E731
         else:
@@ -207,11 +264,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             if is_distributed() and not all_agree(on_disk.check_call_in_cache(*args)):
                 compute = lambda: on_disk.call(*args)[0]  # noqa: E731
         with flushing_denormals():
-            if (
-                "random_state" in self._state_parameters
-                and getattr(self, "random_state", 0) is None
-            ):
-                # Fresh randomness at every fit (scikit-learn's meaning of None): no caching.
+            if self._fresh_each_fit():
                 self.state_ = self._fit_state(trajectory)
             else:
                 self.state_ = _STATE_CACHE.get_or_compute(key, compute)
@@ -235,6 +288,9 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             measurement of query q (positive: m pushed the measurement up).
         """
         self._check_fitted()
+        # ``set_params`` may have changed a parameter since fit (``damping`` is read only
+        # here): the same checks, so that a bad value never reaches the arithmetic.
+        validate_parameters(self, self._parameter_constraints)
         if isinstance(X, AttributionTask) and X.trajectory.fingerprint != self.fingerprint_:
             raise ValueError(
                 "The queries are bound to a different trajectory than the one this attributor "
@@ -271,22 +327,8 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
                 "before transform."
             )
 
-    def _torch_dtype(self) -> torch.dtype:
-        return _DTYPES[getattr(self, "dtype", "float32")]
-
-    def _pass_dtype(self) -> torch.dtype:
-        """The precision of the forward and backward passes: ``gradient_dtype`` if set,
-        else the working precision ``dtype``."""
-        chosen = getattr(self, "gradient_dtype", None)
-        return self._torch_dtype() if chosen is None else _GRADIENT_DTYPES[chosen]
-
-    def _query_itemsize(self) -> int:
-        """Bytes per number of the query side's vectors, for sizing query blocks: float64
-        by default; an attributor whose query side runs in ``dtype`` says so."""
-        return 8
-
     def _numpy_dtype(self) -> type:
-        return np.float64 if getattr(self, "dtype", "float32") == "float64" else np.float32
+        return np.float64 if self._torch_dtype() == torch.float64 else np.float32
 
     def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
         tags = super().__sklearn_tags__()

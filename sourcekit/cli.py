@@ -5,26 +5,74 @@
   (``--evaluate``) compare methods by their linear datamodeling score.
 - ``sourcekit attribute DIR --queries FILE --method ...``: score queries against a saved
   trajectory and write the (n_queries, n_train) matrix to a ``.npy`` file.
-- ``sourcekit info DIR``: summarise a saved trajectory.
+- ``sourcekit info DIR``: summarise a saved trajectory, after verifying its files.
 
 Each command is a thin layer over the library; errors from it are printed as one line
-and the command exits with status 2.
+and the command exits with status 2. The options of ``attribute`` that set an
+attributor's parameters are derived from the attributors themselves (:data:`METHODS`,
+:data:`OPTIONS`): which methods take an option, its type, its choices and its defaults
+come from their parameters and constraint tables, and an option the chosen method does
+not take is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["build_parser", "main"]
+from ._validation import InstanceOf, Interval, Options, validate_parameters
+from .base import BaseAttributor
+from .estimators import (
+    InfluenceAttributor,
+    SourceAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+    UnrolledAttributor,
+)
 
-METHODS = ("source", "influence", "tracin", "trak", "unrolled")
+__all__ = ["METHODS", "OPTIONS", "build_parser", "main"]
+
+METHODS: dict[str, type[BaseAttributor]] = {
+    "source": SourceAttributor,
+    "influence": InfluenceAttributor,
+    "tracin": TracInAttributor,
+    "trak": TRAKAttributor,
+    "unrolled": UnrolledAttributor,
+}
+"""The methods of ``sourcekit attribute``, by the name ``--method`` takes."""
+
+OPTIONS: dict[str, tuple[str, str]] = {
+    "damping": ("damping added to the curvature's eigenvalues", "the method's heuristic"),
+    "n_segments": ("number of segments of the run", ""),
+    "curvature": ("the curvature approximation", ""),
+    "fisher": ("targets of the curvature's output gradients", ""),
+    "curvature_examples": (
+        "estimate the curvature from this many training examples per stage, a seeded "
+        "random subset",
+        "all of them",
+    ),
+    "average_checkpoints": (
+        "SOURCE's fast variant: curvature and gradients once per segment, at the mean of "
+        "its checkpoints' weights",
+        "",
+    ),
+    "gradient_dtype": ("precision of the per-example gradient passes", "that of the scores"),
+    "batch_size": ("training examples per batch while streaming the data", ""),
+    "device": ("auto (CUDA when present), cpu or cuda", ""),
+}
+"""The attributor parameters ``sourcekit attribute`` exposes as options
+(``--name-with-dashes``): what each means, and what its None default stands for. The
+methods that take each, its type, its choices and its defaults come from the
+attributors."""
+
 # The size of ``demo --evaluate``'s ground truth: test queries, random halves, seeds.
 QUICK_EVALUATION: dict[str, Any] = {"queries": 40, "subsets": 60, "seeds": (0, 1)}
 
@@ -182,59 +230,83 @@ def _load_queries(path: Path) -> Any:
     )
 
 
-def _attributor(method: str, args: argparse.Namespace) -> Any:
-    import sourcekit
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    common = {"progress": not args.quiet, "device": args.device}
-    gradient_dtype = getattr(args, "gradient_dtype", None)
-    subset = getattr(args, "curvature_examples", None)
-    if subset is not None and method not in ("source", "influence"):
-        raise ValueError(
-            f"--curvature-examples applies to --method source or influence, not {method!r}."
+
+def _takes(name: str) -> list[str]:
+    """The methods whose attributor has the parameter ``name``."""
+    return [m for m, cls in METHODS.items() if name in cls._parameter_constraints]
+
+
+def _argument(name: str) -> dict[str, Any]:
+    """``add_argument`` keywords for parameter ``name``, from the attributors' constraints
+    and defaults."""
+    meaning, none = OPTIONS[name]
+    methods = _takes(name)
+    constraints = [c for m in methods for c in METHODS[m]._parameter_constraints[name]]
+    groups: dict[str, list[str]] = {}
+    for m in methods:
+        value = METHODS[m]().get_params()[name]
+        groups.setdefault(none if value is None else str(value), []).append(m)
+    if len(groups) == 1:
+        default = next(iter(groups))
+    else:
+        default = "; ".join(f"{v} for {', '.join(ms)}" for v, ms in groups.items())
+    text = f"{meaning}; --method {', '.join(methods)}"
+    if any(isinstance(c, InstanceOf) and c.types == (bool,) for c in constraints):
+        return {"action": "store_true", "default": None, "help": text}
+    text += f" (default: {default})"
+    choices = [v for c in constraints if isinstance(c, Options) for v in c.values]
+    if choices:
+        return {"choices": list(dict.fromkeys(choices)), "default": None, "help": text}
+    intervals = [c for c in constraints if isinstance(c, Interval)]
+    return {"type": intervals[0].kind if intervals else str, "default": None, "help": text}
+
+
+def _attributor(args: argparse.Namespace) -> BaseAttributor:
+    """The attributor of ``--method`` with the options given (the others keep the
+    attributor's defaults); an option the method does not take is an error."""
+    cls = METHODS[args.method]
+    params: dict[str, Any] = {}
+    for name in OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in cls._parameter_constraints:
+            raise ValueError(
+                f"{_option(name)} does not apply to --method {args.method}; it applies to "
+                f"--method {', '.join(_takes(name))}."
+            )
+        params[name] = value
+    if "progress" in cls._parameter_constraints:
+        params["progress"] = not args.quiet
+    attributor = cls(**params)
+    validate_parameters(attributor, cls._parameter_constraints)
+    return attributor
+
+
+def _output_path(out: str, overwrite: bool) -> Path:
+    """The file ``np.save`` writes for ``out`` (it adds ``.npy``), refused if it exists."""
+    path = Path(out)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"The output file {str(path)!r} already exists; sourcekit attribute never replaces "
+            "it silently. Choose another --out, or pass --overwrite to replace it."
         )
-    average = getattr(args, "average_checkpoints", False)
-    if average and method != "source":
-        raise ValueError(
-            f"--average-checkpoints applies to --method source (its fast variant), not {method!r}."
-        )
-    if gradient_dtype is not None and method == "unrolled":
-        raise ValueError("--gradient-dtype does not apply to --method unrolled (exact unrolling).")
-    if method == "source":
-        damping = 1e-3 if args.damping is None else args.damping
-        return sourcekit.SourceAttributor(
-            n_segments=args.n_segments,
-            damping=damping,
-            gradient_dtype=gradient_dtype,
-            curvature_examples=subset,
-            average_checkpoints=average,
-            **common,
-        )
-    if method == "influence":
-        return sourcekit.InfluenceAttributor(
-            damping=args.damping,
-            gradient_dtype=gradient_dtype,
-            curvature_examples=subset,
-            **common,
-        )
-    if method == "tracin":
-        return sourcekit.TracInAttributor(device=args.device, gradient_dtype=gradient_dtype)
-    if method == "trak":
-        return sourcekit.TRAKAttributor(
-            damping=args.damping, device=args.device, gradient_dtype=gradient_dtype
-        )
-    return sourcekit.UnrolledAttributor(**common)
+    return path
 
 
 def _attribute(args: argparse.Namespace) -> int:
     from sourcekit import Trajectory
 
+    attributor = _attributor(args)
+    out = _output_path(args.out, args.overwrite)
     trajectory = Trajectory.load(args.trajectory)
     queries = _load_queries(Path(args.queries))
-    if args.method == "tracin" and args.damping is not None:
-        raise ValueError("--damping does not apply to --method tracin (TracIn has no damping).")
-    attributor = _attributor(args.method, args).fit(trajectory)
-    scores = attributor.transform(queries)
-    out = Path(args.out)
+    scores = attributor.fit(trajectory).transform(queries)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, scores)
     print(
@@ -249,6 +321,8 @@ def _info(args: argparse.Namespace) -> int:
     from sourcekit import Trajectory
 
     trajectory = Trajectory.load(args.trajectory)
+    if args.verify:
+        trajectory.verify()  # a missing or altered checkpoint is an error, not a summary
     print(trajectory.summary())
     n_checkpoints = len(trajectory.checkpoint_steps)
     n_segments = args.segments or max(len(trajectory.stages), min(3, n_checkpoints))
@@ -266,8 +340,10 @@ def _info(args: argparse.Namespace) -> int:
             )
     files = [p for p in Path(args.trajectory).rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
+    verified = "every checkpoint verified" if args.verify else "checkpoints not verified"
     print(
-        f"  {len(files)} files, {size / 1e6:.1f} MB on disk; fingerprint {trajectory.fingerprint[:16]}"
+        f"  {len(files)} files, {size / 1e6:.1f} MB on disk ({verified}); fingerprint "
+        f"{trajectory.fingerprint[:16]}"
     )
     return 0
 
@@ -341,42 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .npz with arrays 'inputs' and 'targets', or a .pt holding a dict of those two tensors",
     )
     attribute.add_argument(
-        "--method", choices=METHODS, default="source", help="attribution method (default: source)"
+        "--method",
+        choices=list(METHODS),
+        default="source",
+        help="attribution method (default: source)",
+    )
+    for name in OPTIONS:
+        attribute.add_argument(_option(name), **_argument(name))
+    attribute.add_argument(
+        "--out",
+        default="scores.npy",
+        help="output .npy file (.npy is added to a name without it; default: scores.npy)",
     )
     attribute.add_argument(
-        "--damping",
-        type=float,
-        default=None,
-        help="damping of source, influence or trak (default: 1e-3 for source, the method's heuristic otherwise)",
-    )
-    attribute.add_argument(
-        "--n-segments", type=int, default=3, help="segments for --method source (default: 3)"
-    )
-    attribute.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu or cuda"
-    )
-    attribute.add_argument(
-        "--gradient-dtype",
-        choices=["bfloat16", "float16", "float32", "float64"],
-        default=None,
-        help="precision of the per-example gradient passes (default: float32, the working "
-        "precision); not for --method unrolled",
-    )
-    attribute.add_argument(
-        "--curvature-examples",
-        type=int,
-        default=None,
-        help="estimate the curvature from this many training examples per stage, a seeded "
-        "random subset (default: all); --method source or influence",
-    )
-    attribute.add_argument(
-        "--average-checkpoints",
-        action="store_true",
-        help="SOURCE's fast variant: curvature and gradients once per segment, at the mean "
-        "of its checkpoints' weights; --method source",
-    )
-    attribute.add_argument(
-        "--out", default="scores.npy", help="output .npy file (default: scores.npy)"
+        "--overwrite", action="store_true", help="replace the output file if it exists"
     )
     attribute.add_argument("--quiet", action="store_true", help="hide progress bars")
     attribute.set_defaults(handler=_attribute)
@@ -394,8 +448,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="show the split into this many segments (default: up to 3)",
     )
+    info.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking every checkpoint file against its recorded sha256 (done by default)",
+    )
     info.set_defaults(handler=_info)
     return parser
+
+
+@contextlib.contextmanager
+def _importable_from_here() -> Iterator[None]:
+    """Modules of the working directory importable, as under ``python -m sourcekit``.
+
+    A saved trajectory names its model factory by module; the console script, unlike
+    ``python -m``, does not put the working directory on ``sys.path``, so it is added
+    (first, as ``python -m`` does) for the command's duration.
+    """
+    here = os.getcwd()
+    if "" in sys.path or here in sys.path:
+        yield
+        return
+    sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -404,19 +484,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    for name in ("queries", "top", "n_segments", "segments"):
+    for name in ("queries", "top", "segments"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {value}")
     from .exceptions import NonFiniteError, TrajectoryError, UnsupportedModuleError
 
     try:
-        return int(args.handler(args))
+        with _importable_from_here():
+            return int(args.handler(args))
     except (
         TrajectoryError,
         UnsupportedModuleError,
         NonFiniteError,
         FileNotFoundError,
+        FileExistsError,
         ValueError,
     ) as err:
         print(f"sourcekit {args.command}: error: {err}", file=sys.stderr)

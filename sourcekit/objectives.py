@@ -68,6 +68,23 @@ def _flatten_positions(
     return outputs, targets, 1
 
 
+def _check_labels(labels: torch.Tensor, n_classes: int, positions: int) -> None:
+    """Class targets (flattened over ``positions`` per example) must index the outputs'
+    classes, or be ``IGNORE_INDEX``."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        where = f"example {first // positions}"
+        if positions > 1:
+            where += f", position {first % positions}"
+        raise ValueError(
+            f"A class target is {int(labels[first])}, outside [0, {n_classes}) for outputs with "
+            f"{n_classes} classes ({where}). Class targets must be indices of the model's "
+            f"outputs, or {IGNORE_INDEX} for a position to ignore: check the labels, and that "
+            "the model has an output per class."
+        )
+
+
 def _class_position_weights(labels: torch.Tensor, positions: int) -> torch.Tensor:
     """(n, T) weights of a mean over each example's counted positions (0 where ignored)."""
     counted = (labels != IGNORE_INDEX).reshape(-1, positions).to(torch.float64)
@@ -79,6 +96,7 @@ def _cross_entropy_per_position(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels, positions = _flatten_positions(outputs, targets)
     labels = labels.long()
+    _check_labels(labels, logits.shape[-1], positions)
     values = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
     weights = _class_position_weights(labels, positions).to(values.device)
     return values.reshape(-1, positions), weights.to(values.dtype)
@@ -239,6 +257,7 @@ def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     logits, labels, positions = _flatten_positions(outputs, targets)
     labels = labels.long()
+    _check_labels(labels, logits.shape[-1], positions)
     counted = labels != IGNORE_INDEX
     labels = torch.where(counted, labels, 0)
     correct = logits.gather(1, labels[:, None]).squeeze(1)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import sourcekit
 from sourcekit import InfluenceAttributor, SourceAttributor, Trajectory
 from sourcekit.cli import build_parser, main
 
@@ -209,9 +210,21 @@ def test_attribute_runs_sources_fast_variant(saved: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("method", "option", "match"),
     [
-        ("tracin", ["--curvature-examples", "5"], "--curvature-examples applies to --method"),
-        ("influence", ["--average-checkpoints"], "--average-checkpoints applies to --method"),
+        (
+            "tracin",
+            ["--curvature-examples", "5"],
+            "--curvature-examples does not apply to --method tracin; it applies to --method "
+            "source, influence.",
+        ),
+        (
+            "influence",
+            ["--average-checkpoints"],
+            "--average-checkpoints does not apply to --method influence; it applies to "
+            "--method source.",
+        ),
         ("unrolled", ["--gradient-dtype", "bfloat16"], "--gradient-dtype does not apply"),
+        ("trak", ["--n-segments", "2"], "--n-segments does not apply to --method trak"),
+        ("tracin", ["--damping", "1"], "--damping does not apply to --method tracin"),
     ],
 )
 def test_attribute_refuses_options_the_method_lacks(  # type: ignore[no-untyped-def]
@@ -219,7 +232,8 @@ def test_attribute_refuses_options_the_method_lacks(  # type: ignore[no-untyped-
 ) -> None:
     argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
     assert main([*argv, "--method", method, *option, "--quiet"]) == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
 
 
 def test_attribute_reports_bad_input(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -238,22 +252,107 @@ def test_attribute_reports_bad_input(saved: Path, tmp_path: Path, capsys) -> Non
     )
     assert main(["attribute", str(saved), "--queries", str(tmp_path / "wide.npz")]) == 2
     assert "query inputs have shape (n, 5)" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "attribute",
-                str(saved),
-                "--queries",
-                str(queries),
-                "--method",
-                "tracin",
-                "--damping",
-                "1",
-            ]
-        )
-        == 2
+
+
+def _one_line_error(capsys, command: str = "attribute") -> str:  # type: ignore[no-untyped-def]
+    err = capsys.readouterr().err
+    assert err.startswith(f"sourcekit {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("method", ["source", "unrolled"])
+def test_attribute_reports_queries_that_do_not_fit_the_model(  # type: ignore[no-untyped-def]
+    saved: Path, tmp_path: Path, capsys, method: str
+) -> None:
+    queries = _cases.queries("mlp_momentum")
+    inputs, targets = queries.inputs.numpy(), queries.targets.numpy()
+    argv = ["attribute", str(saved), "--method", method, "--quiet", "--queries"]
+    np.savez(tmp_path / "ints.npz", inputs=inputs.astype(np.int64), targets=targets)
+    assert main([*argv, str(tmp_path / "ints.npz"), "--out", str(tmp_path / "a")]) == 2
+    assert "query inputs have dtype torch.int64 but the training inputs" in _one_line_error(capsys)
+    labels = targets.copy()
+    labels[2] = 7  # the model has 3 classes
+    np.savez(tmp_path / "labels.npz", inputs=inputs, targets=labels)
+    assert main([*argv, str(tmp_path / "labels.npz"), "--out", str(tmp_path / "b")]) == 2
+    assert "class target is 7, outside [0, 3)" in _one_line_error(capsys)
+    assert not list(tmp_path.glob("*.npy"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("method", ["source", "unrolled"])
+def test_attribute_on_cuda_without_it_is_a_one_line_error(  # type: ignore[no-untyped-def]
+    saved: Path, tmp_path: Path, capsys, method: str
+) -> None:
+    queries = str(_queries_file(tmp_path, ".npz"))
+    argv = ["attribute", str(saved), "--queries", queries, "--method", method, "--quiet"]
+    assert main([*argv, "--device", "cuda", "--out", str(tmp_path / "s.npy")]) == 2
+    assert "'device' parameter must be a device that this torch build can use" in (
+        _one_line_error(capsys)
     )
-    assert "--damping does not apply to --method tracin" in capsys.readouterr().err
+
+
+def test_attribute_prints_the_file_it_writes_and_never_replaces_one(  # type: ignore[no-untyped-def]
+    saved: Path, tmp_path: Path, capsys
+) -> None:
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz")), "--quiet"]
+    assert main([*argv, "--method", "tracin", "--out", str(tmp_path / "scores")]) == 0
+    written = tmp_path / "scores.npy"  # np.save adds the extension: say so
+    assert f"Wrote {written}:" in capsys.readouterr().out
+    first = np.load(written)
+    assert main([*argv, "--method", "trak", "--out", str(tmp_path / "scores")]) == 2
+    assert "already exists; sourcekit attribute never replaces it" in _one_line_error(capsys)
+    np.testing.assert_array_equal(np.load(written), first)
+    assert main([*argv, "--method", "trak", "--out", str(written), "--overwrite"]) == 0
+    assert not np.array_equal(np.load(written), first)
+
+
+def test_attribute_options_come_from_the_attributors() -> None:
+    from sourcekit.cli import METHODS, OPTIONS
+
+    text = build_parser().parse_args(["attribute", "d", "--queries", "q"])
+    for name in OPTIONS:
+        assert getattr(text, name) is None  # unset: the attributor's own default applies
+        takers = {m for m, cls in METHODS.items() if name in cls().get_params()}
+        assert takers, name
+    # the choices are the constraint tables'
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["attribute"]
+    curvature = next(a for a in sub._actions if a.dest == "curvature")
+    assert curvature.choices == list(sourcekit.curvature.CURVATURES)
+
+
+@pytest.mark.parametrize("method", ["source", "influence", "tracin", "trak", "unrolled"])
+def test_attribute_passes_the_options_it_is_given_and_quiet_to_every_method(
+    method: str,
+) -> None:
+    from sourcekit.cli import _attributor
+
+    args = build_parser().parse_args(
+        ["attribute", "d", "--queries", "q", "--method", method, "--device", "cpu", "--quiet"]
+    )
+    attributor = _attributor(args)
+    defaults = type(attributor)().get_params()
+    assert attributor.get_params() == {**defaults, "device": "cpu", "progress": False}
+
+
+def test_the_console_script_imports_a_factory_from_the_working_directory(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    (tmp_path / "local_models.py").write_text(
+        "import torch\n\n\ndef make_net():\n    return torch.nn.Linear(3, 3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _cases.classification_data(8, 0)
+    stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=1, batch_size=4)
+    sourcekit.train("local_models:make_net", data, [stage], progress=False).save(tmp_path / "run")
+    # The console script's sys.path: no working directory, and the module not yet imported.
+    monkeypatch.delitem(sys.modules, "local_models")
+    path = [p for p in sys.path if p not in ("", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "run"]) == 0
+    assert "architecture 'local_models:make_net'" in capsys.readouterr().out
+    assert sys.path == path  # restored after the command
 
 
 def test_info_summarises_a_saved_run(saved: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -261,7 +360,29 @@ def test_info_summarises_a_saved_run(saved: Path, capsys) -> None:  # type: igno
     out = capsys.readouterr().out
     assert "Trajectory: 12 training examples, 9 steps, 1 stage(s)" in out
     assert "with n_segments=3:" in out and out.count("    segment ") == 3
-    assert re.search(r"\d+ files, [\d.]+ MB on disk; fingerprint [0-9a-f]{16}", out)
+    assert re.search(
+        r"\d+ files, [\d.]+ MB on disk \(every checkpoint verified\); fingerprint [0-9a-f]{16}",
+        out,
+    )
+
+
+def test_info_verifies_every_checkpoint_file(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    assert main(["info", str(copy)]) == 0
+    assert "every checkpoint verified" in capsys.readouterr().out
+    files = sorted((copy / "checkpoints").iterdir())
+    files[1].unlink()
+    with open(files[2], "ab") as f:
+        f.write(b"\0")
+    assert main(["info", str(copy)]) == 2
+    err = _one_line_error(capsys, "info")
+    assert "2 checkpoint file(s) of the saved trajectory fail verification" in err
+    assert f"{files[1].name} is missing" in err and f"{files[2].name} was modified" in err
+    assert main(["info", str(copy), "--no-verify"]) == 0
+    assert "checkpoints not verified" in capsys.readouterr().out
 
 
 def test_info_reports_a_corrupt_directory(saved: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -55,11 +55,11 @@ def test_the_fitted_state_lives_on_the_device() -> None:
     from sourcekit import SourceAttributor
 
     source = SourceAttributor(device="cuda").fit(_cases.trajectory(CASE))
-    for model in source.state_["segments"]:
+    for model in source.state_.segments:
         for factors in model.curvature.factors.values():
             assert factors.eigenvalues.device.type == "cuda"
             assert factors.eigenvalues.dtype == torch.float64  # eigendecomposed in float64
-    for batches in source.state_["cache"].values():
+    for batches in source.state_.cache.values():
         for batch in batches:
             assert all(t.device.type == "cuda" for t in batch.a.values())
 
@@ -75,3 +75,24 @@ def test_bfloat16_gradients_on_cuda_agree_with_cpu_float64() -> None:
     fast = SourceAttributor(device="cuda", gradient_dtype="bfloat16").fit(trajectory)
     pearson = np.corrcoef(fast.transform(queries).ravel(), exact.ravel())[0, 1]
     assert pearson > PEARSON_BF16
+
+
+# --- devices this build cannot use -------------------------------------------------------------
+@pytest.mark.parametrize("cls", ATTRIBUTORS, ids=lambda c: c.__name__)
+def test_a_device_torch_does_not_know_is_refused_at_fit(cls: type[BaseAttributor]) -> None:
+    with pytest.raises(ValueError, match=r"'device' parameter must be .*got 'gpu'\. Use device="):
+        # (exact unrolling replays in transform; the others resolve the device in fit)
+        _on(cls, "gpu").fit(_cases.trajectory(CASE)).transform(_cases.queries(CASE, 2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_cuda_on_a_build_without_it_is_a_clear_error(device: object) -> None:
+    from sourcekit._device import resolve_device
+
+    with pytest.raises(
+        ValueError,
+        match=r"'device' parameter must be a device that this torch build can use; got 'cuda.*"
+        r"sees no CUDA device\. Use device='auto'",
+    ):
+        resolve_device(device)

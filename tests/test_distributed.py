@@ -308,15 +308,15 @@ def condition(attributor: Any) -> float:
     """κ of the module docstring: the amplification of a relative change of the curvature."""
     if isinstance(attributor, sourcekit.InfluenceAttributor):
         shift = attributor.damping + attributor._weight_decay()
-        return 1 + largest_eigenvalue(attributor.state_["curvature"]) / shift
+        return 1 + largest_eigenvalue(attributor.state_.curvature) / shift
     if isinstance(attributor, sourcekit.TRAKAttributor):
         return max(
             1 + float(c.eigenvalues.max()) / attributor.damping_[c.step]
-            for c in attributor.state_["checkpoints"]
+            for c in attributor.state_.checkpoints
         )
     if isinstance(attributor, sourcekit.SourceAttributor):
         kappas = []
-        for segment in attributor.state_["segments"]:
+        for segment in attributor.state_.segments:
             shift = attributor.damping + segment.weight_decay
             if segment.preconditioner is None:  # the residual (1 − e^{−sσ})/σ
                 shift += 1 / segment.lr_sum

@@ -1,7 +1,7 @@
-"""Curvature approximations as small objects with one interface.
+"""The curvature interface, and the eigenbasis form that most kinds share.
 
-Every curvature holds, for a set of layer blocks, an eigendecomposition of (an
-approximation of) the Gauss-Newton matrix H̄ and offers:
+Every curvature (:class:`Curvature`) holds, for a set of layer blocks, (an approximation
+of) the curvature H̄ of the training objective and offers:
 
 - ``apply(fn, grads, shift)``: F(H̄ + shift·I) V for per-block matrices V of shape
   (n, d_out, d_in), where F is a spectral function (``sourcekit.curvature._spectral``)
@@ -9,17 +9,25 @@ approximation of) the Gauss-Newton matrix H̄ and offers:
   ``apply_many(fns, grads, shift)`` does the same for several functions at once;
   ``dtype=`` sets the precision of the rotations (float64 by default; F itself is
   always evaluated in float64);
+- ``apply_carried(fns, carried, shift)``: the same for vectors carried along a chain of
+  curvatures (SOURCE's query side, :class:`Carried`), whose results may stay in the
+  curvature's own eigenbasis until the next curvature of the chain takes them;
 - ``diagonal()``: the diagonal of H̄ in parameter coordinates, per block (d_out, d_in);
-- ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension).
+- ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension);
+- ``to(device)``: a copy on another device.
 
-``EigenbasisCurvature`` covers EK-FAC, K-FAC, the diagonal and the identity: per block
-an eigenbasis Q_S ⊗ Q_A (the identity for the diagonal forms) and eigenvalues Λ of shape
-(d_out, d_in), so that F(H̄)V = Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ. ``DenseCurvature`` is the
-exact matrix over all blocks jointly (tiny models only: tests and teaching).
+:class:`EigenbasisCurvature` covers EK-FAC, K-FAC, the diagonal and the identity: per
+block an eigenbasis Q_S ⊗ Q_A (the identity for the diagonal forms) and eigenvalues Λ of
+shape (d_out, d_in), so that F(H̄)V = Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ. Its eigenbasis does
+not depend on the shift, so a chain can hand vectors from one such curvature to the next
+with one change of basis (:meth:`EigenbasisCurvature.apply_carried`); a curvature
+without such a basis (the dense forms, ``sourcekit.curvature._dense``) takes and returns
+vectors in parameter coordinates, the base class's :meth:`Curvature.apply_carried`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,12 +35,14 @@ import torch
 
 from ..gradients._layers import LayerBlock
 
-__all__ = ["DenseCurvature", "EigenbasisCurvature", "KroneckerFactors"]
+__all__ = ["Carried", "Curvature", "EigenbasisCurvature", "KroneckerFactors", "Shift"]
 
 Shift = float | dict[str, float]
+SpectralFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _shift_of(shift: Shift, name: str) -> float:
+def shift_of(shift: Shift, name: str) -> float:
+    """The shift of block ``name``: ``shift`` itself, or its entry for the block."""
     return float(shift[name]) if isinstance(shift, dict) else float(shift)
 
 
@@ -115,26 +125,61 @@ class KroneckerFactors:
         )
 
 
-class _Curvature:
-    """What every curvature offers; subclasses implement ``apply_many``."""
+class Curvature(ABC):
+    """What every curvature offers to scoring (see the module notes).
 
+    A new kind subclasses it (or returns an :class:`EigenbasisCurvature`) and implements
+    ``apply_many``, ``diagonal``, ``mean_eigenvalues`` and ``to``; ``apply`` and
+    ``apply_carried`` follow from ``apply_many``.
+
+    Attributes
+    ----------
+    kind : str
+        The name of the kind in the registry (``sourcekit.curvature.CURVATURES``).
+    blocks : list of LayerBlock
+        The layer blocks it covers, in order.
+
+    Examples
+    --------
+    A curvature c·I (every eigenvalue c) needs the four methods only:
+
+    >>> import torch
+    >>> from sourcekit.curvature import Curvature, Inverse
+    >>> from sourcekit.gradients._layers import LayerBlock
+    >>> class Scaled(Curvature):
+    ...     def __init__(self, blocks, c):
+    ...         self.kind, self.blocks, self.c = "scaled", list(blocks), c
+    ...     def apply_many(self, fns, grads, shift=0.0, dtype=None):
+    ...         sigma = torch.tensor(self.c + shift, dtype=torch.float64)
+    ...         return [{k: fn(sigma) * g for k, g in grads.items()} for fn in fns]
+    ...     def diagonal(self):
+    ...         return {b.name: torch.full((b.d_out, b.d_in), self.c) for b in self.blocks}
+    ...     def mean_eigenvalues(self):
+    ...         return {b.name: self.c for b in self.blocks}
+    ...     def to(self, device):
+    ...         return self
+    >>> block = LayerBlock("fc", "linear", "fc.weight", None, d_out=2, d_in=3)
+    >>> h = Scaled([block], 4.0)
+    >>> h.apply(Inverse(), {"fc": torch.ones(1, 2, 3)}, shift=1.0)["fc"][0, 0]  # 1/(4 + 1)
+    tensor([0.2000, 0.2000, 0.2000])
+    """
+
+    kind: str
     blocks: list[LayerBlock]
 
+    @abstractmethod
     def apply_many(
         self,
-        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        fns: Sequence[SpectralFunction],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
-        *,
-        rotated: bool = False,
-        targets: Sequence[EigenbasisCurvature | None] | None = None,
-    ) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> list[dict[str, torch.Tensor]]:
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once."""
 
     def apply(
         self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
+        fn: SpectralFunction,
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
@@ -142,8 +187,93 @@ class _Curvature:
         """F(H̄ + shift·I) applied to per-block matrices (n, d_out, d_in)."""
         return self.apply_many((fn,), grads, shift, dtype)[0]
 
+    def apply_carried(
+        self,
+        fns: Sequence[SpectralFunction],
+        carried: Carried,
+        shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> list[Carried]:
+        """:meth:`apply_many` for vectors carried along a chain of curvatures.
 
-class EigenbasisCurvature(_Curvature):
+        Here in parameter coordinates: the vectors are brought there, and so are the
+        results (a curvature with an eigenbasis of its own keeps them in it).
+        """
+        return [
+            Carried(out) for out in self.apply_many(fns, carried.in_parameters(), shift, dtype)
+        ]
+
+    @abstractmethod
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """The diagonal of H̄ in parameter coordinates, per block (d_out, d_in)."""
+
+    @abstractmethod
+    def mean_eigenvalues(self) -> dict[str, float]:
+        """The mean eigenvalue (trace / dimension) of each block."""
+
+    @abstractmethod
+    def to(self, device: torch.device) -> Curvature:
+        """A copy on ``device``."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Per-block vectors carried along a chain of curvatures (SOURCE's query side).
+
+    ``values`` are written in parameter coordinates (``basis`` None) or in the
+    eigenbasis of ``basis``; there, ``scale`` (per block, float64, or None) is a
+    spectral function's values F(Λ) still to multiply them by, so that the results of
+    several functions share one rotated copy of the vectors until they are used.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.curvature import Carried
+    >>> v = {"fc": torch.ones(1, 2, 3)}
+    >>> carried = Carried(v)  # in parameter coordinates
+    >>> carried.in_parameters() is v
+    True
+    """
+
+    values: dict[str, torch.Tensor]
+    basis: EigenbasisCurvature | None = None
+    scale: dict[str, torch.Tensor] | None = None
+
+    def block(self, name: str) -> torch.Tensor:
+        """The vectors of block ``name`` in their coordinates, scaled."""
+        v = self.values[name]
+        return v if self.scale is None else self.scale[name].to(v.dtype) * v
+
+    def in_parameters(self) -> dict[str, torch.Tensor]:
+        """The vectors in parameter coordinates."""
+        if self.basis is None:
+            return self.values if self.scale is None else {k: self.block(k) for k in self.values}
+        return self.basis.unrotate({k: self.block(k) for k in self.values})
+
+    def in_basis(
+        self, target: EigenbasisCurvature, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The vectors in ``target``'s eigenbasis, in its working precision for ``dtype``.
+
+        From another eigenbasis over the same blocks, one change of basis per block
+        (:meth:`KroneckerFactors.basis_change`) instead of a rotation back to parameter
+        coordinates and one forward.
+        """
+        if self.basis is target:
+            return {k: self.block(k).to(target.work_dtype(k, dtype)) for k in self.values}
+        if self.basis is not None and set(self.basis.factors) == set(target.factors):
+            changed = self.basis.change_basis({k: self.block(k) for k in self.values}, target)
+            return {k: v.to(target.work_dtype(k, dtype)) for k, v in changed.items()}
+        return target.rotate(self.in_parameters(), dtype)
+
+    def to(self, dtype: torch.dtype) -> Carried:
+        """The vectors rounded to ``dtype`` (scaled first; unchanged where already in it)."""
+        if all(v.dtype == dtype for v in self.values.values()):
+            return self
+        return Carried({k: self.block(k).to(dtype) for k in self.values}, self.basis)
+
+
+class EigenbasisCurvature(Curvature):
     """Block-diagonal curvature with a Kronecker-factored eigenbasis per block.
 
     What :func:`~sourcekit.curvature.fit_curvature` returns for EK-FAC, K-FAC, the
@@ -170,7 +300,7 @@ class EigenbasisCurvature(_Curvature):
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
     >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
-    >>> curvature = sourcekit.InfluenceAttributor().fit(trajectory).state_["curvature"]
+    >>> curvature = sourcekit.InfluenceAttributor().fit(trajectory).state_.curvature
     >>> curvature
     EigenbasisCurvature(kind='ekfac', blocks=['0', '2'])
     >>> grads = {b.name: torch.randn(5, b.d_out, b.d_in) for b in curvature.blocks}
@@ -203,45 +333,87 @@ class EigenbasisCurvature(_Curvature):
             )
         return EigenbasisCurvature(self.kind, self.blocks, moved)
 
+    def work_dtype(self, name: str, dtype: torch.dtype | None) -> torch.dtype:
+        """The precision of block ``name``'s rotations: ``dtype``, or its eigenvalues'."""
+        return self.factors[name].eigenvalues.dtype if dtype is None else dtype
+
+    def rotate(
+        self, grads: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Q_Sᵀ V Q_A per block: ``grads`` in this eigenbasis, rotated in ``dtype``."""
+        out = {}
+        for block in self.blocks:
+            work_dtype = self.work_dtype(block.name, dtype)
+            work = self.factors[block.name].as_dtype(work_dtype)
+            out[block.name] = work.rotate(grads[block.name].to(work_dtype))
+        return out
+
+    def unrotate(self, rotated: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Q_S W Q_Aᵀ per block, in the precision of ``rotated``: back to parameters."""
+        return {
+            b.name: self.factors[b.name].as_dtype(rotated[b.name].dtype).unrotate(rotated[b.name])
+            for b in self.blocks
+        }
+
+    def change_basis(
+        self, rotated: dict[str, torch.Tensor], target: EigenbasisCurvature
+    ) -> dict[str, torch.Tensor]:
+        """``rotated``, written in this eigenbasis, written in ``target``'s (one rotation
+        per block, in the precision of ``rotated``)."""
+        out = {}
+        for block in self.blocks:
+            w = rotated[block.name]
+            change = self.factors[block.name].basis_change(target.factors[block.name])
+            out[block.name] = change.as_dtype(w.dtype).rotate(w)
+        return out
+
+    def spectrum(self, fn: SpectralFunction, shift: Shift = 0.0) -> dict[str, torch.Tensor]:
+        """F(Λ + shift) per block, (d_out, d_in), in float64."""
+        return {
+            b.name: fn(self.factors[b.name].eigenvalues + shift_of(shift, b.name))
+            for b in self.blocks
+        }
+
     def apply_many(
         self,
-        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        fns: Sequence[SpectralFunction],
         grads: dict[str, torch.Tensor],
         shift: Shift = 0.0,
         dtype: torch.dtype | None = None,
-        *,
-        rotated: bool = False,
-        targets: Sequence[EigenbasisCurvature | None] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
 
         The rotations run in ``dtype`` (default: the eigenvalues', float64). They are
         orthogonal, so they add only ``dtype``'s rounding, about eps √d of the entries'
         scale; F(σ) is evaluated in float64 and rounded once to ``dtype``.
-
-        A chain of curvatures (SOURCE's query side) can skip the way back through
-        parameter coordinates: ``rotated=True`` says ``grads`` are already in this
-        curvature's eigenbasis, and ``targets[i]``, when given, asks for the i-th result
-        in that curvature's eigenbasis (one basis change instead of a rotation back and
-        a rotation forward).
         """
         outs: list[dict[str, torch.Tensor]] = [{} for _ in fns]
-        targets = list(targets) if targets is not None else [None] * len(fns)
         for block in self.blocks:
-            f = self.factors[block.name]
-            work_dtype = f.eigenvalues.dtype if dtype is None else dtype
-            work = f.as_dtype(work_dtype)
-            v = grads[block.name].to(work_dtype)
-            rotated_v = v if rotated else work.rotate(v)
-            sigma = f.eigenvalues + _shift_of(shift, block.name)
-            for out, fn, target in zip(outs, fns, targets, strict=True):
-                w = fn(sigma).to(rotated_v.dtype) * rotated_v
-                if target is None:
-                    out[block.name] = work.unrotate(w)
-                else:
-                    change = f.basis_change(target.factors[block.name]).as_dtype(work_dtype)
-                    out[block.name] = change.rotate(w)
+            work_dtype = self.work_dtype(block.name, dtype)
+            work = self.factors[block.name].as_dtype(work_dtype)
+            rotated = work.rotate(grads[block.name].to(work_dtype))
+            sigma = self.factors[block.name].eigenvalues + shift_of(shift, block.name)
+            for out, fn in zip(outs, fns, strict=True):
+                out[block.name] = work.unrotate(fn(sigma).to(rotated.dtype) * rotated)
         return outs
+
+    def apply_carried(
+        self,
+        fns: Sequence[SpectralFunction],
+        carried: Carried,
+        shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> list[Carried]:
+        """:meth:`apply_many` for carried vectors, with the results left in this eigenbasis.
+
+        The vectors are brought into this eigenbasis (one change of basis from the
+        previous curvature's, see :meth:`Carried.in_basis`) and every result shares that
+        one rotated copy, scaled by its function's values when it is used: a result
+        taken in parameter coordinates costs one rotation back, and one handed to the
+        next curvature of the chain one change of basis.
+        """
+        rotated = carried.in_basis(self, dtype)
+        return [Carried(rotated, self, self.spectrum(fn, shift)) for fn in fns]
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         """The diagonal of H̄ in parameter coordinates, per block (d_out, d_in)."""
@@ -262,121 +434,3 @@ class EigenbasisCurvature(_Curvature):
 
     def __repr__(self) -> str:
         return f"EigenbasisCurvature(kind={self.kind!r}, blocks={[b.name for b in self.blocks]})"
-
-
-class DenseCurvature(_Curvature):
-    """The exact (dense) curvature matrix over all blocks, eigendecomposed in float64.
-
-    Parameters are ordered block by block, each block's (d_out, d_in) matrix row-major.
-    What :func:`~sourcekit.curvature.fit_curvature` returns for ``"exact"`` (the
-    Gauss-Newton matrix) and ``"hessian"``; meant for tiny models, tests and teaching.
-
-    Parameters
-    ----------
-    kind : str
-        "exact" or "hessian" (for reporting).
-    blocks : sequence of LayerBlock
-        The layer blocks, in the order of the matrix's parameters.
-    matrix : tensor of shape (P, P)
-        The curvature over all P attributed parameters (symmetrised on construction).
-
-    Attributes
-    ----------
-    eigenvalues : tensor of shape (P,)
-    eigenvectors : tensor of shape (P, P)
-
-    Examples
-    --------
-    >>> import torch
-    >>> import sourcekit
-    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
-    >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
-    >>> influence = sourcekit.InfluenceAttributor(curvature="exact").fit(trajectory)
-    >>> curvature = influence.state_["curvature"]
-    >>> curvature, tuple(curvature.matrix.shape)
-    (DenseCurvature(kind='exact', n_params=26), (26, 26))
-    >>> bool(curvature.eigenvalues.min() > -1e-12)  # a Gauss-Newton matrix is PSD
-    True
-    """
-
-    def __init__(self, kind: str, blocks: Sequence[LayerBlock], matrix: torch.Tensor) -> None:
-        self.kind = kind
-        self.blocks = list(blocks)
-        self.matrix = 0.5 * (matrix + matrix.T)
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.matrix)
-        self._slices = {}
-        start = 0
-        for b in self.blocks:
-            self._slices[b.name] = slice(start, start + b.n_params)
-            start += b.n_params
-
-    def to(self, device: torch.device) -> DenseCurvature:
-        return DenseCurvature(self.kind, self.blocks, self.matrix.to(device))
-
-    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat(
-            [grads[b.name].reshape(grads[b.name].shape[0], -1) for b in self.blocks], dim=1
-        )
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            b.name: flat[:, self._slices[b.name]].reshape(-1, b.d_out, b.d_in) for b in self.blocks
-        }
-
-    def apply_many(
-        self,
-        fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-        grads: dict[str, torch.Tensor],
-        shift: Shift = 0.0,
-        dtype: torch.dtype | None = None,
-        *,
-        rotated: bool = False,
-        targets: Sequence[EigenbasisCurvature | None] | None = None,
-    ) -> list[dict[str, torch.Tensor]]:
-        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
-
-        Always in float64 (``dtype`` is accepted for the common interface): the dense
-        forms are for tiny models, where precision matters more than speed. Its vectors
-        are always in parameter coordinates (``rotated`` and ``targets``, the
-        eigenbasis chain of :class:`EigenbasisCurvature`, are refused).
-        """
-        if rotated or any(t is not None for t in targets or ()):
-            raise ValueError(
-                "A DenseCurvature takes and returns vectors in parameter coordinates; "
-                "rotated=True and targets are for EigenbasisCurvature chains."
-            )
-        v = self.flatten(grads).to(self.matrix.dtype)
-        if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
-            diag = torch.cat(
-                [
-                    torch.full(
-                        (b.n_params,),
-                        float(shift[b.name]),
-                        dtype=self.matrix.dtype,
-                        device=self.matrix.device,
-                    )
-                    for b in self.blocks
-                ]
-            )
-            lam, q = torch.linalg.eigh(self.matrix + torch.diag(diag))
-        else:
-            lam = self.eigenvalues + _shift_of(shift, self.blocks[0].name)
-            q = self.eigenvectors
-        rotated = v @ q
-        return [self.unflatten((rotated * fn(lam)) @ q.T) for fn in fns]
-
-    def diagonal(self) -> dict[str, torch.Tensor]:
-        """The diagonal of the matrix, per block (d_out, d_in)."""
-        d = torch.diagonal(self.matrix)
-        return {b.name: d[self._slices[b.name]].reshape(b.d_out, b.d_in) for b in self.blocks}
-
-    def mean_eigenvalues(self) -> dict[str, float]:
-        """The mean of each block's diagonal (its trace / dimension)."""
-        d = torch.diagonal(self.matrix)
-
-        return {b.name: float(d[self._slices[b.name]].mean()) for b in self.blocks}
-
-    def __repr__(self) -> str:
-        return f"DenseCurvature(kind={self.kind!r}, n_params={self.matrix.shape[0]})"

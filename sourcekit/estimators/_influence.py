@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -9,24 +10,26 @@ import numpy as np
 import torch
 
 from .._validation import Interval
-from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, LossCache, fit_curvature
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..base import FittedState
+from ..curvature import Curvature
+from ..gradients._training import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
-from ..trajectory import Examples, Trajectory
-from ._shared import (
-    CURVATURE_CONSTRAINTS,
-    curvature_subset,
-    fit_settings,
-    local_examples,
-    score_in_query_blocks,
-)
+from ..trajectory import Trajectory
+from ._curvature import CurvatureAttributor
+from ._gradient import GradientState, QueryGradients
 
-__all__ = ["InfluenceAttributor"]
+__all__ = ["InfluenceAttributor", "InfluenceState"]
 
 
-class InfluenceAttributor(BaseAttributor):
+@dataclasses.dataclass
+class InfluenceState(GradientState):
+    """The fitted state of an influence function: the curvature at the final parameters
+    (with the blocks and the training-loss factors kept for scoring, never pickled)."""
+
+    curvature: Curvature
+
+
+class InfluenceAttributor(CurvatureAttributor):
     """Influence functions: implicit differentiation at the final parameters.
 
         scores[q, m] = −(1/N) ∇f(z_q, θ_T)ᵀ (H + λI)⁻¹ ∇L(z_m, θ_T)
@@ -93,8 +96,9 @@ class InfluenceAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
-        ``blocks``, ``curvature`` and the training-factor cache.
+    state_ : InfluenceState
+        The curvature at the final parameters, the layer blocks and the training-loss
+        factors kept for scoring (a cache, never pickled).
     memory_limit_ : int
         The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
@@ -114,8 +118,9 @@ class InfluenceAttributor(BaseAttributor):
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "damping": [None, Interval(float, 0, None)],
         "query_rank": [None, Interval(int, 1, None)],
-        **CURVATURE_CONSTRAINTS,
+        **CurvatureAttributor._parameter_constraints,
     }
+    _state_type: ClassVar[type[FittedState] | None] = InfluenceState
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "curvature",
         "fisher",
@@ -161,25 +166,15 @@ class InfluenceAttributor(BaseAttributor):
         self.gradient_dtype = gradient_dtype
         self.progress = progress
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
-        settings = fit_settings(self)
-        cache = LossCache()
+    state_: InfluenceState
+
+    def _fit_state(self, trajectory: Trajectory) -> InfluenceState:
+        blocks = self._blocks(trajectory)
         everything = np.arange(trajectory.n_train, dtype=np.int64)
-        examples = curvature_subset(everything, self.curvature_examples, settings.random_state, 0)
-        curvature = fit_curvature(
-            self.curvature,
-            trajectory,
-            blocks,
-            [trajectory.n_steps],
-            local_examples(trajectory, examples),
-            settings,
-            budget=CacheBudget(self.memory_limit_ // 2),
-            # the examples' training-loss factors, kept for scoring while the budget
-            # allows (a subset's too: scoring streams only the others)
-            loss_cache=cache,
+        (curvature,), cache = self._fit_curvatures(
+            trajectory, trajectory, blocks, [([trajectory.n_steps], everything, 0)]
         )
-        return {"blocks": blocks, "curvature": curvature, "cache": cache.batches}
+        return InfluenceState(blocks, curvature, cache=cache)
 
     def _weight_decay(self) -> float:
         opt = self.trajectory_.stages[-1].optimizer
@@ -191,29 +186,22 @@ class InfluenceAttributor(BaseAttributor):
         self._check_fitted()
         if self.damping is not None:
             return float(self.damping)
-        return default_damping(self.state_["curvature"], self._weight_decay())
+        return default_damping(self.state_.curvature, self._weight_decay())
 
-    def _scores(self, queries: Examples) -> torch.Tensor:
-        trajectory = self.trajectory_
-        damping = self.damping_
-        wd = self._weight_decay()
+    def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
+        damping, wd = self.damping_, self._weight_decay()
         shift = (
             {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
         )
-        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
-
-        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
-            return influence_scores(
-                grads,
-                self.state_["curvature"],
-                training,
-                trajectory.n_steps,
-                examples,
-                n_train=trajectory.n_train,
-                n_examples=trajectory.n_train,
-                shift=shift,
-                dtype=self._torch_dtype(),
-                query_rank=self.query_rank,
-            )
-
-        return score_in_query_blocks(self, queries, len(examples), score)
+        return influence_scores(
+            queries.final(),
+            self.state_.curvature,
+            training,
+            self.trajectory_.n_steps,
+            self._local_examples(),
+            n_train=self.trajectory_.n_train,
+            n_examples=self.trajectory_.n_train,
+            shift=shift,
+            dtype=self._torch_dtype(),
+            query_rank=self.query_rank,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -9,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._distributed import all_gather_columns
+from .._device import resolve_device
+from .._distributed import all_gather_columns, local_examples
 from .._validation import InstanceOf, Options
-from ..base import DEVICE, DTYPE, POSITIVE_INT, BaseAttributor
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..base import DEVICE, DTYPE, DTYPES, POSITIVE_INT, BaseAttributor, FittedState
+from ..gradients._training import TrainingGradients
 from ..scoring._similarity import (
     SIMILARITIES,
     default_layer,
@@ -22,18 +23,16 @@ from ..scoring._similarity import (
     representation_similarity,
 )
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
-from ._shared import (
-    GRADIENT_CONSTRAINTS,
-    cache_training_factors,
-    local_examples,
-    score_in_query_blocks,
-)
+from ._gradient import GradientAttributor, GradientState, QueryGradients
 
-__all__ = ["GradientSimilarityAttributor", "RepresentationSimilarityAttributor"]
+__all__ = [
+    "GradientSimilarityAttributor",
+    "RepresentationSimilarityAttributor",
+    "RepresentationState",
+]
 
 
-class GradientSimilarityAttributor(BaseAttributor):
+class GradientSimilarityAttributor(GradientAttributor):
     """Gradient similarity at the final parameters θ_T.
 
     ``similarity="dot"`` (the default) follows sourcekit's sign and scale::
@@ -79,8 +78,9 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
-        ``blocks`` and the cached training factors at θ_T (``cache``).
+    state_ : GradientState
+        The layer blocks and the training-loss factors at θ_T kept for scoring (a
+        cache, never pickled).
     memory_limit_ : int
         The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
@@ -100,7 +100,7 @@ class GradientSimilarityAttributor(BaseAttributor):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "similarity": [Options(*SIMILARITIES)],
-        **GRADIENT_CONSTRAINTS,
+        **GradientAttributor._parameter_constraints,
     }
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "modules",
@@ -133,38 +133,43 @@ class GradientSimilarityAttributor(BaseAttributor):
         self.gradient_dtype = gradient_dtype
         self.progress = progress
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+    def _fit_state(self, trajectory: Trajectory) -> GradientState:
+        blocks = self._blocks(trajectory)
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
-        cache = cache_training_factors(
-            trajectory,
-            blocks,
-            [(trajectory.n_steps, examples)],
-            memory_limit=self.memory_limit_ // 2,
-            batch_size=self.batch_size,
-            device=resolve_device(self.device),
-            dtype=self._pass_dtype(),
-            progress=self.progress,
+        cache = self._cache_training_factors(trajectory, blocks, [(trajectory.n_steps, examples)])
+        return GradientState(blocks, cache=cache)
+
+    def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
+        return gradient_similarity_scores(
+            queries.final(),
+            training,
+            self.trajectory_.n_steps,
+            self._local_examples(),
+            n_train=self.trajectory_.n_train,
+            n_examples=self.trajectory_.n_train,
+            similarity=self.similarity,
+            dtype=self._torch_dtype(),
         )
-        return {"blocks": blocks, "cache": cache}
 
-    def _scores(self, queries: Examples) -> torch.Tensor:
-        trajectory = self.trajectory_
-        examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
 
-        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
-            return gradient_similarity_scores(
-                grads,
-                training,
-                trajectory.n_steps,
-                examples,
-                n_train=trajectory.n_train,
-                n_examples=trajectory.n_train,
-                similarity=self.similarity,
-                dtype=self._torch_dtype(),
-            )
+@dataclasses.dataclass
+class RepresentationState(FittedState):
+    """Representation similarity's fitted state.
 
-        return score_in_query_blocks(self, queries, len(examples), score)
+    Attributes
+    ----------
+    layer : str
+        The module whose input is the representation.
+    features : tensor of shape (n, d)
+        The training representations.
+    examples : ndarray of int
+        The training example of each row (all of them in one process; this rank's
+        shard under ``torch.distributed``).
+    """
+
+    layer: str
+    features: torch.Tensor
+    examples: np.ndarray
 
 
 class RepresentationSimilarityAttributor(BaseAttributor):
@@ -196,7 +201,7 @@ class RepresentationSimilarityAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
+    state_ : RepresentationState
         ``layer`` (the module used), ``features``, the training representations
         (n, d), and ``examples``, the training example of each row (all n_train of them
         in one process; this rank's shard under ``torch.distributed``).
@@ -225,6 +230,7 @@ class RepresentationSimilarityAttributor(BaseAttributor):
         "device": [DEVICE],
         "dtype": [DTYPE],
     }
+    _state_type: ClassVar[type[FittedState] | None] = RepresentationState
     _state_parameters: ClassVar[tuple[str, ...]] = ("layer", "device", "dtype")
 
     def __init__(
@@ -242,6 +248,11 @@ class RepresentationSimilarityAttributor(BaseAttributor):
         self.device = device
         self.dtype = dtype
 
+    state_: RepresentationState
+
+    def _torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
     def _model(self, trajectory: Trajectory) -> nn.Module:
         """The final model, built from the trajectory (never the user's), in eval mode."""
         model = trajectory.build_model(trajectory.n_steps)
@@ -258,7 +269,7 @@ class RepresentationSimilarityAttributor(BaseAttributor):
                 "Pass one of them, or layer=None for the input of the last nn.Linear / nn.Conv2d."
             )
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
+    def _fit_state(self, trajectory: Trajectory) -> RepresentationState:
         model = self._model(trajectory)
         layer = default_layer(model) if self.layer is None else self.layer
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
@@ -270,12 +281,12 @@ class RepresentationSimilarityAttributor(BaseAttributor):
             device=resolve_device(self.device),
             dtype=self._torch_dtype(),
         )[: len(examples)]  # an empty shard still needs the features' width
-        return {"layer": layer, "features": features, "examples": examples}
+        return RepresentationState(layer, features, examples)
 
     @property
     def layer_(self) -> str:
         self._check_fitted()
-        return str(self.state_["layer"])
+        return str(self.state_.layer)
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         features = layer_features(
@@ -286,8 +297,8 @@ class RepresentationSimilarityAttributor(BaseAttributor):
             device=resolve_device(self.device),
             dtype=self._torch_dtype(),
         )
-        examples = self.state_["examples"]
-        local = representation_similarity(features, self.state_["features"], self.similarity)
+        examples = self.state_.examples
+        local = representation_similarity(features, self.state_.features, self.similarity)
         scores = local.new_zeros(len(queries), self.n_train_)
         scores[:, torch.from_numpy(examples).to(scores.device)] = local
         return all_gather_columns(scores, examples).cpu()

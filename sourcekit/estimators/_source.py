@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -12,22 +13,18 @@ from tqdm.auto import tqdm
 
 from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
-from ..base import BaseAttributor
-from ..curvature._fit import CacheBudget, LossCache, fit_curvature
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
-from ..scoring._source import segment_models, source_scores
-from ..trajectory import Examples, Trajectory
+from ..base import FittedState
+from ..curvature import Curvature
+from ..curvature._preconditioner import adam_preconditioner
+from ..gradients._layers import LayerBlock
+from ..gradients._training import TrainingGradients
+from ..scoring._source import SegmentModel, source_scores
+from ..trajectory import Segment, Trajectory
 from ..trajectory._averaged import averaged_states, with_states
-from ._shared import (
-    CURVATURE_CONSTRAINTS,
-    curvature_subset,
-    fit_settings,
-    local_examples,
-    score_in_query_blocks,
-)
+from ._curvature import CurvatureAttributor
+from ._gradient import GradientState, QueryGradients
 
-__all__ = ["SourceAttributor"]
+__all__ = ["SourceAttributor", "SourceState"]
 
 
 def _boundaries(value: Any) -> bool:
@@ -36,7 +33,32 @@ def _boundaries(value: Any) -> bool:
     )
 
 
-class SourceAttributor(BaseAttributor):
+@dataclasses.dataclass
+class SourceState(GradientState):
+    """SOURCE's fitted state.
+
+    Attributes
+    ----------
+    blocks : list of LayerBlock
+    segments : list of SegmentModel
+        The fitted segments, in training order: curvature, learning rates, stage size,
+        weight decay and Adam's preconditioner. With ``average_checkpoints``, each is
+        evaluated at its first checkpoint only, which holds the averaged state.
+    spans : list of Segment
+        The segments as recorded, with all their checkpoints.
+    averaged : dict of step to state dict
+        The averaged states of the fast variant, by the step they stand at (empty
+        otherwise).
+    cache : dict of step to list of BatchFactors
+        The training-loss factors kept from fitting (never pickled).
+    """
+
+    segments: list[SegmentModel]
+    spans: list[Segment]
+    averaged: dict[int, dict[str, torch.Tensor]]
+
+
+class SourceAttributor(CurvatureAttributor):
     """SOURCE: training data attribution by approximate unrolled differentiation.
 
     The run is split into ``n_segments`` segments; inside each, curvature and training
@@ -114,10 +136,11 @@ class SourceAttributor(BaseAttributor):
         available on a CPU up to 1 GiB, read when ``fit`` runs (``memory_limit_`` holds
         the bytes).
     memory : str, path or joblib.Memory, optional
-        Also cache the fitted state (curvature, cached factors) on disk under this
-        directory, keyed by the trajectory's fingerprint and the parameters that shape
-        the state, so that other processes (a search with ``n_jobs``, a later session)
-        reuse it instead of fitting again.
+        Also cache the fitted state (the curvatures; not the kept training gradients,
+        which a state read from disk computes again when scoring) on disk under this
+        directory, keyed by the trajectory's fingerprint, the parameters that shape the
+        state and its format, so that other processes (a search with ``n_jobs``, a later
+        session) reuse it instead of fitting again.
     device : str or torch.device, default="auto"
     dtype : {"float32", "float64"}, default="float32"
         Precision of gradients and scores (eigendecompositions are always float64).
@@ -131,11 +154,10 @@ class SourceAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
-        ``blocks``, ``segments`` (the fitted SegmentModels: with ``average_checkpoints``,
-        each segment evaluated at its first checkpoint only, which holds the averaged
-        state), ``spans`` (the segments as recorded), ``averaged`` (the averaged states
-        by step) and the training-factor cache.
+    state_ : SourceState
+        The fitted segments (curvature, learning rates, preconditioner), the segments as
+        recorded, the averaged states of the fast variant, and the training-loss
+        factors kept for scoring (a cache, never pickled).
     segments_ : list of Segment
         The segments as recorded, with all their checkpoints.
     memory_limit_ : int
@@ -161,8 +183,9 @@ class SourceAttributor(BaseAttributor):
         "boundaries": [None, InstanceOf((list, tuple), "a list of int steps", _boundaries)],
         "query_rank": [None, Interval(int, 1, None)],
         "average_checkpoints": [InstanceOf((bool,), "True or False")],
-        **CURVATURE_CONSTRAINTS,
+        **CurvatureAttributor._parameter_constraints,
     }
+    _state_type: ClassVar[type[FittedState] | None] = SourceState
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "n_segments",
         "boundaries",
@@ -219,8 +242,10 @@ class SourceAttributor(BaseAttributor):
         self.gradient_dtype = gradient_dtype
         self.progress = progress
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+    state_: SourceState
+
+    def _fit_state(self, trajectory: Trajectory) -> SourceState:
+        blocks = self._blocks(trajectory)
         segments = trajectory.segments(
             None if self.boundaries is not None else self.n_segments, self.boundaries
         )
@@ -231,77 +256,79 @@ class SourceAttributor(BaseAttributor):
             replace(s, checkpoints=s.checkpoints[:1]) if s.checkpoints[0] in averaged else s
             for s in segments
         ]
+        jobs = (  # one curvature per segment, fitted as the bar advances
+            (segment.checkpoints, trajectory.stages[segment.stage].examples, segment.stage)
+            for segment in tqdm(
+                evaluated,
+                desc="fitting segments",
+                disable=not (self.progress and is_main()),
+                leave=False,
+            )
+        )
         passes = with_states(trajectory, averaged)
-        settings = fit_settings(self)
-        budget = CacheBudget(self.memory_limit_ // 2)
-        cache = LossCache()
-        curvatures = []
-        for segment in tqdm(
-            evaluated,
-            desc="fitting segments",
-            disable=not (self.progress and is_main()),
-            leave=False,
-        ):
-            stage = trajectory.stages[segment.stage]
-            examples = curvature_subset(
-                stage.examples, self.curvature_examples, settings.random_state, segment.stage
-            )
-            curvatures.append(
-                fit_curvature(
-                    self.curvature,
-                    passes,  # type: ignore[arg-type]
-                    blocks,
-                    segment.checkpoints,
-                    local_examples(trajectory, examples),
-                    settings,
-                    budget=budget,
-                    # the examples' training-loss factors, kept for scoring while the
-                    # budget allows (a subset's too: scoring streams only the others)
-                    loss_cache=cache,
-                )
-            )
+        curvatures, cache = self._fit_curvatures(trajectory, passes, blocks, jobs)
         # Learning rates and Adam's moments come from the recorded segments.
-        models = segment_models(trajectory, segments, blocks, curvatures)
-        return {
-            "blocks": blocks,
-            "segments": [replace(m, segment=s) for m, s in zip(models, evaluated, strict=True)],
-            "spans": segments,
-            "averaged": averaged,
-            "cache": cache.batches,
-        }
+        models = [
+            _segment_model(trajectory, recorded, evaluated_segment, blocks, curvature)
+            for recorded, evaluated_segment, curvature in zip(
+                segments, evaluated, curvatures, strict=True
+            )
+        ]
+        return SourceState(blocks, models, list(segments), averaged, cache=cache)
 
     def _query_itemsize(self) -> int:
         """Bytes per number of the query chain's vectors (they are kept in ``dtype``)."""
         return self._torch_dtype().itemsize
 
     @property
-    def segments_(self) -> list:
+    def segments_(self) -> list[Segment]:
         self._check_fitted()
-        if "spans" not in self.state_:  # a state cached on disk by an earlier version
-            return [m.segment for m in self.state_["segments"]]
-        return list(self.state_["spans"])
+        return list(self.state_.spans)
 
-    def _scores(self, queries: Examples) -> torch.Tensor:
-        trajectory = self.trajectory_
-        # (a state cached on disk before the fast variant existed has no "averaged")
-        passes = with_states(trajectory, self.state_.get("averaged", {}))
-        segments = self.state_["segments"]
-        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
+    def _passes_trajectory(self) -> Trajectory:
+        return with_states(self.trajectory_, self.state_.averaged)
 
-        def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:
-            return source_scores(
-                grads,
-                segments,
-                training,
-                stage_examples,
-                n_train=trajectory.n_train,
-                damping=float(self.damping),
-                matrix_function=self.matrix_function,
-                dtype=self._torch_dtype(),
-                query_rank=self.query_rank,
-            )
-
-        per_block = sum(
-            len(stage_examples[m.segment.stage]) * len(m.segment.checkpoints) for m in segments
+    def _examples_per_block(self) -> int:
+        stage_examples = self._stage_examples()
+        return sum(
+            len(stage_examples[m.segment.stage]) * len(m.segment.checkpoints)
+            for m in self.state_.segments
         )
-        return score_in_query_blocks(self, queries, per_block, score, passes)
+
+    def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
+        return source_scores(
+            queries.final(),
+            self.state_.segments,
+            training,
+            self._stage_examples(),
+            n_train=self.trajectory_.n_train,
+            damping=float(self.damping),
+            matrix_function=self.matrix_function,
+            dtype=self._torch_dtype(),
+            query_rank=self.query_rank,
+        )
+
+
+def _segment_model(
+    trajectory: Trajectory,
+    recorded: Segment,
+    evaluated: Segment,
+    blocks: list[LayerBlock],
+    curvature: Curvature,
+) -> SegmentModel:
+    """A segment with its curvature and what the recorded optimiser did in it (its
+    learning rates and Adam's second moments come from the ``recorded`` segment; the
+    model keeps the ``evaluated`` one, the checkpoints its gradients are taken at)."""
+    opt = trajectory.stages[recorded.stage].optimizer
+    lrs = trajectory.learning_rates[recorded.start : recorded.end] * opt.effective_lr_factor
+    return SegmentModel(
+        segment=evaluated,
+        curvature=curvature,
+        learning_rates=lrs,
+        n_examples=trajectory.stages[recorded.stage].n_examples,
+        weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
+        decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
+        preconditioner=adam_preconditioner(trajectory, recorded, blocks)
+        if opt.is_adaptive
+        else None,
+    )

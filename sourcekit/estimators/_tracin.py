@@ -7,25 +7,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._distributed import local_examples
 from .._validation import InstanceOf
-from ..base import BaseAttributor
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import TrainingGradients
 from ..scoring._tracin import TracInCheckpoint, tracin_checkpoints, tracin_scores
-from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
-from ._shared import (
-    GRADIENT_CONSTRAINTS,
-    QueryGradientsAt,
-    cache_training_factors,
-    local_examples,
-    score_query_blocks,
-)
+from ..trajectory import Trajectory
+from ._gradient import GradientAttributor, GradientState, QueryGradients
 
 __all__ = ["TracInAttributor"]
 
 
-class TracInAttributor(BaseAttributor):
+class TracInAttributor(GradientAttributor):
     """TracIn: the gradient steps of the run, each measured where it was taken.
 
         scores[q, m] = −Σ_c (η_c / N_c) ∇f(z_q, θ_c)ᵀ ∇L(z_m, θ_c)
@@ -73,8 +65,9 @@ class TracInAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
-        ``blocks`` and the cached training factors (``cache``).
+    state_ : GradientState
+        The layer blocks and the training-loss factors kept for scoring (a cache, never
+        pickled).
     checkpoints_ : list of TracInCheckpoint
         The terms of the sum: step, stage, the steps it stands for, η_c and N_c.
     memory_limit_ : int
@@ -97,7 +90,7 @@ class TracInAttributor(BaseAttributor):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "momentum_correction": [InstanceOf((bool,), "a bool")],
-        **GRADIENT_CONSTRAINTS,
+        **GradientAttributor._parameter_constraints,
     }
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "modules",
@@ -130,23 +123,15 @@ class TracInAttributor(BaseAttributor):
         self.gradient_dtype = gradient_dtype
         self.progress = progress
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
-        terms = tracin_checkpoints(trajectory)
-        cache = cache_training_factors(
-            trajectory,
-            blocks,
-            [
-                (t.step, local_examples(trajectory, trajectory.stages[t.stage].examples))
-                for t in terms
-            ],
-            memory_limit=self.memory_limit_ // 2,
-            batch_size=self.batch_size,
-            device=resolve_device(self.device),
-            dtype=self._pass_dtype(),
-            progress=self.progress,
+    def _fit_state(self, trajectory: Trajectory) -> GradientState:
+        blocks = self._blocks(trajectory)
+        checkpoints = [
+            (t.step, local_examples(trajectory, trajectory.stages[t.stage].examples))
+            for t in tracin_checkpoints(trajectory)
+        ]
+        return GradientState(
+            blocks, cache=self._cache_training_factors(trajectory, blocks, checkpoints)
         )
-        return {"blocks": blocks, "cache": cache}
 
     @property
     def checkpoints_(self) -> list[TracInCheckpoint]:
@@ -155,20 +140,16 @@ class TracInAttributor(BaseAttributor):
             self.trajectory_, momentum_correction=bool(self.momentum_correction)
         )
 
-    def _scores(self, queries: Examples) -> torch.Tensor:
-        trajectory = self.trajectory_
-        terms = self.checkpoints_
-        stage_examples = [local_examples(trajectory, s.examples) for s in trajectory.stages]
+    def _examples_per_block(self) -> int:
+        stage_examples = self._stage_examples()
+        return sum(len(stage_examples[t.stage]) for t in self.checkpoints_)
 
-        def score(grads_at: QueryGradientsAt, training: TrainingGradients) -> torch.Tensor:
-            return tracin_scores(
-                grads_at,
-                terms,
-                training,
-                stage_examples,
-                n_train=trajectory.n_train,
-                dtype=self._torch_dtype(),
-            )
-
-        per_block = sum(len(stage_examples[t.stage]) for t in terms)
-        return score_query_blocks(self, queries, per_block, score)
+    def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
+        return tracin_scores(
+            queries.at,
+            self.checkpoints_,
+            training,
+            self._stage_examples(),
+            n_train=self.trajectory_.n_train,
+            dtype=self._torch_dtype(),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -9,12 +10,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._distributed import all_gather_columns, all_reduce_sum, is_main
+from .._distributed import all_reduce_sum, is_main, local_examples
 from .._validation import Interval, Options
-from ..base import BaseAttributor
+from ..base import FittedState
 from ..exceptions import NonFiniteError
-from ..gradients._layers import find_blocks
-from ..gradients._per_example import TrainingGradients
+from ..gradients._training import TrainingGradients
 from ..scoring._trak import (
     PROJECTIONS,
     RandomProjection,
@@ -25,20 +25,22 @@ from ..scoring._trak import (
     projected_training_gradients,
     trak_scores,
 )
-from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import resolve_device
-from ._shared import (
-    GRADIENT_CONSTRAINTS,
-    local_examples,
-    query_gradients,
-    query_slices,
-    resolve_seed,
-)
+from ..trajectory import Trajectory
+from ._gradient import GradientAttributor, GradientState, QueryGradients, resolve_seed
 
-__all__ = ["TRAKAttributor"]
+__all__ = ["TRAKAttributor", "TRAKState"]
 
 
-class TRAKAttributor(BaseAttributor):
+@dataclasses.dataclass
+class TRAKState(GradientState):
+    """TRAK's fitted state: the projection R and, per checkpoint, Φ and the
+    eigendecomposition of ΦᵀΦ/N (with the layer blocks; nothing is kept in ``cache``)."""
+
+    projection: RandomProjection
+    checkpoints: list[TRAKCheckpoint]
+
+
+class TRAKAttributor(GradientAttributor):
     """TRAK: an influence function on randomly projected gradients, ensembled over checkpoints.
 
     Per-example gradients are projected to ``projection_dim`` dimensions by a seeded
@@ -98,8 +100,8 @@ class TRAKAttributor(BaseAttributor):
 
     Attributes
     ----------
-    state_ : dict
-        ``blocks``, ``projection`` (the RandomProjection) and ``checkpoints`` (a
+    state_ : TRAKState
+        The layer blocks, ``projection`` (the RandomProjection) and ``checkpoints`` (a
         TRAKCheckpoint per checkpoint: Φ and the eigendecomposition of ΦᵀΦ/N; under
         ``torch.distributed``, Φ holds the rows of this rank's shard only).
     damping_ : float or dict of step to float
@@ -127,8 +129,9 @@ class TRAKAttributor(BaseAttributor):
         "projection": [Options(*PROJECTIONS)],
         "checkpoints": [Options("final", "all")],
         "random_state": [None, Interval(int, 0, None)],
-        **GRADIENT_CONSTRAINTS,
+        **GradientAttributor._parameter_constraints,
     }
+    _state_type: ClassVar[type[FittedState] | None] = TRAKState
     _state_parameters: ClassVar[tuple[str, ...]] = (
         "projection_dim",
         "projection",
@@ -171,27 +174,25 @@ class TRAKAttributor(BaseAttributor):
         self.gradient_dtype = gradient_dtype
         self.progress = progress
 
+    state_: TRAKState
+
+    def _fresh_each_fit(self) -> bool:
+        # scikit-learn's random_state=None: a fresh projection at every fit, no cache
+        return self.random_state is None
+
     def _steps(self, trajectory: Trajectory) -> list[int]:
         if self.checkpoints == "final":
             return [trajectory.n_steps]
         return sorted({*trajectory.checkpoint_steps, trajectory.n_steps})
 
-    def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+    def _fit_state(self, trajectory: Trajectory) -> TRAKState:
+        blocks = self._blocks(trajectory)
         projection = RandomProjection.for_blocks(
             blocks, self.projection_dim, self.projection, resolve_seed(self.random_state)
         )
-        device, dtype = resolve_device(self.device), self._torch_dtype()
+        device, dtype = self._device(), self._torch_dtype()
         project = projection.projector(device, dtype, self.memory_limit_ // 2)
-        training = TrainingGradients(
-            trajectory,
-            blocks,
-            None,
-            batch_size=self.batch_size,
-            device=device,
-            dtype=self._pass_dtype(),
-            output_dtype=dtype,
-        )
+        training = self._training_gradients(trajectory, blocks, None)
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         checkpoints = []
         for step in tqdm(
@@ -217,7 +218,7 @@ class TRAKAttributor(BaseAttributor):
             checkpoints.append(
                 TRAKCheckpoint(step, features, values, vectors, examples, trajectory.n_train)
             )
-        return {"blocks": blocks, "projection": projection, "checkpoints": checkpoints}
+        return TRAKState(blocks, projection, checkpoints)
 
     @property
     def damping_(self) -> float | dict[int, float]:
@@ -225,33 +226,16 @@ class TRAKAttributor(BaseAttributor):
         self._check_fitted()
         if self.damping is not None:
             return float(self.damping)
-        return {c.step: default_damping(c) for c in self.state_["checkpoints"]}
+        return {c.step: default_damping(c) for c in self.state_.checkpoints}
 
-    def _scores(self, queries: Examples) -> torch.Tensor:
-        state, trajectory = self.state_, self.trajectory_
-        device, dtype = resolve_device(self.device), self._torch_dtype()
-        checkpoints: list[TRAKCheckpoint] = state["checkpoints"]
+    def _examples_per_block(self) -> int:
+        return 0  # the projected training gradients are kept: scoring streams none
+
+    def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
+        checkpoints = self.state_.checkpoints
         damping = self.damping_
         lams = [damping[c.step] if isinstance(damping, dict) else damping for c in checkpoints]
-        project = state["projection"].projector(device, dtype, self.memory_limit_ // 2)
-        parts = []
-        for rows in query_slices(len(queries), state["blocks"], self.memory_limit_):
-            block = queries[rows]
-            features = [
-                project(
-                    query_gradients(
-                        trajectory,
-                        state["blocks"],
-                        block,
-                        batch_size=self.batch_size,
-                        device=device,
-                        dtype=dtype,
-                        step=c.step,
-                        pass_dtype=self._pass_dtype(),
-                    )
-                )
-                for c in checkpoints
-            ]
-            parts.append(trak_scores(features, checkpoints, lams, dtype=dtype))
-        scores = torch.cat(parts)
-        return all_gather_columns(scores, checkpoints[0].columns).cpu()
+        dtype = self._torch_dtype()
+        project = self.state_.projection.projector(self._device(), dtype, self.memory_limit_ // 2)
+        features = [project(queries.at(c.step)) for c in checkpoints]
+        return trak_scores(features, checkpoints, lams, dtype=dtype)

@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._device import resolve_device
 from .._distributed import is_distributed, world_size
-from ..base import DEVICE, DTYPE, POSITIVE_INT, PROGRESS, BaseAttributor
+from ..base import DEVICE, DTYPE, DTYPES, POSITIVE_INT, PROGRESS, BaseAttributor
 from ..scoring._unrolled import unrolled_scores
 from ..trajectory import Examples, Trajectory
 from ..trajectory._replay import require_batches
@@ -88,8 +89,12 @@ class UnrolledAttributor(BaseAttributor):
         self.query_batch_size = query_batch_size
         self.progress = progress
 
+    def _torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
     def _check_trajectory(self, trajectory: Trajectory) -> None:
         require_batches(trajectory, type(self).__name__)
+        resolve_device(self.device)  # a device this build cannot use is refused now
 
     def _scores(self, queries: Examples) -> torch.Tensor:
         if is_distributed():

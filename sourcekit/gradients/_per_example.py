@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,14 +18,13 @@ from torch import nn
 
 from ..exceptions import NonFiniteError, UnsupportedModuleError
 from ..trajectory import Examples, Trajectory
-from ._layers import FactoredGradients, LayerBlock, block_gradients, collect
+from ._layers import LayerBlock, block_gradients, collect
 from ._patches import Inputs
 
 __all__ = [
     "FISHER",
     "BatchFactors",
     "FisherNoise",
-    "TrainingGradients",
     "checkpoint_batches",
     "measurement_gradients",
     "model_at",
@@ -128,7 +127,7 @@ def _widened(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 _T = TypeVar("_T", torch.Tensor, Inputs)
 
 
-def _as(tensors: dict[str, _T], dtype: torch.dtype | None) -> dict[str, _T]:
+def as_dtype(tensors: dict[str, _T], dtype: torch.dtype | None) -> dict[str, _T]:
     """The floating tensors of ``tensors`` in ``dtype`` (unchanged when None)."""
     if dtype is None:
         return tensors
@@ -389,88 +388,9 @@ def measurement_gradients(
                 values = measurement(*_widened(_forward(model, batch.inputs), batch.targets))
                 capture.backward(values.sum())
             _check_per_example(capture.a, len(batch))
-            a, s = _as(capture.a, output_dtype), _as(capture.s, output_dtype)
+            a, s = as_dtype(capture.a, output_dtype), as_dtype(capture.s, output_dtype)
             for name, g in block_gradients(a, s, blocks).items():
                 _check_finite(g, "query measurement gradients", step)
                 parts[name].append(g)
             capture.clear()
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-class TrainingGradients:
-    """Per-example training-loss gradients at a checkpoint, from a cache or streamed.
-
-    ``source(step, indices)`` yields ``(batch_indices, grads)`` for every example of
-    ``indices`` once, where ``grads`` is a :class:`FactoredGradients`: a mapping from
-    block name to the gradients (n, d_out, d_in), formed only when indexed, that also
-    holds the layer inputs and output gradients for contraction scoring. Batches cached
-    while fitting (layer inputs and output gradients) are reused, all of ``indices`` or
-    some of them (the examples a curvature was estimated from); the model is loaded at
-    ``step`` and the other examples streamed in batches of ``batch_size``.
-
-    ``dtype`` is the precision of the passes (and of the cached batches); the batches
-    handed out are widened to ``output_dtype`` (default: ``dtype``), the precision the
-    scores are computed in.
-    """
-
-    def __init__(
-        self,
-        trajectory: Trajectory,
-        blocks: Sequence[LayerBlock],
-        cache: dict[int, list[BatchFactors]] | None,
-        *,
-        batch_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        output_dtype: torch.dtype | None = None,
-        progress: Any = None,
-    ) -> None:
-        self.trajectory = trajectory
-        self.blocks = blocks
-        self.cache = cache or {}
-        self.batch_size = batch_size
-        self.device = device
-        self.dtype = dtype
-        self.output_dtype = None if output_dtype == dtype else output_dtype
-        self.progress = progress  # a tqdm bar counting scored examples, or None
-
-    def _factored(self, batch: BatchFactors) -> FactoredGradients:
-        assert batch.loss is not None
-        a, s = _as(batch.a, self.output_dtype), _as(batch.loss, self.output_dtype)
-        return FactoredGradients(self.blocks, a, s)
-
-    def _tick(self, n: int) -> None:
-        if self.progress is not None:
-            self.progress.update(n)
-
-    def __call__(
-        self, step: int, indices: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, FactoredGradients]]:
-        cached = self.cache.get(step) or []
-        kept = np.concatenate([b.indices for b in cached]) if cached else np.zeros(0, np.int64)
-        if len(kept) and np.isin(kept, indices).all():
-            # Batches kept while fitting (all of ``indices``, or the examples the
-            # curvature was estimated from) come from the cache; the rest are streamed.
-            for batch in cached:
-                yield batch.indices, self._factored(batch)
-                self._tick(len(batch.indices))
-            indices = np.setdiff1d(indices, kept)
-            if len(indices) == 0:
-                return
-        model = model_at(self.trajectory, step, self.blocks, device=self.device, dtype=self.dtype)
-        for batch in checkpoint_batches(
-            model,
-            self.blocks,
-            self.trajectory.train,
-            indices,
-            self.trajectory.loss,
-            fisher=None,
-            want_loss=True,
-            noise=None,
-            batch_size=self.batch_size,
-            device=self.device,
-            dtype=self.dtype,
-            step=step,
-        ):
-            yield batch.indices, self._factored(batch)
-            self._tick(len(batch.indices))

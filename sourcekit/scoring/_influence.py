@@ -14,23 +14,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..curvature import Curvature
 from ..curvature._spectral import Inverse
+from ..gradients._training import GradientSource
 from ._contraction import gradient_dot, query_matrices
-from ._source import TrainingGradients
 
 __all__ = ["default_damping", "influence_scores"]
 
 
-def default_damping(curvature: object, weight_decay: float = 0.0) -> dict[str, float]:
+def default_damping(curvature: Curvature, weight_decay: float = 0.0) -> dict[str, float]:
     """The heuristic damping: 0.1 × the mean eigenvalue of each block (weight decay included)."""
-    means = curvature.mean_eigenvalues()  # type: ignore[attr-defined]
+    means = curvature.mean_eigenvalues()
     return {name: 0.1 * (value + weight_decay) for name, value in means.items()}
 
 
 def influence_scores(
     query_gradients: dict[str, torch.Tensor],
-    curvature: object,
-    training_gradients: TrainingGradients,
+    curvature: Curvature,
+    training_gradients: GradientSource,
     step: int,
     examples: np.ndarray,
     *,
@@ -48,8 +49,8 @@ def influence_scores(
     n_queries = next(iter(query_gradients.values())).shape[0]
     device = next(iter(query_gradients.values())).device
     v = {k: g.double() for k, g in query_gradients.items()}
-    u = curvature.apply(Inverse(), v, shift)  # type: ignore[attr-defined]
-    queries = query_matrices(u, curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
+    u = curvature.apply(Inverse(), v, shift)
+    queries = query_matrices(u, curvature.blocks, query_rank, dtype)
     scores = torch.zeros(n_queries, n_train, dtype=dtype, device=device)
     for indices, grads in training_gradients(step, examples):
         dots = gradient_dot(queries, grads, dtype)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..gradients._training import GradientSource
 from ..trajectory import Examples
 from ._contraction import gradient_dot, squared_norms
-from ._source import TrainingGradients
 
 __all__ = [
     "SIMILARITIES",
@@ -52,7 +52,7 @@ def _cosine(dots: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torc
 
 def gradient_similarity_scores(
     query_gradients: dict[str, torch.Tensor],
-    training_gradients: TrainingGradients,
+    training_gradients: GradientSource,
     step: int,
     examples: np.ndarray,
     *,

@@ -22,26 +22,19 @@ replaced by its mean over each block, the one approximation beyond METHOD.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..curvature._objects import EigenbasisCurvature
+from ..curvature import Carried, Curvature
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
-from ..exceptions import TrajectoryError
-from ..gradients._layers import LayerBlock
-from ..trajectory import Segment, Trajectory
+from ..gradients._training import GradientSource
+from ..trajectory import Segment
 from ._contraction import gradient_dot, query_matrices
 
-__all__ = ["SegmentModel", "adam_preconditioner", "segment_models", "source_scores"]
-
-# ``training_gradients(step, examples)`` yields (indices, per-example gradients per block);
-# the gradients may be FactoredGradients, contracted without forming them.
-TrainingGradients = Callable[
-    [int, np.ndarray], Iterable[tuple[np.ndarray, Mapping[str, torch.Tensor]]]
-]
+__all__ = ["SegmentModel", "precondition", "source_scores"]
 
 
 @dataclass
@@ -62,11 +55,12 @@ class SegmentModel:
     decoupled_decay : float
         AdamW's decoupled coefficient (0 otherwise).
     preconditioner : dict of block name to tensor, or None
-        Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates.
+        Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates
+        (:func:`~sourcekit.curvature._preconditioner.adam_preconditioner`).
     """
 
     segment: Segment
-    curvature: object
+    curvature: Curvature
     learning_rates: np.ndarray
     n_examples: int
     weight_decay: float = 0.0
@@ -78,69 +72,6 @@ class SegmentModel:
         return float(self.learning_rates.sum())
 
 
-def adam_preconditioner(
-    trajectory: Trajectory, segment: Segment, blocks: Sequence[LayerBlock]
-) -> dict[str, torch.Tensor]:
-    """P̄ = mean over the segment's checkpoints of 1/(√v̂ + ε), v̂ the bias-corrected second moment.
-
-    A checkpoint at a stage's first step holds the previous stage's optimiser state (or
-    none), so only checkpoints after the stage's first update count.
-    """
-    stage = trajectory.stages[segment.stage]
-    beta2, eps = stage.optimizer.betas[1], stage.optimizer.eps
-    total: dict[str, torch.Tensor] = {}
-    used = 0
-    for step in segment.checkpoints:
-        if step <= stage.start:
-            continue
-        state = trajectory.checkpoint(step).optimizer
-        if "exp_avg_sq" not in state or "step" not in state:
-            continue
-        v_hat = {
-            k: v.double() / (1 - beta2 ** state["step"]) for k, v in state["exp_avg_sq"].items()
-        }
-        for block in blocks:
-            p = 1.0 / (block.matrix(v_hat).sqrt() + eps)
-            total[block.name] = total.get(block.name, 0) + p
-        used += 1
-    if used == 0:
-        raise TrajectoryError(
-            f"Segment {segment.index} (steps {segment.start}..{segment.end - 1}) trains with "
-            f"{stage.optimizer.kind}, but none of its checkpoints {list(segment.checkpoints)} holds "
-            "second moments from this stage. SOURCE needs a checkpoint after the stage's first step: "
-            "record checkpoints with TrajectoryRecorder or sourcekit.train."
-        )
-    return {k: v / used for k, v in total.items()}
-
-
-def segment_models(
-    trajectory: Trajectory,
-    segments: Sequence[Segment],
-    blocks: Sequence[LayerBlock],
-    curvatures: Sequence[object],
-) -> list[SegmentModel]:
-    """Combine segments, their curvature and the recorded optimiser into SegmentModels."""
-    models = []
-    for segment, curvature in zip(segments, curvatures, strict=True):
-        stage = trajectory.stages[segment.stage]
-        opt = stage.optimizer
-        lrs = trajectory.learning_rates[segment.start : segment.end] * opt.effective_lr_factor
-        models.append(
-            SegmentModel(
-                segment=segment,
-                curvature=curvature,
-                learning_rates=lrs,
-                n_examples=stage.n_examples,
-                weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
-                decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
-                preconditioner=adam_preconditioner(trajectory, segment, blocks)
-                if opt.is_adaptive
-                else None,
-            )
-        )
-    return models
-
-
 def _multiply(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: a[k] * b[k].to(a[k].dtype) for k in a}
 
@@ -150,7 +81,7 @@ def _diagonal_decay(
 ) -> dict[str, torch.Tensor]:
     """exp(−s(P̄(D + λ) + λ_w)) per parameter (or its finite-product form)."""
     assert model.preconditioner is not None
-    diag = model.curvature.diagonal()  # type: ignore[attr-defined]
+    diag = model.curvature.diagonal()
     out = {}
     for name, d in diag.items():
         rate = (
@@ -166,23 +97,23 @@ def _diagonal_decay(
 
 def precondition(
     model: SegmentModel,
-    v: dict[str, torch.Tensor],
+    v: Carried,
     damping: float,
     matrix_function: str,
     *,
     dtype: torch.dtype | None = None,
     carry: bool = True,
-    rotated: bool = False,
-    target: EigenbasisCurvature | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(u, v_next): the vector scoring this segment's gradients, and v carried to the
-    previous segment (None when ``carry`` is False: the first segment has no previous one).
+) -> tuple[dict[str, torch.Tensor], Carried | None]:
+    """(u, v_next): the vector scoring this segment's gradients, in parameter coordinates,
+    and v carried to the previous segment (None when ``carry`` is False: the first
+    segment has no previous one).
 
-    ``rotated`` says ``v`` is given in this segment's eigenbasis, and ``target`` (the
-    previous segment's curvature) asks for v_next in that curvature's eigenbasis: the
-    chain then changes basis once per segment instead of rotating back to parameter
-    coordinates and forward again (both only where neither segment uses Adam's
-    preconditioner, whose diagonal acts in parameter coordinates).
+    ``v`` comes as the previous step of the chain left it: in parameter coordinates or
+    in a curvature's eigenbasis (:class:`~sourcekit.curvature.Carried`). A curvature
+    with an eigenbasis of its own takes it from there with one change of basis and
+    leaves v_next in its basis (:meth:`~sourcekit.curvature.Curvature.apply_carried`);
+    Adam's preconditioner acts in parameter coordinates, so its segments take and hand
+    over v there.
 
     ``dtype`` is the precision of the rotations into the curvature's eigenbasis and back
     (default float64); the matrix functions are evaluated in float64. It applies where
@@ -209,42 +140,23 @@ def precondition(
                 DiscreteDecay(model.learning_rates),
             )
         fns = (residual, decay) if carry else (residual,)
-        targets = (None, target) if carry else (None,)
-        applied = curvature.apply_many(  # type: ignore[attr-defined]
-            fns, v, shift, dtype, rotated=rotated, targets=targets
-        )
-        return rounded(applied[0]), (rounded(applied[1]) if carry else None)
-    if rotated or target is not None:
-        raise ValueError("Adam segments carry their vectors in parameter coordinates.")
+        applied = curvature.apply_carried(fns, v, shift, dtype)
+        return rounded(applied[0].in_parameters()), (applied[1].to(work) if carry else None)
+    params = v.in_parameters()
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
+    shifts: float | dict[str, float] = shift
     if model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
-        shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
-    u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]
-    return rounded(u), (rounded(_multiply(decay_diag, v)) if carry else None)
-
-
-def _chain_target(
-    model: SegmentModel, previous: SegmentModel | None
-) -> EigenbasisCurvature | None:
-    """The curvature in whose eigenbasis ``model`` hands its carried vector to ``previous``.
-
-    None (parameter coordinates) unless both segments rotate into an eigenbasis of the
-    same blocks and neither uses Adam's preconditioner.
-    """
-    if previous is None or model.preconditioner is not None or previous.preconditioner is not None:
-        return None
-    mine, theirs = model.curvature, previous.curvature
-    if not (isinstance(mine, EigenbasisCurvature) and isinstance(theirs, EigenbasisCurvature)):
-        return None
-    return theirs if set(mine.factors) == set(theirs.factors) else None
+        shifts = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}
+    u = curvature.apply(Inverse(), _multiply(complement, params), shifts)
+    return rounded(u), (Carried(rounded(_multiply(decay_diag, params))) if carry else None)
 
 
 def source_scores(
     query_gradients: dict[str, torch.Tensor],
     segments: Sequence[SegmentModel],
-    training_gradients: TrainingGradients,
+    training_gradients: GradientSource,
     stage_examples: Sequence[np.ndarray],
     *,
     n_train: int,
@@ -276,26 +188,14 @@ def source_scores(
     # The chain runs in ``dtype``: its rotations are the query side's whole cost (Q
     # queries x P parameters x (d_in + d_out) per segment), and orthogonal rotations in
     # float32 round each entry by about eps32 √d of the vector's scale.
-    v: dict[str, torch.Tensor] | None = {k: g.to(dtype) for k, g in query_gradients.items()}
+    v: Carried | None = Carried({k: g.to(dtype) for k, g in query_gradients.items()})
     ordered = list(segments)
-    rotated = False  # whether v is in the eigenbasis of the segment about to use it
     for position, model in enumerate(reversed(ordered)):
         assert v is not None
         last = position == len(ordered) - 1  # the first segment carries nothing further back
-        previous = None if last else ordered[len(ordered) - position - 2]
-        target = _chain_target(model, previous)
-        u, v = precondition(
-            model,
-            v,
-            damping,
-            matrix_function,
-            dtype=dtype,
-            carry=not last,
-            rotated=rotated,
-            target=target,
-        )
-        rotated = target is not None
-        queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)  # type: ignore[attr-defined]
+        u, v = precondition(model, v, damping, matrix_function, dtype=dtype, carry=not last)
+        queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)
+        del u  # dropped once used: the chain holds about three vectors (query_slices)
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
         seen = np.zeros(n_train, dtype=np.int64)
         for step in model.segment.checkpoints:
@@ -311,4 +211,5 @@ def source_scores(
             raise RuntimeError(
                 "SOURCE scored a training example more or less than once per checkpoint."
             )
+        del queries
     return scores

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..gradients._training import GradientSource
 from ..trajectory import Trajectory
 from ..trajectory._segments import checkpoint_spans
 from ._contraction import gradient_dot
-from ._source import TrainingGradients
 
 __all__ = ["TracInCheckpoint", "tracin_checkpoints", "tracin_scores"]
 
@@ -82,7 +82,7 @@ def tracin_checkpoints(
 def tracin_scores(
     query_gradients: Callable[[int], dict[str, torch.Tensor]],
     checkpoints: Sequence[TracInCheckpoint],
-    training_gradients: TrainingGradients,
+    training_gradients: GradientSource,
     stage_examples: Sequence[np.ndarray],
     *,
     n_train: int,

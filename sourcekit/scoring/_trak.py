@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ..gradients._layers import FactoredGradients, LayerBlock
+from ..gradients._training import GradientSource
 from ._contraction import block_dot
-from ._source import TrainingGradients
 
 __all__ = [
     "PROJECTIONS",
@@ -241,7 +241,7 @@ class TRAKCheckpoint:
 
 
 def projected_training_gradients(
-    training_gradients: TrainingGradients,
+    training_gradients: GradientSource,
     step: int,
     examples: np.ndarray,
     projector: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],

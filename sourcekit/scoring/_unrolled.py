@@ -19,8 +19,9 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from ..trajectory import Examples, Trajectory
-from ..trajectory._replay import replay, resolve_device
+from ..trajectory._replay import replay
 
 __all__ = ["unrolled_scores"]
 

@@ -5,9 +5,10 @@ from ._examples import Examples
 from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
 from ._segments import Segment
+from ._stages import Stage
 from ._storage import Checkpoint
 from ._trainer import TrainingStage, learning_rate_schedule, train
-from ._trajectory import AttributionTask, Stage, Trajectory
+from ._trajectory import AttributionTask, Trajectory
 
 __all__ = [
     "Architecture",

@@ -138,6 +138,13 @@ def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def shape_summary(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The first few ``name[shape]`` entries of ``shapes``, for error messages."""
+    items = sorted(shapes.items())
+    text = ", ".join(f"{k}{list(v)}" for k, v in items[:4])
+    return "{" + text + (", ..." if len(items) > 4 else "") + "}"
+
+
 def check_fits(
     params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model: nn.Module, where: str
 ) -> None:

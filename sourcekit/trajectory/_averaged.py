@@ -14,7 +14,7 @@ segment's first checkpoint.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -78,9 +78,12 @@ class AveragedTrajectory:
         return getattr(self.trajectory, name)
 
 
-def with_states(
-    trajectory: Trajectory, states: dict[int, dict[str, torch.Tensor]]
-) -> Trajectory | AveragedTrajectory:
+def with_states(trajectory: Trajectory, states: dict[int, dict[str, torch.Tensor]]) -> Trajectory:
     """``trajectory`` as the passes see it: with ``states`` at their steps, or itself when
-    there are none."""
-    return AveragedTrajectory(trajectory, states) if states else trajectory
+    there are none.
+
+    Typed as a ``Trajectory``: an :class:`AveragedTrajectory` answers every attribute a
+    trajectory has (its own ``build_model``, the trajectory's for the rest), which is all
+    the passes ask of it.
+    """
+    return cast(Trajectory, AveragedTrajectory(trajectory, states)) if states else trajectory

@@ -17,18 +17,12 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from ..exceptions import TrajectoryError
 from ._optimizer import initial_state, optimizer_step
 from ._trajectory import Trajectory
 
-__all__ = ["replay", "require_batches", "resolve_device"]
-
-
-def resolve_device(device: Any) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["replay", "require_batches"]
 
 
 def require_batches(trajectory: Trajectory, who: str) -> None:

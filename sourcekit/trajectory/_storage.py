@@ -1,8 +1,11 @@
-"""Checkpoints and the files of a saved trajectory (the only code that touches disk).
+"""Where a trajectory's checkpoints live: in memory, or in the files of a saved directory.
 
 A checkpoint is a plain dict of tensors saved with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``: loading never runs code from the file. Every file of
-a saved trajectory has its sha256 in the manifest and is verified when read.
+a saved trajectory has its sha256 in the manifest and is verified when read
+(:func:`load_tensors`). The layout of a saved directory, and the code that writes it and
+reads its manifest, are in :mod:`sourcekit.trajectory._format`; the stores here read
+its checkpoint files one at a time, when they are used.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..exceptions import TrajectoryError
+from ._architecture import check_fits, shape_summary, state_shapes
 
 __all__ = ["Checkpoint", "DirectoryStore", "MemoryStore", "load_tensors", "sha256_file"]
 
@@ -155,18 +160,51 @@ class MemoryStore:
     def digest(self, step: int) -> str:
         return self._checkpoints[step].digest()
 
+    def check_fits(self, model: nn.Module, architecture: str) -> None:
+        """Raise unless the initial state fits ``model`` (the architecture described)."""
+        initial = self.get(0)
+        check_fits(initial.params, initial.buffers, model, "at step 0")
+
+    def verify(self) -> list[str]:
+        """Problems of the stored files: none in memory."""
+        return []
+
+    def located_at(self, directory: Path) -> bool:
+        """Whether the checkpoints are the files of ``directory`` (never in memory)."""
+        return False
+
 
 class DirectoryStore:
-    """Checkpoints in files under a saved trajectory's directory, read one at a time."""
+    """Checkpoints in files under a saved trajectory's directory, read one at a time.
 
-    def __init__(self, root: Path, files: dict[int, tuple[str, str, str]]) -> None:
-        self.root = Path(root)
+    ``root`` is made absolute, so that a trajectory loaded from a relative path keeps
+    working after the working directory changes (or in another process, once pickled).
+    ``shapes`` are the parameter and buffer shapes the manifest records.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        files: dict[int, tuple[str, str, str]],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        self.root = Path(root).resolve()
         self._files = dict(files)  # step -> (relative path, file sha256, content digest)
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
 
     def steps(self) -> list[int]:
         return sorted(self._files)
 
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise TrajectoryError(
+                f"The trajectory directory {str(self.root)!r} no longer exists: it was moved or "
+                "deleted after the trajectory was loaded. Load it again from where it is now "
+                "(Trajectory.load), and fit the attributor to that trajectory."
+            )
+
     def get(self, step: int) -> Checkpoint:
+        self._check_root()
         rel, sha, _ = self._files[step]
         payload = load_tensors(self.root / rel, sha, f"checkpoint (step {step})")
         checkpoint = Checkpoint.from_payload(payload, repr(str(self.root / rel)))
@@ -175,3 +213,30 @@ class DirectoryStore:
 
     def digest(self, step: int) -> str:
         return self._files[step][2]
+
+    def check_fits(self, model: nn.Module, architecture: str) -> None:
+        """Raise unless the recorded shapes are those of ``model`` (the architecture described)."""
+        expected = state_shapes(model)
+        if self.shapes != expected:
+            raise TrajectoryError(
+                f"The checkpoints of this trajectory do not fit the architecture {architecture}: "
+                f"the manifest records parameters {shape_summary(self.shapes)} but the model has "
+                f"{shape_summary(expected)}. Pass the architecture the run was recorded with."
+            )
+
+    def verify(self) -> list[str]:
+        """Every checkpoint file that is missing or differs from its recorded sha256."""
+        self._check_root()
+        problems = []
+        for step in self.steps():
+            rel, sha, _ = self._files[step]
+            path = self.root / rel
+            if not path.is_file():
+                problems.append(f"step {step}: {rel} is missing")
+            elif sha256_file(path) != sha:
+                problems.append(f"step {step}: {rel} was modified (its sha256 differs)")
+        return problems
+
+    def located_at(self, directory: Path) -> bool:
+        """Whether the checkpoints are the files of ``directory``."""
+        return self.root == Path(directory).resolve()

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from ..objectives import LOSSES, resolve_function
 from ._architecture import Architecture
 from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._recorder import TrajectoryRecorder
-from ._replay import resolve_device
 from ._trajectory import Trajectory
 
 __all__ = ["TrainingStage", "learning_rate_schedule", "train"]

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,89 +37,14 @@ from torch import nn
 
 from ..exceptions import TrajectoryError
 from ..objectives import LOSSES, MEASUREMENTS, function_spec, resolve_function
-from ._architecture import Architecture, check_fits, state_shapes
+from ._architecture import Architecture, shape_summary, state_shapes
 from ._examples import Examples, check_training_set
-from ._optimizer import OptimizerSpec
+from ._format import read_trajectory, schedule_payload, write_trajectory
 from ._segments import Segment, split_segments
-from ._storage import (
-    Checkpoint,
-    DirectoryStore,
-    MemoryStore,
-    hash_value,
-)
+from ._stages import Stage
+from ._storage import Checkpoint, DirectoryStore, MemoryStore, hash_value
 
-__all__ = ["FORMAT_VERSION", "AttributionTask", "Stage", "Trajectory"]
-
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, eq=False)
-class Stage:
-    """One stage of training (e.g. pretraining or fine-tuning).
-
-    Attributes
-    ----------
-    name : str
-    optimizer : OptimizerSpec
-    start, end : int
-        The global steps ``start .. end-1`` belong to this stage.
-    examples : ndarray of int64
-        Global indices of the training examples this stage trains on (sorted, unique).
-    batch_size : int
-        The nominal batch size (a step's batch may be smaller, e.g. at an epoch's end).
-    recipe : dict or None
-        How the built-in trainer produced the stage (epochs, schedule, seed...), so that
-        the stage can be retrained on a subset of its examples; None for runs recorded
-        from a user's own loop.
-    n_steps : int
-        ``end - start``.
-    n_examples : int
-        The number of training examples of the stage, N_s: the 1/N factor of every
-        score contributed by this stage.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sourcekit import Examples, OptimizerSpec, TrainingStage, train
-    >>> data = Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
-    >>> sgd = OptimizerSpec("sgd", lr=0.1)
-    >>> stages = [
-    ...     TrainingStage(sgd, epochs=2, batch_size=5, name="pretrain", examples=range(10)),
-    ...     TrainingStage(sgd, epochs=1, batch_size=5, name="finetune", examples=range(10, 20)),
-    ... ]
-    >>> trajectory = train(torch.nn.Linear(3, 2), data, stages, progress=False)
-    >>> [(s.name, s.start, s.end, s.n_examples) for s in trajectory.stages]
-    [('pretrain', 0, 4, 10), ('finetune', 4, 6, 10)]
-    >>> trajectory.stages[1].recipe["epochs"]
-    1
-    """
-
-    name: str
-    optimizer: OptimizerSpec
-    start: int
-    end: int
-    examples: np.ndarray = field(repr=False)
-    batch_size: int
-    recipe: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def n_steps(self) -> int:
-        return self.end - self.start
-
-    @property
-    def n_examples(self) -> int:
-        return int(self.examples.shape[0])
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "optimizer": self.optimizer.to_dict(),
-            "start": self.start,
-            "end": self.end,
-            "batch_size": self.batch_size,
-            "n_examples": self.n_examples,
-            "recipe": self.recipe,
-        }
+__all__ = ["AttributionTask", "Stage", "Trajectory"]
 
 
 class AttributionTask:
@@ -284,8 +209,6 @@ class Trajectory:
         loss: str | Callable = "cross_entropy",
         measurement: str | Callable = "margin",
         train_mode: bool = True,
-        _fingerprint: str | None = None,
-        _param_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.architecture = Architecture(architecture)
         check_training_set(train)
@@ -305,19 +228,8 @@ class Trajectory:
         self.checkpoint_steps = self._check_checkpoint_steps(checkpoint_steps)
         model = self.architecture.build()
         self._param_shapes = state_shapes(model)
-        if _param_shapes is not None:
-            given = {k: tuple(v) for k, v in _param_shapes.items()}
-            if given != self._param_shapes:
-                raise TrajectoryError(
-                    "The checkpoints of this trajectory do not fit the architecture "
-                    f"{self.architecture.describe()}: the manifest records parameters "
-                    f"{_shape_summary(given)} but the model has {_shape_summary(self._param_shapes)}. "
-                    "Pass the architecture the run was recorded with."
-                )
-        elif isinstance(self._store, MemoryStore):
-            initial = self._store.get(0)
-            check_fits(initial.params, initial.buffers, model, "at step 0")
-        self._fingerprint = _fingerprint
+        self._store.check_fits(model, self.architecture.describe())
+        self._fingerprint: str | None = None
 
     # --- validation ------------------------------------------------------------------
     def _check_stages(self, stages: Sequence[Stage]) -> list[Stage]:
@@ -443,13 +355,20 @@ class Trajectory:
                 "arrays as Examples(inputs, targets) (a tuple would be counted as 2 samples)."
             )
         for part in ("inputs", "targets"):
-            got = tuple(getattr(queries, part).shape[1:])
-            want = tuple(getattr(self.train, part).shape[1:])
+            mine, theirs = getattr(queries, part), getattr(self.train, part)
+            got, want = tuple(mine.shape[1:]), tuple(theirs.shape[1:])
             if got != want:
                 raise ValueError(
                     f"The query {part} have shape (n, {', '.join(map(str, got))}) per example but the "
                     f"training {part} have (n, {', '.join(map(str, want))}). Pass queries shaped "
                     "like the training examples."
+                )
+            if mine.is_floating_point() != theirs.is_floating_point():
+                kind = "floating-point" if theirs.is_floating_point() else "integer"
+                raise ValueError(
+                    f"The query {part} have dtype {mine.dtype} but the training {part} have "
+                    f"{theirs.dtype}. Pass {kind} query {part}, like the training examples "
+                    f"(for instance {part}.astype(np.{str(theirs.dtype).removeprefix('torch.')}))."
                 )
         return queries
 
@@ -484,18 +403,34 @@ class Trajectory:
                 f"No checkpoint is stored at step {step}; stored steps are {list(self.stored_steps)}."
             )
         checkpoint = self._store.get(step)
-        if isinstance(self._store, DirectoryStore):
-            given = {
-                k: tuple(v.shape) for k, v in {**checkpoint.params, **checkpoint.buffers}.items()
-            }
-            if given != self._param_shapes:
-                raise TrajectoryError(
-                    f"The checkpoint at step {step} does not fit the architecture "
-                    f"{self.architecture.describe()}: it holds {_shape_summary(given)} but the model "
-                    f"has {_shape_summary(self._param_shapes)}. The directory mixes files of "
-                    "different runs; record and save the run again."
-                )
+        given = {k: tuple(v.shape) for k, v in {**checkpoint.params, **checkpoint.buffers}.items()}
+        if given != self._param_shapes:
+            raise TrajectoryError(
+                f"The checkpoint at step {step} does not fit the architecture "
+                f"{self.architecture.describe()}: it holds {shape_summary(given)} but the model "
+                f"has {shape_summary(self._param_shapes)}. The directory mixes files of "
+                "different runs; record and save the run again."
+            )
         return checkpoint
+
+    def verify(self) -> None:
+        """Check every stored checkpoint file against the sha256 its manifest records.
+
+        Checkpoints are otherwise verified one at a time, when they are read; this reads
+        them all now (a trajectory held in memory has no files to check).
+
+        Raises
+        ------
+        TrajectoryError
+            Naming every checkpoint file that is missing or was modified.
+        """
+        problems = self._store.verify()
+        if problems:
+            raise TrajectoryError(
+                f"{len(problems)} checkpoint file(s) of the saved trajectory fail verification: "
+                f"{'; '.join(problems)}. Restore the directory from the original save, or "
+                "record and save the run again."
+            )
 
     def build_model(self, step: int | None = None) -> nn.Module:
         """A new model with the architecture, loaded with the state at ``step`` (default: final).
@@ -556,34 +491,31 @@ class Trajectory:
         }
         h.update(json.dumps(header, sort_keys=True, default=str).encode())
         h.update(self.train.fingerprint().encode())
-        h.update(hash_value(self._schedule_payload()).encode())
+        schedule = schedule_payload(self.learning_rates, self.stages, self.batches)
+        h.update(hash_value(schedule).encode())
         for step in self.stored_steps:
             h.update(f"{step}:{self._store.digest(step)}".encode())
         return h.hexdigest()
-
-    def _schedule_payload(self) -> dict[str, torch.Tensor]:
-        payload = {"learning_rates": torch.from_numpy(self.learning_rates.copy())}
-        for i, stage in enumerate(self.stages):
-            payload[f"stage_examples.{i}"] = torch.from_numpy(stage.examples.copy())
-        if self.batches is not None:
-            lengths = np.array([b.size for b in self.batches], dtype=np.int64)
-            payload["batch_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
-            payload["batch_indices"] = torch.from_numpy(np.concatenate(self.batches))
-        return payload
 
     # --- saving and loading ------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the trajectory to ``directory``: a JSON manifest and tensor files.
 
-        Every file's sha256 is recorded in the manifest. An existing non-empty directory
-        is never replaced unless ``overwrite=True``; the new content is written beside it
-        first, so a failed save leaves the old one intact.
+        Every file's sha256 is recorded in the manifest. An existing non-empty path is
+        never replaced unless ``overwrite=True``, and then only a directory that holds a
+        trajectory saved before (anything else is refused); the new content is written
+        beside it first, so a failed save leaves the old one intact. The directory gets
+        the permissions the umask gives new directories.
 
         Returns the directory path.
         """
-        from ._io import save_trajectory
-
-        return save_trajectory(self, directory, overwrite=overwrite)
+        target = Path(directory)
+        store = write_trajectory(
+            self, self._store, self._param_shapes, target, overwrite=overwrite
+        )
+        if self._store.located_at(target):  # its files were replaced: read the new ones
+            self._store = store
+        return target
 
     @classmethod
     def load(
@@ -597,14 +529,17 @@ class Trajectory:
         """Read a trajectory saved with :meth:`save`.
 
         The manifest, the training data and the schedule are read and verified now;
-        checkpoints are read (and their sha256 verified) one at a time when used.
-        ``architecture``, ``loss`` and ``measurement`` override what the manifest names.
+        checkpoints are read (and their sha256 verified) one at a time when used, from
+        the directory's absolute path (so the trajectory keeps working after a change of
+        the working directory, and pickled, in another process). ``architecture``,
+        ``loss`` and ``measurement`` override what the manifest names.
         """
-        from ._io import load_trajectory
-
-        return load_trajectory(
+        saved = read_trajectory(
             directory, architecture=architecture, loss=loss, measurement=measurement
         )
+        trajectory = cls(**saved.arguments)
+        trajectory._fingerprint = saved.fingerprint  # the manifest's, computed when saved
+        return trajectory
 
     # --- description -------------------------------------------------------------------
     def summary(self) -> str:
@@ -633,9 +568,3 @@ class Trajectory:
             f"Trajectory(n_train={self.n_train}, n_steps={self.n_steps}, stages="
             f"{[s.name for s in self.stages]}, checkpoint_steps={list(self.checkpoint_steps)})"
         )
-
-
-def _shape_summary(shapes: dict[str, tuple[int, ...]]) -> str:
-    items = sorted(shapes.items())
-    text = ", ".join(f"{k}{list(v)}" for k, v in items[:4])
-    return "{" + text + (", ..." if len(items) > 4 else "") + "}"

@@ -19,23 +19,21 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from sourcekit import Examples, OptimizerSpec, Trajectory
-from sourcekit.curvature._fit import (
+from sourcekit.curvature import (
     CURVATURES,
-    CacheBudget,
-    FitSettings,
-    LossCache,
-    fisher_seed,
+    Carried,
+    Curvature,
+    Decay,
+    DenseCurvature,
+    EigenbasisCurvature,
+    Residual,
     fit_curvature,
 )
-from sourcekit.curvature._objects import DenseCurvature, EigenbasisCurvature
+from sourcekit.curvature._passes import FitSettings, fisher_seed
 from sourcekit.exceptions import NonFiniteError
 from sourcekit.gradients._layers import LayerBlock, find_blocks
-from sourcekit.gradients._per_example import (
-    FisherNoise,
-    TrainingGradients,
-    checkpoint_batches,
-    model_at,
-)
+from sourcekit.gradients._per_example import FisherNoise, checkpoint_batches, model_at
+from sourcekit.gradients._training import CacheBudget, LossCache, TrainingGradients
 from sourcekit.trajectory import Checkpoint, Stage
 
 from .. import _cases
@@ -729,5 +727,30 @@ def test_nan_checkpoints_in_dense_curvature_name_the_step(kind: str) -> None:
         )
 
 
-def test_every_kind_is_covered() -> None:
-    assert set(CURVATURES) == {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}
+@pytest.mark.parametrize("kind", CURVATURES)
+def test_every_registered_kind_fits_a_curvature_with_the_whole_interface(kind: str) -> None:
+    # The registry's contract, which a new kind meets by its fitter alone: a Curvature of
+    # that kind over the blocks, whose every method answers per block in the blocks'
+    # shapes, and whose carried form equals apply_many (up to one rotation and back).
+    trajectory = run("mlp_sgd")
+    blocks = blocks_of(trajectory)
+    curvature = fit_curvature(
+        kind, trajectory, blocks, (1, 4), examples_of(trajectory), settings("true", 5)
+    )
+    assert isinstance(curvature, Curvature) and curvature.kind == kind
+    assert [b.name for b in curvature.blocks] == [b.name for b in blocks]
+    shapes = {b.name: (b.d_out, b.d_in) for b in blocks}
+    assert {k: tuple(v.shape) for k, v in curvature.diagonal().items()} == shapes
+    assert set(curvature.mean_eigenvalues()) == set(shapes)
+    g = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(2, *s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    fns = [Residual(0.3), Decay(0.3)]
+    many = curvature.apply_many(fns, v, 1e-2)
+    carried = curvature.apply_carried(fns, Carried(v), 1e-2)
+    for want, got in zip(many, carried, strict=True):
+        for name, w in want.items():
+            assert w.shape == v[name].shape
+            scale = float(w.abs().max())
+            torch.testing.assert_close(got.in_parameters()[name], w, rtol=0, atol=1e-13 * scale)
+    torch.testing.assert_close(curvature.apply(fns[0], v, 1e-2), many[0])
+    assert type(curvature.to(CPU)) is type(curvature)

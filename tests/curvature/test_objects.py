@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from sourcekit.curvature._fit import CURVATURES, FitSettings, fit_curvature
-from sourcekit.curvature._objects import DenseCurvature, EigenbasisCurvature, KroneckerFactors
+from sourcekit.curvature import (
+    CURVATURES,
+    DenseCurvature,
+    EigenbasisCurvature,
+    KroneckerFactors,
+    fit_curvature,
+)
+from sourcekit.curvature._passes import FitSettings
 from sourcekit.curvature._spectral import Decay, DiscreteResidual, Inverse, Residual
 from sourcekit.gradients._layers import LayerBlock, find_blocks
 

@@ -20,8 +20,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from sourcekit import Examples, Trajectory
-from sourcekit.curvature._fit import fit_curvature
-from sourcekit.curvature._objects import DenseCurvature, EigenbasisCurvature
+from sourcekit.curvature import DenseCurvature, EigenbasisCurvature, fit_curvature
 from sourcekit.objectives import IGNORE_INDEX, cross_entropy
 
 from ..gradients.test_layers import parameter_names, sequence_mlp

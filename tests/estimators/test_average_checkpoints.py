@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sourcekit import OptimizerSpec, SourceAttributor, TrainingStage, train
-from sourcekit.gradients._per_example import TrainingGradients
+from sourcekit.gradients._training import TrainingGradients
 from sourcekit.trajectory import Checkpoint
 from sourcekit.trajectory._averaged import AveragedTrajectory, averaged_states
 

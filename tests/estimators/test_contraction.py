@@ -19,8 +19,8 @@ import torch
 import sourcekit
 from sourcekit import Examples, OptimizerSpec, TrainingStage
 from sourcekit.curvature._spectral import Inverse
-from sourcekit.estimators._shared import query_gradients
-from sourcekit.gradients._per_example import TrainingGradients
+from sourcekit.estimators._gradient import QueryGradients
+from sourcekit.gradients._training import TrainingGradients
 from sourcekit.scoring._contraction import contraction_path
 
 from .. import _cases
@@ -69,7 +69,7 @@ def test_every_attributor_scores_through_embeddings_and_conv1d_on_both_paths(
     name: str, token_run: sourcekit.Trajectory, token_queries: Examples
 ) -> None:
     attributor = ATTRIBUTORS[name]().set_params(device="cpu", dtype="float64").fit(token_run)
-    assert [b.kind for b in attributor.state_["blocks"]] == ["embedding", "conv1d", "linear"]
+    assert [b.kind for b in attributor.state_.blocks] == ["embedding", "conv1d", "linear"]
     scores = {}
     for path in ("formed", "contracted"):
         with contraction_path(path):
@@ -105,10 +105,18 @@ def test_low_rank_influence_is_within_the_discarded_singular_values() -> None:
     influence = sourcekit.InfluenceAttributor(damping=1e-2, device="cpu", dtype="float64")
     influence.fit(run)
     exact = influence.transform(queries)
-    blocks = influence.state_["blocks"]
+    blocks = influence.state_.blocks
     cpu = torch.device("cpu")
-    v = query_gradients(run, blocks, queries, batch_size=64, device=cpu, dtype=torch.float64)
-    u = influence.state_["curvature"].apply(Inverse(), v, 1e-2)
+    v = QueryGradients(
+        run,
+        blocks,
+        queries,
+        batch_size=64,
+        device=cpu,
+        dtype=torch.float64,
+        pass_dtype=torch.float64,
+    ).final()
+    u = influence.state_.curvature.apply(Inverse(), v, 1e-2)
     training = TrainingGradients(run, blocks, None, batch_size=64, device=cpu, dtype=torch.float64)
     ((indices, grads),) = list(training(run.n_steps, np.arange(run.n_train)))
     assert np.array_equal(indices, np.arange(run.n_train))

@@ -8,7 +8,7 @@ import torch
 
 from sourcekit import InfluenceAttributor, SourceAttributor
 from sourcekit.curvature import fit_curvature
-from sourcekit.estimators._shared import curvature_subset, fit_settings
+from sourcekit.estimators._curvature import curvature_subset
 
 from .. import _cases
 
@@ -45,9 +45,9 @@ def test_a_limit_at_or_above_the_stage_size_changes_nothing(run, cls):
 
 def test_source_fits_each_segment_on_its_stage_subset(run):
     source = SourceAttributor(n_segments=2, curvature_examples=4, **CPU).fit(run)
-    settings = fit_settings(source)
-    blocks = source.state_["blocks"]
-    for model in source.state_["segments"]:
+    settings = source._fit_settings()
+    blocks = source.state_.blocks
+    for model in source.state_.segments:
         stage = run.stages[model.segment.stage]
         subset = curvature_subset(stage.examples, 4, settings.random_state, model.segment.stage)
         assert len(subset) == min(4, len(stage.examples))
@@ -58,15 +58,15 @@ def test_source_fits_each_segment_on_its_stage_subset(run):
             )
         # the subset's training-loss factors are kept: scoring streams only the others
         for step in model.segment.checkpoints:
-            kept = np.concatenate([b.indices for b in source.state_["cache"][step]])
+            kept = np.concatenate([b.indices for b in source.state_.cache[step]])
             np.testing.assert_array_equal(np.sort(kept), subset)
 
 
 def test_scoring_streams_only_the_examples_outside_the_kept_subset(run, monkeypatch):
-    import sourcekit.gradients._per_example as per_example
+    import sourcekit.gradients._training as training
 
     streamed: list[int] = []
-    original = per_example.checkpoint_batches
+    original = training.checkpoint_batches
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         for batch in original(*args, **kwargs):
@@ -74,11 +74,11 @@ def test_scoring_streams_only_the_examples_outside_the_kept_subset(run, monkeypa
             yield batch
 
     source = SourceAttributor(n_segments=2, curvature_examples=4, **CPU).fit(run)
-    monkeypatch.setattr(per_example, "checkpoint_batches", counting)
+    monkeypatch.setattr(training, "checkpoint_batches", counting)
     source.transform(_queries())
     expected = sum(
         len(run.stages[m.segment.stage].examples) - 4
-        for m in source.state_["segments"]
+        for m in source.state_.segments
         for _ in m.segment.checkpoints
     )
     assert len(streamed) == expected

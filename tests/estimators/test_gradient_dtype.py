@@ -113,12 +113,12 @@ def test_none_is_the_working_precision():
 
 def test_the_factor_cache_is_kept_in_the_low_precision(digits_early):
     source = SourceAttributor(gradient_dtype="bfloat16", **CPU).fit(digits_early)
-    cached = [b for batches in source.state_["cache"].values() for b in batches]
+    cached = [b for batches in source.state_.cache.values() for b in batches]
     assert cached and all(
         t.dtype == torch.bfloat16 for b in cached for t in [*b.a.values(), *b.loss.values()]
     )
     # ... while the curvature stays float64
-    for model in source.state_["segments"]:
+    for model in source.state_.segments:
         for factors in model.curvature.factors.values():
             assert factors.eigenvalues.dtype == torch.float64
 
@@ -129,8 +129,8 @@ def test_the_dense_curvatures_ignore_it():
     exact = SourceAttributor(curvature="exact", dtype="float64", **CPU).fit(trajectory)
     low = SourceAttributor(curvature="exact", dtype="float64", gradient_dtype="bfloat16", **CPU)
     low.fit(trajectory)
-    a = exact.state_["segments"][0].curvature.matrix
-    b = low.state_["segments"][0].curvature.matrix
+    a = exact.state_.segments[0].curvature.matrix
+    b = low.state_.segments[0].curvature.matrix
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert _pearson(low.transform(queries), exact.transform(queries)) > PEARSON_BF16
 

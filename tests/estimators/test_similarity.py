@@ -43,7 +43,7 @@ def test_convolution_inputs_are_flattened_per_example():
     queries = conv.train[:3]
     default = RepresentationSimilarityAttributor(**CPU).fit(conv)
     assert default.layer_ == "3"  # the last nn.Linear, whose input is the 18 flattened channels
-    assert default.state_["features"].shape == (10, 18)
+    assert default.state_.features.shape == (10, 18)
     images = RepresentationSimilarityAttributor(
         layer="0", similarity="dot", dtype="float64", **CPU
     )
@@ -70,10 +70,10 @@ def test_the_users_model_is_never_used_or_modified():
 def test_gradient_similarity_caches_the_final_gradients(run):
     queries = _cases.queries("mlp_momentum")
     cached = GradientSimilarityAttributor("cosine", dtype="float64", **CPU).fit(run)
-    assert list(cached.state_["cache"]) == [run.n_steps]
+    assert list(cached.state_.cache) == [run.n_steps]
     streamed = GradientSimilarityAttributor("cosine", dtype="float64", memory_limit=1, **CPU)
     streamed.fit(run)
-    assert streamed.state_["cache"] == {}
+    assert streamed.state_.cache == {}
     # the same float64 gradients in other groupings: cosines of 38-term sums, O(1)
     np.testing.assert_allclose(
         streamed.transform(queries), cached.transform(queries), rtol=0, atol=64 * 38 * EPS64

@@ -10,6 +10,7 @@ from torch import nn
 import sourcekit
 from sourcekit import Examples, InfluenceAttributor, OptimizerSpec, SourceAttributor, TrainingStage
 from sourcekit.base import state_cache_info
+from sourcekit.curvature import Carried, EigenbasisCurvature, Residual
 from sourcekit.exceptions import NonFiniteError, TrajectoryError, UnsupportedModuleError
 
 from .. import _cases
@@ -107,7 +108,7 @@ def test_segments_never_cross_stages():
 def test_momentum_scales_the_learning_rate_sum(run):
     attributor = SourceAttributor(n_segments=3, **CPU).fit(run)
     beta = run.stages[0].optimizer.momentum
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         recorded = run.learning_rates[model.segment.start : model.segment.end].sum()
         assert model.lr_sum == pytest.approx(recorded / (1 - beta), rel=1e-12)
         assert model.weight_decay == run.stages[0].optimizer.weight_decay
@@ -117,7 +118,7 @@ def test_adam_preconditioner_comes_from_the_recorded_second_moments():
     adam = _cases.trajectory("mlp_adam")
     attributor = SourceAttributor(n_segments=3, **CPU).fit(adam)
     beta2, eps = adam.stages[0].optimizer.betas[1], adam.stages[0].optimizer.eps
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         (step,) = model.segment.checkpoints
         state = adam.checkpoint(step).optimizer
         v = state["exp_avg_sq"]["0.weight"].double() / (1 - beta2 ** state["step"])
@@ -130,7 +131,7 @@ def test_adam_preconditioner_comes_from_the_recorded_second_moments():
 def test_adamw_separates_decoupled_decay():
     adamw = _cases.trajectory("mlp_adamw")
     attributor = SourceAttributor(n_segments=3, **CPU).fit(adamw)
-    for model in attributor.state_["segments"]:
+    for model in attributor.state_.segments:
         assert model.weight_decay == 0.0
         assert model.decoupled_decay == adamw.stages[0].optimizer.weight_decay
 
@@ -204,7 +205,7 @@ def test_true_fisher_needs_a_sampler(run):
 
 def test_influence_default_damping_is_a_tenth_of_the_mean_eigenvalue(run):
     attributor = InfluenceAttributor(damping=None, **CPU).fit(run)
-    means = attributor.state_["curvature"].mean_eigenvalues()
+    means = attributor.state_.curvature.mean_eigenvalues()
     wd = run.stages[-1].optimizer.weight_decay
     assert attributor.damping_ == pytest.approx({k: 0.1 * (v + wd) for k, v in means.items()})
     assert InfluenceAttributor(damping=0.3, **CPU).fit(run).damping_ == 0.3
@@ -251,31 +252,49 @@ def test_the_query_chain_changes_basis_between_segments_without_changing_scores(
     # forward again: in float64 the scores agree to rounding (eps64 times a few rotations
     # of the chain's scale). mlp_two_stage ends in an Adam stage, whose segments carry v
     # in parameter coordinates: there only the SGD segments change basis directly.
-    import sourcekit.scoring._source as kernel
-
     trajectory, queries = _cases.trajectory(case), _cases.queries(case)
     params = {"n_segments": 3, "curvature": curvature, "fisher": "expected", "dtype": "float64"}
+    changes: list[str] = []
+    change_basis = EigenbasisCurvature.change_basis
+
+    def counted(self, rotated, target):  # type: ignore[no-untyped-def]
+        changes.append(self.kind)
+        return change_basis(self, rotated, target)
+
+    monkeypatch.setattr(EigenbasisCurvature, "change_basis", counted)
     chained = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
-    calls: list[bool] = []
-    original = kernel._chain_target
+    assert changes  # the chained run did change basis somewhere
 
-    def spy(model, previous):  # type: ignore[no-untyped-def]
-        calls.append(original(model, previous) is not None)
-        return None  # parameter coordinates between every pair of segments
+    def via_parameters(self, target, dtype=None):  # type: ignore[no-untyped-def]
+        return target.rotate(self.in_parameters(), dtype)
 
-    monkeypatch.setattr(kernel, "_chain_target", spy)
+    monkeypatch.setattr(Carried, "in_basis", via_parameters)
+    changes.clear()
     plain = SourceAttributor(**params, device="cpu").fit(trajectory).transform(queries)
-    assert any(calls)  # the chained run did change basis somewhere
+    assert not changes  # back to parameter coordinates between every pair of segments
     scale = np.abs(plain).max()
     np.testing.assert_allclose(chained, plain, rtol=0, atol=1e-12 * scale)
 
 
-def test_a_dense_curvature_refuses_the_eigenbasis_chain():
+def test_a_curvature_without_an_eigenbasis_takes_part_in_parameter_coordinates():
+    # A dense curvature has no eigenbasis independent of the shift: handed vectors written
+    # in another curvature's eigenbasis, it brings them to parameter coordinates and
+    # returns its results there (equal to apply on the same vectors, up to the rounding of
+    # one rotation there and back, ~eps64 √P of the vectors' scale).
     trajectory = _cases.trajectory("mlp_momentum")
-    source = SourceAttributor(n_segments=2, curvature="exact", device="cpu").fit(trajectory)
-    first, last = (m.curvature for m in source.state_["segments"])
-    v = {b.name: torch.zeros(1, b.d_out, b.d_in + (b.bias is not None)) for b in first.blocks}
-    with pytest.raises(ValueError, match="parameter coordinates"):
-        last.apply_many([lambda s: s], v, rotated=True)
-    with pytest.raises(ValueError, match="parameter coordinates"):
-        last.apply_many([lambda s: s], v, targets=[first])
+    options = {"n_segments": 2, "device": "cpu", "dtype": "float64"}
+    exact = SourceAttributor(curvature="exact", **options).fit(trajectory)
+    ekfac = SourceAttributor(curvature="ekfac", **options).fit(trajectory)
+    dense = exact.state_.segments[0].curvature
+    basis = ekfac.state_.segments[0].curvature
+    g = torch.Generator().manual_seed(0)
+    v = {
+        b.name: torch.randn(2, b.d_out, b.d_in, generator=g, dtype=torch.float64)
+        for b in basis.blocks
+    }
+    residual = Residual(0.5)
+    (out,) = dense.apply_carried([residual], Carried(basis.rotate(v), basis), 1e-3)
+    assert out.basis is None  # parameter coordinates
+    want = dense.apply(residual, v, 1e-3)
+    for name, w in want.items():
+        torch.testing.assert_close(out.values[name], w, rtol=0, atol=1e-13 * float(w.abs().max()))

@@ -38,9 +38,9 @@ def test_the_terms_are_the_checkpoints_with_their_corrected_learning_rates(run):
 def test_fit_keeps_the_training_gradients_and_scoring_reuses_them(run):
     queries = _cases.queries("mlp_momentum")
     cached = TracInAttributor(dtype="float64", **CPU).fit(run)
-    assert sorted(cached.state_["cache"]) == [1, 4, 7]
+    assert sorted(cached.state_.cache) == [1, 4, 7]
     streamed = TracInAttributor(dtype="float64", memory_limit=1, **CPU).fit(run)
-    assert streamed.state_["cache"] == {}
+    assert streamed.state_.cache == {}
     expected = cached.transform(queries)
     # the same float64 gradients, contracted in other groupings (one query per block here)
     atol = 64 * 38 * EPS64 * np.abs(expected).max()

@@ -53,7 +53,7 @@ def test_damping_is_read_at_transform_without_refitting(run, queries):
 
 def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(run):
     attributor = TRAKAttributor(projection_dim=16, checkpoints="all", **CPU).fit(run)
-    checkpoints = attributor.state_["checkpoints"]
+    checkpoints = attributor.state_.checkpoints
     assert [c.step for c in checkpoints] == [1, 4, 7, 9]
     assert attributor.damping_ == {
         c.step: pytest.approx(0.1 * float(c.eigenvalues.mean())) for c in checkpoints

@@ -9,6 +9,7 @@ with the Gauss-Newton curvature and for any smooth loss with the Hessian.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import warnings
@@ -30,11 +31,13 @@ from sourcekit import (
     TrajectoryRecorder,
     UnrolledAttributor,
 )
+from sourcekit._device import resolve_device
+from sourcekit.curvature import Carried
+from sourcekit.estimators._gradient import QueryGradients
 from sourcekit.exceptions import PerformanceWarning
 from sourcekit.gradients._layers import find_blocks
-from sourcekit.gradients._per_example import TrainingGradients
+from sourcekit.gradients._training import TrainingGradients
 from sourcekit.scoring._source import precondition
-from sourcekit.trajectory._replay import resolve_device
 
 from .. import _cases
 from ..gradients.test_layers import TokenModel, token_data
@@ -321,9 +324,9 @@ def test_scores_do_not_depend_on_query_blocks(momentum_run):
 def test_cached_and_streamed_training_gradients_agree(momentum_run):
     queries = _cases.queries("mlp_momentum")
     attributor = source(curvature="ekfac", damping=1e-3).fit(momentum_run)
-    assert attributor.state_["cache"], "the training factors should have been cached"
+    assert attributor.state_.cache, "the training factors should have been cached"
     cached = attributor.transform(queries)
-    attributor.state_ = {**attributor.state_, "cache": {}}
+    attributor.state_ = dataclasses.replace(attributor.state_, cache={})
     streamed = attributor.transform(queries)
     np.testing.assert_allclose(streamed, cached, rtol=1e-12, atol=1e-15)
 
@@ -338,21 +341,23 @@ def test_pickled_attributor_gives_the_same_scores(momentum_run):
 def _abs_product_bound(attributor: SourceAttributor, queries: Examples) -> np.ndarray:
     """Σ over segments and checkpoints of weight × Σ_i |u_i||g_i|, in float64."""
     trajectory = attributor.trajectory_
-    blocks = attributor.state_["blocks"]
+    blocks = attributor.state_.blocks
     device = resolve_device("cpu")
-    from sourcekit.estimators._shared import query_gradients
-
-    v = {
-        k: g.double()
-        for k, g in query_gradients(
-            trajectory, blocks, queries, batch_size=64, device=device, dtype=torch.float64
-        ).items()
-    }
+    final = QueryGradients(
+        trajectory,
+        blocks,
+        queries,
+        batch_size=64,
+        device=device,
+        dtype=torch.float64,
+        pass_dtype=torch.float64,
+    ).final()
+    v = Carried({k: g.double() for k, g in final.items()})
     training = TrainingGradients(
         trajectory, blocks, None, batch_size=64, device=device, dtype=torch.float64
     )
     bound = torch.zeros(len(queries), trajectory.n_train, dtype=torch.float64)
-    for model in reversed(attributor.state_["segments"]):
+    for model in reversed(attributor.state_.segments):
         u, v = precondition(model, v, 0.0, "exp")
         flat_u = torch.cat([u[k].reshape(len(queries), -1) for k in u], dim=1).abs()
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))
@@ -394,11 +399,13 @@ def test_the_chain_in_float32_rounds_like_its_rotations(case):
     attributor = SourceAttributor(n_segments=2, damping=1e-3, device="cpu", dtype="float64")
     attributor.fit(run)
     g = torch.Generator().manual_seed(0)
-    blocks = attributor.state_["blocks"]
+    blocks = attributor.state_.blocks
     v = {b.name: torch.randn(4, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks}
-    for model in attributor.state_["segments"]:
-        exact, carried = precondition(model, v, 1e-3, "exp")
-        fast, carried32 = precondition(model, v, 1e-3, "exp", dtype=torch.float32)
+    for model in attributor.state_.segments:
+        exact, ahead = precondition(model, Carried(v), 1e-3, "exp")
+        fast, ahead32 = precondition(model, Carried(v), 1e-3, "exp", dtype=torch.float32)
+        # v carried ahead, in parameter coordinates (the rotation back in its own precision)
+        carried, carried32 = ahead.in_parameters(), ahead32.in_parameters()
         assert fast[blocks[0].name].dtype == carried32[blocks[0].name].dtype == torch.float32
         # max F: the residual (1 − e^{−sσ})/σ ≤ s and the decay ≤ 1. Under Adam the
         # inverse runs in float64 whatever the dtype, so only the final rounding is left.
@@ -414,11 +421,10 @@ def test_the_chain_in_float32_rounds_like_its_rotations(case):
                 error = torch.linalg.norm((ours[b.name].double() - reference[b.name]), dim=(1, 2))
                 assert torch.all(error <= bound), (b.name, error, bound)
     # the first segment carries nothing further back
-    u, nothing = precondition(attributor.state_["segments"][0], v, 1e-3, "exp", carry=False)
+    first = attributor.state_.segments[0]
+    u, nothing = precondition(first, Carried(v), 1e-3, "exp", carry=False)
     assert nothing is None
-    torch.testing.assert_close(
-        u, precondition(attributor.state_["segments"][0], v, 1e-3, "exp")[0]
-    )
+    torch.testing.assert_close(u, precondition(first, Carried(v), 1e-3, "exp")[0])
 
 
 # --- gradients come from each segment's own checkpoints ----------------------------------------------

@@ -77,8 +77,8 @@ def test_the_estimator_is_the_dense_projected_formula_averaged_over_checkpoints(
         projection_dim=76, damping=lam, checkpoints=checkpoints, device="cpu", dtype="float64"
     ).fit(run)
     steps = [run.n_steps] if checkpoints == "final" else [1, 4, 7, run.n_steps]
-    assert [c.step for c in trak.state_["checkpoints"]] == steps
-    r = trak.state_["projection"].matrix()  # (38, 76), in find_blocks' parameter order
+    assert [c.step for c in trak.state_.checkpoints] == steps
+    r = trak.state_.projection.matrix()  # (38, 76), in find_blocks' parameter order
     assert r.shape == (38, 76)
     expected = torch.zeros(len(queries), run.n_train, dtype=torch.float64)
     bound = np.zeros(expected.shape)
@@ -98,9 +98,9 @@ def test_zero_damping_is_the_pseudo_inverse(run):
     # k = 40 > N = 12: ΦᵀΦ/N is singular, and λ = 0 means its pseudo-inverse.
     queries = _cases.queries("mlp_sgd")
     trak = TRAKAttributor(projection_dim=40, damping=0.0, device="cpu", dtype="float64").fit(run)
-    (checkpoint,) = trak.state_["checkpoints"]
+    (checkpoint,) = trak.state_.checkpoints
     phi = checkpoint.features
-    r = trak.state_["projection"].matrix()
+    r = trak.state_.projection.matrix()
     phi_q = reference_gradients(run, run.n_steps, queries, "measurement") @ r
     gram = phi.T @ phi / run.n_train
     solved = torch.linalg.pinv(gram, hermitian=True) @ phi.T

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -230,13 +232,44 @@ def test_save_refuses_an_existing_file(tmp_path: Path) -> None:
     assert target.read_text() == "mine"
 
 
-def test_overwrite_replaces_a_file(tmp_path: Path) -> None:
+def test_overwrite_never_replaces_a_file(tmp_path: Path) -> None:
     target = tmp_path / "run"
     target.write_text("mine")
-    trajectory = _cases.record("linear_gd")
-    trajectory.save(target, overwrite=True)
-    assert Trajectory.load(target).fingerprint == trajectory.fingerprint
+    with pytest.raises(FileExistsError, match=r"is a file\. .*replaces only a directory written"):
+        _cases.record("linear_gd").save(target, overwrite=True)
+    assert target.read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no staging directory left behind
+
+
+@pytest.mark.parametrize("content", ["unrelated", "other manifest", "corrupt manifest"])
+def test_overwrite_never_replaces_a_directory_of_other_files(tmp_path: Path, content: str) -> None:
+    target = tmp_path / "run"
+    target.mkdir()
+    if content == "unrelated":
+        (target / "notes.txt").write_text("mine")
+    elif content == "other manifest":
+        (target / "manifest.json").write_text(json.dumps({"format": "something.else"}))
+    else:
+        (target / "manifest.json").write_text("{not json")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(FileExistsError, match="a directory without a trajectory manifest"):
+        _cases.record("linear_gd").save(target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_the_saved_directory_follows_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = _cases.record("linear_gd").save(tmp_path / "run")
+        replaced = _cases.record("linear_sgd").save(tmp_path / "run", overwrite=True)
+    finally:
+        os.umask(previous)
+    # 0o777 less the umask, as for any directory the user makes (not mkdtemp's 0o700)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "checkpoints").stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "manifest.json").stat().st_mode) == 0o644
 
 
 def test_save_refuses_a_previous_save(tmp_path: Path) -> None:
@@ -509,6 +542,49 @@ def test_unimportable_architecture(tmp_path: Path) -> None:
         match=r"'tests\._cases:no_such_factory' cannot be imported.*pass architecture=\.\.\. to Trajectory\.load",
     ):
         Trajectory.load(path)
+
+
+def test_a_trajectory_loaded_from_a_relative_path_survives_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _saved(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    trajectory = Trajectory.load("run")
+    pickled = pickle.dumps(trajectory)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # "run" names nothing here
+    assert trajectory.checkpoint(3).step == 3
+    assert pickle.loads(pickled).build_model(3) is not None  # as in another process
+
+
+def test_a_moved_directory_is_reported_as_moved(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    trajectory = Trajectory.load(path)
+    shutil.move(path, tmp_path / "moved")
+    with pytest.raises(
+        TrajectoryError, match=r"'.*run' no longer exists: it was moved or deleted.*Load it again"
+    ):
+        trajectory.checkpoint(3)
+    with pytest.raises(TrajectoryError, match="moved or deleted"):
+        trajectory.verify()
+
+
+def test_verify_names_every_missing_or_modified_checkpoint(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    trajectory = Trajectory.load(path)
+    trajectory.verify()  # intact
+    _cases.trajectory("linear_gd").verify()  # in memory: nothing to check
+    manifest = _manifest(path)
+    (path / _checkpoint_entry(manifest, 3)["file"]).unlink()
+    with open(path / _checkpoint_entry(manifest, 5)["file"], "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(
+        TrajectoryError,
+        match=r"2 checkpoint file\(s\) .* fail verification: step 3: .*step_00000003\.pt is missing; "
+        r"step 5: .*step_00000005\.pt was modified",
+    ):
+        trajectory.verify()
 
 
 def test_loading_never_modifies_the_files(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def test_the_device_argument_runs_there_and_stores_on_the_cpu() -> None:
     assert _same_checkpoints(on_cpu, _two_epochs())  # the CPU is the default
     assert on_cpu.fingerprint == _two_epochs().fingerprint
     assert all(t.device.type == "cpu" for t in on_cpu.checkpoint(0).params.values())
-    with pytest.raises(ValueError, match=r"'device' argument of train\(\) must be .*got 'gpu'"):
+    with pytest.raises(ValueError, match=r"'device' parameter must be .*got 'gpu'"):
         _two_epochs(device="gpu")
 
 

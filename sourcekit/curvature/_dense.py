@@ -1,0 +1,248 @@
+"""The dense curvatures of tiny models: the Gauss-Newton matrix ("exact") and the Hessian.
+
+"exact" is the Gauss-Newton matrix mean_c E[Jᵀ ∇²_z L J] over the checkpoints c, formed
+from one backward pass per output of the loss's output-Hessian square root (the expected
+Fisher, computed exactly, so the ``fisher`` setting does not apply); "hessian" is the
+dense Hessian of the mean training loss with respect to the blocks' parameters. Both
+are one matrix over all blocks jointly, eigendecomposed in float64: meant for tests and
+teaching (at most 20,000 parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import functional_call, hessian
+
+from ..exceptions import NonFiniteError
+from ..gradients._layers import LayerBlock, block_gradients
+from ..gradients._per_example import checkpoint_batches, model_at
+from ._objects import Curvature, Shift, SpectralFunction, shift_of
+from ._passes import CurvaturePasses, sum_over_ranks
+
+__all__ = ["DenseCurvature", "fit_gauss_newton", "fit_hessian"]
+
+# The largest number of attributed parameters a dense curvature is formed for.
+MAX_PARAMETERS = 20_000
+
+
+class DenseCurvature(Curvature):
+    """The exact (dense) curvature matrix over all blocks, eigendecomposed in float64.
+
+    Parameters are ordered block by block, each block's (d_out, d_in) matrix row-major.
+    What :func:`~sourcekit.curvature.fit_curvature` returns for ``"exact"`` (the
+    Gauss-Newton matrix) and ``"hessian"``; meant for tiny models, tests and teaching.
+
+    Parameters
+    ----------
+    kind : str
+        "exact" or "hessian" (for reporting).
+    blocks : sequence of LayerBlock
+        The layer blocks, in the order of the matrix's parameters.
+    matrix : tensor of shape (P, P)
+        The curvature over all P attributed parameters (symmetrised on construction).
+
+    Attributes
+    ----------
+    eigenvalues : tensor of shape (P,)
+    eigenvectors : tensor of shape (P, P)
+
+    Examples
+    --------
+    >>> import torch
+    >>> import sourcekit
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
+    >>> influence = sourcekit.InfluenceAttributor(curvature="exact").fit(trajectory)
+    >>> curvature = influence.state_.curvature
+    >>> curvature, tuple(curvature.matrix.shape)
+    (DenseCurvature(kind='exact', n_params=26), (26, 26))
+    >>> bool(curvature.eigenvalues.min() > -1e-12)  # a Gauss-Newton matrix is PSD
+    True
+    """
+
+    def __init__(self, kind: str, blocks: Sequence[LayerBlock], matrix: torch.Tensor) -> None:
+        self.kind = kind
+        self.blocks = list(blocks)
+        self.matrix = 0.5 * (matrix + matrix.T)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.matrix)
+        self._slices = {}
+        start = 0
+        for b in self.blocks:
+            self._slices[b.name] = slice(start, start + b.n_params)
+            start += b.n_params
+
+    def to(self, device: torch.device) -> DenseCurvature:
+        return DenseCurvature(self.kind, self.blocks, self.matrix.to(device))
+
+    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat(
+            [grads[b.name].reshape(grads[b.name].shape[0], -1) for b in self.blocks], dim=1
+        )
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            b.name: flat[:, self._slices[b.name]].reshape(-1, b.d_out, b.d_in) for b in self.blocks
+        }
+
+    def apply_many(
+        self,
+        fns: Sequence[SpectralFunction],
+        grads: dict[str, torch.Tensor],
+        shift: Shift = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """``[apply(fn, grads, shift) for fn in fns]``, rotating ``grads`` only once.
+
+        Always in float64 (``dtype`` is accepted for the common interface): the dense
+        forms are for tiny models, where precision matters more than speed. A per-block
+        shift changes the eigenvectors, so it has no fixed eigenbasis to keep carried
+        vectors in: a chain passes through it in parameter coordinates
+        (:meth:`Curvature.apply_carried`).
+        """
+        v = self.flatten(grads).to(self.matrix.dtype)
+        if isinstance(shift, dict) and len({float(x) for x in shift.values()}) > 1:
+            diag = torch.cat(
+                [
+                    torch.full(
+                        (b.n_params,),
+                        float(shift[b.name]),
+                        dtype=self.matrix.dtype,
+                        device=self.matrix.device,
+                    )
+                    for b in self.blocks
+                ]
+            )
+            lam, q = torch.linalg.eigh(self.matrix + torch.diag(diag))
+        else:
+            lam = self.eigenvalues + shift_of(shift, self.blocks[0].name)
+            q = self.eigenvectors
+        rotated = v @ q
+        return [self.unflatten((rotated * fn(lam)) @ q.T) for fn in fns]
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """The diagonal of the matrix, per block (d_out, d_in)."""
+        d = torch.diagonal(self.matrix)
+        return {b.name: d[self._slices[b.name]].reshape(b.d_out, b.d_in) for b in self.blocks}
+
+    def mean_eigenvalues(self) -> dict[str, float]:
+        """The mean of each block's diagonal (its trace / dimension)."""
+        d = torch.diagonal(self.matrix)
+
+        return {b.name: float(d[self._slices[b.name]].mean()) for b in self.blocks}
+
+    def __repr__(self) -> str:
+        return f"DenseCurvature(kind={self.kind!r}, n_params={self.matrix.shape[0]})"
+
+
+def _block_params(model: torch.nn.Module, blocks: Sequence[LayerBlock]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name] for b in blocks for name in (b.weight, b.bias) if name is not None}
+
+
+def _flat_block_vector(
+    blocks: Sequence[LayerBlock], tensors: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    return torch.cat([b.matrix(tensors).reshape(-1) for b in blocks])
+
+
+def _unflat_block_vector(
+    blocks: Sequence[LayerBlock], flat: torch.Tensor, shapes: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    out = {}
+    start = 0
+    for b in blocks:
+        out.update(b.split(flat[start : start + b.n_params].reshape(b.d_out, b.d_in), shapes))
+        start += b.n_params
+    return out
+
+
+def _gauss_newton_sum(passes: CurvaturePasses, model: torch.nn.Module, step: int) -> torch.Tensor:
+    """Σ_m J_mᵀ ∇²_z L J_m over the examples: the expected Fisher, one backward per output."""
+    blocks, device = passes.blocks, passes.settings.device
+    n_params = sum(b.n_params for b in blocks)
+    total = torch.zeros(n_params, n_params, dtype=torch.float64, device=device)
+    for batch in checkpoint_batches(
+        model,
+        blocks,
+        passes.trajectory.train,
+        passes.indices,
+        passes.trajectory.loss,
+        fisher="expected",
+        want_loss=False,
+        noise=None,
+        batch_size=passes.settings.batch_size,
+        device=device,
+        dtype=torch.float64,
+        step=step,
+    ):
+        for variant in batch.fisher:
+            grads = block_gradients(batch.a, variant, blocks)
+            j = torch.cat([grads[b.name].reshape(len(batch.indices), -1) for b in blocks], dim=1)
+            total += j.T @ j
+    return total
+
+
+def _hessian_sum(passes: CurvaturePasses, model: torch.nn.Module, step: int) -> torch.Tensor:
+    """Σ_m ∇²_θ L(z_m, θ) restricted to the blocks' parameters."""
+    blocks, trajectory, indices = passes.blocks, passes.trajectory, passes.indices
+    batch_size, device = passes.settings.batch_size, passes.settings.device
+    params = _block_params(model, blocks)
+    shapes = {k: v.shape for k, v in params.items()}
+    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+    fixed.update(dict(model.named_buffers()))
+    flat0 = _flat_block_vector(blocks, {k: v.detach() for k, v in params.items()})
+    data = trajectory.train.to(device, torch.float64)
+
+    def batch_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tensors = {**fixed, **_unflat_block_vector(blocks, flat, shapes)}
+        return trajectory.loss(functional_call(model, tensors, (x,)), y).sum()
+
+    total = torch.zeros(flat0.numel(), flat0.numel(), dtype=torch.float64, device=device)
+    for start in range(0, len(indices), batch_size):
+        idx = torch.from_numpy(indices[start : start + batch_size]).to(device)
+        total += hessian(batch_loss)(flat0, data.inputs[idx], data.targets[idx])
+    return total
+
+
+def _fit_dense(
+    kind: str,
+    passes: CurvaturePasses,
+    part: Callable[[CurvaturePasses, torch.nn.Module, int], torch.Tensor],
+) -> DenseCurvature:
+    """mean_c of ``part(passes, model at c, c)`` / N over the checkpoints, as a
+    DenseCurvature."""
+    blocks = passes.blocks
+    n_params = sum(b.n_params for b in blocks)
+    if n_params > MAX_PARAMETERS:
+        raise ValueError(
+            f"curvature={kind!r} builds a dense {n_params} x {n_params} matrix; it is meant for tiny "
+            "models (tests and teaching). Use curvature='ekfac' for this model."
+        )
+    dev = passes.settings.device
+    total = torch.zeros(n_params, n_params, dtype=torch.float64, device=dev)
+    (n_examples,) = sum_over_ranks([], [len(passes.indices)])
+    for step in passes.steps:
+        model = model_at(passes.trajectory, step, blocks, device=dev, dtype=torch.float64)
+        summed = part(passes, model, step)
+        sum_over_ranks([summed], [])
+        if not torch.isfinite(summed).all():
+            raise NonFiniteError(
+                f"NaN or infinity in the dense {kind} curvature at checkpoint step {step}. The run "
+                "may have diverged there; choose other checkpoints or check the recorded data."
+            )
+        total += summed / (n_examples * len(passes.steps))
+    return DenseCurvature(kind, blocks, total)
+
+
+def fit_gauss_newton(passes: CurvaturePasses) -> DenseCurvature:
+    """The dense Gauss-Newton matrix ("exact"), the expected Fisher computed exactly."""
+    return _fit_dense("exact", passes, _gauss_newton_sum)
+
+
+def fit_hessian(passes: CurvaturePasses) -> DenseCurvature:
+    """The dense Hessian of the mean training loss ("hessian")."""
+    return _fit_dense("hessian", passes, _hessian_sum)

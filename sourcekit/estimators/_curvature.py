@@ -1,0 +1,116 @@
+"""``CurvatureAttributor``: the gradient attributors that fit a curvature (SOURCE, influence).
+
+Their shared parameters (``curvature``, a kind of the registry
+``sourcekit.curvature.CURVATURES``; ``fisher``; ``curvature_examples``;
+``random_state``), the settings of the curvature passes, and the fit of one curvature
+per job (a segment's checkpoints and stage, or the final step) with one byte budget
+and one cache of training-loss factors for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._distributed import local_examples
+from .._validation import Interval, Options
+from ..base import POSITIVE_INT
+from ..curvature import CURVATURES, Curvature, fit_curvature
+from ..curvature._passes import FitSettings
+from ..gradients._layers import LayerBlock
+from ..gradients._per_example import FISHER, BatchFactors
+from ..gradients._training import CacheBudget, LossCache
+from ..trajectory import Trajectory
+from ._gradient import GradientAttributor, resolve_seed
+
+__all__ = ["CurvatureAttributor", "CurvatureJob", "curvature_subset"]
+
+# (checkpoints to average over, the examples to estimate from, the key of their subset)
+CurvatureJob = tuple[Sequence[int], np.ndarray, int]
+
+
+def curvature_subset(
+    examples: np.ndarray, limit: int | None, seed: int | None, stage: int
+) -> np.ndarray:
+    """At most ``limit`` of ``examples`` (sorted), drawn without replacement, to estimate a
+    curvature from; all of them when ``limit`` is None or not smaller.
+
+    The draw depends only on (seed, stage), so every checkpoint of a stage, and every rank
+    under ``torch.distributed``, uses the same subset.
+    """
+    examples = np.asarray(examples, dtype=np.int64)
+    if limit is None or limit >= len(examples):
+        return examples
+    rng = np.random.default_rng(np.random.SeedSequence([seed or 0, 7919, stage]))
+    return np.sort(rng.choice(examples, size=limit, replace=False))
+
+
+class CurvatureAttributor(GradientAttributor):
+    """The base of the gradient attributors that fit a curvature (see the module notes)."""
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "curvature": [Options(*CURVATURES)],
+        "fisher": [Options(*FISHER)],
+        "curvature_examples": [None, POSITIVE_INT],
+        "random_state": [None, Interval(int, 0, None)],
+        **GradientAttributor._parameter_constraints,
+    }
+
+    curvature: str
+    fisher: str
+    curvature_examples: int | None
+    random_state: int | None
+
+    def _fresh_each_fit(self) -> bool:
+        # scikit-learn's random_state=None: fresh Fisher targets at every fit, no cache
+        return self.random_state is None
+
+    def _fit_settings(self) -> FitSettings:
+        """The settings of the curvature passes (a fresh seed when ``random_state`` is None)."""
+        return FitSettings(
+            self.fisher,
+            resolve_seed(self.random_state),
+            self.batch_size,
+            self._device(),
+            self._torch_dtype(),
+            self._pass_dtype(),
+        )
+
+    def _fit_curvatures(
+        self,
+        trajectory: Trajectory,
+        passes: Trajectory,
+        blocks: Sequence[LayerBlock],
+        jobs: Iterable[CurvatureJob],
+    ) -> tuple[list[Curvature], dict[int, list[BatchFactors]]]:
+        """One curvature per job, and the training-loss factors kept on the way.
+
+        Each job estimates from at most ``curvature_examples`` of its examples (this
+        rank's shard of them); the passes build their models through ``passes`` (the
+        run, or SOURCE's averaged-checkpoint view of it). The factors of every job's
+        examples (a subset's too: scoring then streams only the others) are kept for
+        scoring while half of ``memory_limit_`` allows.
+        """
+        settings = self._fit_settings()
+        budget = CacheBudget(self.memory_limit_ // 2)
+        cache = LossCache()
+        curvatures = []
+        for steps, examples, key in jobs:
+            subset = curvature_subset(
+                examples, self.curvature_examples, settings.random_state, key
+            )
+            curvatures.append(
+                fit_curvature(
+                    self.curvature,
+                    passes,
+                    blocks,
+                    steps,
+                    local_examples(trajectory, subset),
+                    settings,
+                    budget=budget,
+                    loss_cache=cache,
+                )
+            )
+        return curvatures, cache.batches
