@@ -104,7 +104,7 @@ def fitted_diagonal(trajectory: sourcekit.Trajectory) -> dict[str, torch.Tensor]
     estimator = sourcekit.InfluenceAttributor(
         curvature="diagonal", fisher="true", dtype="float64"
     ).fit(trajectory)
-    curvature = estimator.state_["curvature"]
+    curvature = estimator.state_.curvature
     return {b.name: curvature.factors[b.name].eigenvalues for b in curvature.blocks}
 
 
