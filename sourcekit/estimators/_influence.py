@@ -15,6 +15,7 @@ from ..gradients._layers import find_blocks
 from ..gradients._per_example import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Examples, Trajectory
+from ..trajectory._settings import weight_decays
 from ._shared import (
     CURVATURE_CONSTRAINTS,
     curvature_subset,
@@ -162,7 +163,9 @@ class InfluenceAttributor(BaseAttributor):
         self.progress = progress
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        blocks = find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
         settings = fit_settings(self)
         cache = LossCache()
         everything = np.arange(trajectory.n_train, dtype=np.int64)
@@ -181,9 +184,19 @@ class InfluenceAttributor(BaseAttributor):
         )
         return {"blocks": blocks, "curvature": curvature, "cache": cache.batches}
 
-    def _weight_decay(self) -> float:
-        opt = self.trajectory_.stages[-1].optimizer
-        return opt.weight_decay if opt.kind != "adamw" else 0.0
+    def _weight_decay(self) -> dict[str, float]:
+        """Each block's coupled weight decay in the final stage (the mean over its entries)."""
+        trajectory = self.trajectory_
+        stage = trajectory.stages[-1]
+        decays = weight_decays(trajectory, stage.start, stage.end)
+        out = {}
+        for block in self.state_["blocks"]:
+            own = [n for n in (block.weight, block.bias) if n is not None]
+            sizes = [int(np.prod(trajectory._param_shapes[n])) for n in own]
+            out[block.name] = sum(decays[n][0] * k for n, k in zip(own, sizes, strict=True)) / sum(
+                sizes
+            )
+        return out
 
     @property
     def damping_(self) -> float | dict[str, float]:
@@ -197,9 +210,7 @@ class InfluenceAttributor(BaseAttributor):
         trajectory = self.trajectory_
         damping = self.damping_
         wd = self._weight_decay()
-        shift = (
-            {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
-        )
+        shift = {k: (damping[k] if isinstance(damping, dict) else damping) + wd[k] for k in wd}
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
 
         def score(grads: dict[str, torch.Tensor], training: TrainingGradients) -> torch.Tensor:

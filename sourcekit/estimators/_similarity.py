@@ -134,7 +134,9 @@ class GradientSimilarityAttributor(BaseAttributor):
         self.progress = progress
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        blocks = find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
         examples = local_examples(trajectory, np.arange(trajectory.n_train, dtype=np.int64))
         cache = cache_training_factors(
             trajectory,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -29,10 +30,15 @@ from ._shared import (
 
 __all__ = ["SourceAttributor"]
 
+DEFAULT_SEGMENTS = 3
+"""The number of segments when neither ``n_segments`` nor ``boundaries`` is given."""
+
 
 def _boundaries(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    return (
+        isinstance(value, (list, tuple))
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+        and all(a < b for a, b in itertools.pairwise(value))
     )
 
 
@@ -54,8 +60,9 @@ class SourceAttributor(BaseAttributor):
 
     Parameters
     ----------
-    n_segments : int, default=3
-        Number of segments (at least one per stage, at most one per checkpoint).
+    n_segments : int or None, default=None
+        Number of segments (at least one per stage, at most one per checkpoint); None
+        means 3, or the segments ``boundaries`` define. Giving both is refused.
     damping : float, default=1e-3
         Added to every eigenvalue (σ → σ + damping). Read only by ``transform``, so
         ``set_params(damping=...)`` needs no refit.
@@ -89,7 +96,8 @@ class SourceAttributor(BaseAttributor):
         checkpoints lie close together. Adam's second moments are still averaged over
         the recorded checkpoints.
     boundaries : list of int, optional
-        Steps where segments start (overrides ``n_segments``; stage starts are added).
+        Steps where segments start, strictly increasing (stage starts are added); the
+        segments are then the ones they define, so ``n_segments`` must be left at None.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types
@@ -155,10 +163,13 @@ class SourceAttributor(BaseAttributor):
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
-        "n_segments": [Interval(int, 1, None)],
+        "n_segments": [None, Interval(int, 1, None)],
         "damping": [Interval(float, 0, None)],
         "matrix_function": [Options("exp", "discrete")],
-        "boundaries": [None, InstanceOf((list, tuple), "a list of int steps", _boundaries)],
+        "boundaries": [
+            None,
+            InstanceOf((list, tuple), "a strictly increasing list of int steps", _boundaries),
+        ],
         "query_rank": [None, Interval(int, 1, None)],
         "average_checkpoints": [InstanceOf((bool,), "True or False")],
         **CURVATURE_CONSTRAINTS,
@@ -180,7 +191,7 @@ class SourceAttributor(BaseAttributor):
 
     def __init__(
         self,
-        n_segments: int = 3,
+        n_segments: int | None = None,
         damping: float = 1e-3,
         *,
         curvature: str = "ekfac",
@@ -220,9 +231,18 @@ class SourceAttributor(BaseAttributor):
         self.progress = progress
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        if self.boundaries is not None and self.n_segments is not None:
+            raise ValueError(
+                f"SourceAttributor got both n_segments={self.n_segments} and "
+                f"boundaries={list(self.boundaries)}; the boundaries define the segments, so "
+                "n_segments would be ignored. Pass one of them (n_segments=None with boundaries)."
+            )
+        blocks = find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
         segments = trajectory.segments(
-            None if self.boundaries is not None else self.n_segments, self.boundaries
+            None if self.boundaries is not None else (self.n_segments or DEFAULT_SEGMENTS),
+            self.boundaries,
         )
         # The fast variant: each segment's checkpoints averaged into one state, standing
         # at its first checkpoint; curvature and gradients are taken there only.

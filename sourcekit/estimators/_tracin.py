@@ -131,7 +131,9 @@ class TracInAttributor(BaseAttributor):
         self.progress = progress
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        blocks = find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
         terms = tracin_checkpoints(trajectory)
         cache = cache_training_factors(
             trajectory,
@@ -152,7 +154,9 @@ class TracInAttributor(BaseAttributor):
     def checkpoints_(self) -> list[TracInCheckpoint]:
         self._check_fitted()
         return tracin_checkpoints(
-            self.trajectory_, momentum_correction=bool(self.momentum_correction)
+            self.trajectory_,
+            momentum_correction=bool(self.momentum_correction),
+            blocks=self.state_["blocks"],
         )
 
     def _scores(self, queries: Examples) -> torch.Tensor:

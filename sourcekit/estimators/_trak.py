@@ -177,7 +177,9 @@ class TRAKAttributor(BaseAttributor):
         return sorted({*trajectory.checkpoint_steps, trajectory.n_steps})
 
     def _fit_state(self, trajectory: Trajectory) -> dict[str, Any]:
-        blocks = find_blocks(trajectory.architecture.build(), self.modules)
+        blocks = find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
         projection = RandomProjection.for_blocks(
             blocks, self.projection_dim, self.projection, resolve_seed(self.random_state)
         )

@@ -33,7 +33,9 @@ from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Invers
 from ..exceptions import TrajectoryError
 from ..gradients._layers import LayerBlock
 from ..trajectory import Segment, Trajectory
+from ..trajectory._settings import effective_learning_rates, stage_groups, weight_decays
 from ._contraction import gradient_dot, query_matrices
+from ._rates import BlockRates, block_rates, precondition_rates, rates_decay
 
 __all__ = ["SegmentModel", "adam_preconditioner", "segment_models", "source_scores"]
 
@@ -63,6 +65,11 @@ class SegmentModel:
         AdamW's decoupled coefficient (0 otherwise).
     preconditioner : dict of block name to tensor, or None
         Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates.
+    rates : dict of block name to BlockRates, or None
+        Each block's own rates and decays when the parameters do not all share one
+        sequence and one decay (parameter groups, frozen parameters: see
+        :mod:`sourcekit.scoring._rates`); ``learning_rates`` and the decays above are then
+        those of the first block, for reporting.
     """
 
     segment: Segment
@@ -72,6 +79,7 @@ class SegmentModel:
     weight_decay: float = 0.0
     decoupled_decay: float = 0.0
     preconditioner: dict[str, torch.Tensor] | None = None
+    rates: dict[str, BlockRates] | None = None
 
     @property
     def lr_sum(self) -> float:
@@ -87,7 +95,6 @@ def adam_preconditioner(
     none), so only checkpoints after the stage's first update count.
     """
     stage = trajectory.stages[segment.stage]
-    beta2, eps = stage.optimizer.betas[1], stage.optimizer.eps
     total: dict[str, torch.Tensor] = {}
     used = 0
     for step in segment.checkpoints:
@@ -96,11 +103,26 @@ def adam_preconditioner(
         state = trajectory.checkpoint(step).optimizer
         if "exp_avg_sq" not in state or "step" not in state:
             continue
-        v_hat = {
-            k: v.double() / (1 - beta2 ** state["step"]) for k, v in state["exp_avg_sq"].items()
+        # Each parameter's own group: its β₂ at the last update before the checkpoint, its ε.
+        settings = {}
+        for group in stage_groups(trajectory, stage):
+            spec, _ = group.at(step - 1 - stage.start)
+            settings.update({name: (spec.betas[1], spec.eps) for name in group.parameters})
+        moments = state["exp_avg_sq"]
+        shapes = trajectory._param_shapes
+        # Parameters the stage does not train have no moments; they take no step (their
+        # rate is 0), so any positive preconditioner does: 1.
+        root = {
+            n: (moments[n].double() / (1 - settings[n][0] ** state["step"])).sqrt()
+            + settings[n][1]
+            if n in moments and n in settings
+            else torch.ones(shapes[n], dtype=torch.float64)
+            for b in blocks
+            for n in (b.weight, b.bias)
+            if n is not None
         }
         for block in blocks:
-            p = 1.0 / (block.matrix(v_hat).sqrt() + eps)
+            p = 1.0 / block.matrix(root)
             total[block.name] = total.get(block.name, 0) + p
         used += 1
     if used == 0:
@@ -124,18 +146,26 @@ def segment_models(
     for segment, curvature in zip(segments, curvatures, strict=True):
         stage = trajectory.stages[segment.stage]
         opt = stage.optimizer
-        lrs = trajectory.learning_rates[segment.start : segment.end] * opt.effective_lr_factor
+        rates = block_rates(trajectory, segment, blocks)
+        first = blocks[0].weight
+        lrs = effective_learning_rates(trajectory, segment.start, segment.end, names=[first])[
+            first
+        ]
+        coupled, decoupled = weight_decays(trajectory, segment.start, segment.end, names=[first])[
+            first
+        ]
         models.append(
             SegmentModel(
                 segment=segment,
                 curvature=curvature,
                 learning_rates=lrs,
                 n_examples=stage.n_examples,
-                weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
-                decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
+                weight_decay=coupled,
+                decoupled_decay=decoupled,
                 preconditioner=adam_preconditioner(trajectory, segment, blocks)
                 if opt.is_adaptive
                 else None,
+                rates=rates,
             )
         )
     return models
@@ -153,6 +183,17 @@ def _diagonal_decay(
     diag = model.curvature.diagonal()  # type: ignore[attr-defined]
     out = {}
     for name, d in diag.items():
+        if model.rates is not None:  # each entry's own rates and decays
+            r = model.rates[name]
+            coupled, decoupled = (
+                x.to(d) if isinstance(x, torch.Tensor) else x for x in (r.coupled, r.decoupled)
+            )
+            rate = model.preconditioner[name].to(d) * (d + damping + coupled) + decoupled
+            if matrix_function == "exp":
+                out[name] = torch.exp(-r.entry_sums(d) * rate)
+            else:
+                out[name] = rates_decay(r, rate)
+            continue
         rate = (
             model.preconditioner[name].to(d) * (d + damping + model.weight_decay)
             + model.decoupled_decay
@@ -198,6 +239,19 @@ def precondition(
     def rounded(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.to(work) for k, t in vectors.items()}
 
+    if model.preconditioner is None and model.rates is not None:
+        u, carried = precondition_rates(
+            curvature,
+            model.rates,
+            v,
+            damping,
+            matrix_function,
+            dtype=dtype,
+            carry=carry,
+            rotated=rotated,
+            target=target,
+        )
+        return rounded(u), (rounded(carried) if carried is not None else None)
     if model.preconditioner is None:
         residual: Callable[[torch.Tensor], torch.Tensor]
         decay: Callable[[torch.Tensor], torch.Tensor]
@@ -218,7 +272,13 @@ def precondition(
         raise ValueError("Adam segments carry their vectors in parameter coordinates.")
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
-    if model.decoupled_decay:
+    if model.rates is not None:  # each block's mean decays in its inverse
+        inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
+        shift = {  # type: ignore[assignment]
+            k: damping + r.mean(r.coupled) + r.mean(r.decoupled) * inv_p[k]
+            for k, r in model.rates.items()
+        }
+    elif model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
         shift = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}  # type: ignore[assignment]
     u = curvature.apply(Inverse(), _multiply(complement, v), shift)  # type: ignore[attr-defined]

@@ -24,7 +24,6 @@ from ..exceptions import TrajectoryError
 from ..objectives import LOSSES, MEASUREMENTS, function_spec
 from ._architecture import Architecture
 from ._examples import Examples
-from ._optimizer import OptimizerSpec
 from ._storage import DirectoryStore, load_tensors, sha256_file
 from ._trajectory import FORMAT_VERSION, Stage, Trajectory
 
@@ -94,6 +93,11 @@ def save_trajectory(
             "loss": functions["loss"],
             "measurement": functions["measurement"],
             "train_mode": trajectory.train_mode,
+            **(
+                {}
+                if trajectory.random_states is None
+                else {"random_device": trajectory.random_states.device}
+            ),
             "n_train": trajectory.n_train,
             "n_steps": trajectory.n_steps,
             "has_batches": trajectory.has_batches,
@@ -174,19 +178,9 @@ def load_trajectory(
         schedule = load_tensors(
             root / files["schedule"]["file"], files["schedule"]["sha256"], "schedule"
         )
-        stages = []
-        for i, desc in enumerate(manifest["stages"]):
-            stages.append(
-                Stage(
-                    name=desc["name"],
-                    optimizer=OptimizerSpec.from_dict(desc["optimizer"]),
-                    start=int(desc["start"]),
-                    end=int(desc["end"]),
-                    examples=schedule[f"stage_examples.{i}"].numpy(),
-                    batch_size=int(desc["batch_size"]),
-                    recipe=desc.get("recipe"),
-                )
-            )
+        stages = [
+            Stage.from_description(desc, schedule, i) for i, desc in enumerate(manifest["stages"])
+        ]
         batches = None
         if manifest.get("has_batches"):
             offsets = schedule["batch_offsets"].numpy()
@@ -215,6 +209,7 @@ def load_trajectory(
             loss=manifest["loss"] if loss is None else loss,
             measurement=manifest["measurement"] if measurement is None else measurement,
             train_mode=manifest.get("train_mode", True),
+            **Trajectory._step_records(schedule, manifest.get("random_device")),
             _fingerprint=manifest["fingerprint"]
             if architecture is None and loss is None and measurement is None
             else None,

@@ -53,7 +53,7 @@ def test_the_expensive_state_is_computed_once_per_setting(run):
             {"damping": -1.0},
             r"'damping' parameter of SourceAttributor must be a float in \[0, inf\); got -1.0",
         ),
-        ({"n_segments": 0}, r"'n_segments' parameter .* must be an int in \[1, inf\)"),
+        ({"n_segments": 0}, r"'n_segments' parameter .* must be None or an int in \[1, inf\)"),
         ({"curvature": "full"}, r"'curvature' .* one of 'ekfac', 'kfac'"),
         ({"matrix_function": "taylor"}, r"'matrix_function' .* one of 'exp', 'discrete'"),
         ({"fisher": "sampled"}, r"'fisher' .* one of 'true', 'empirical', 'expected'"),
