@@ -21,7 +21,7 @@ when the stage closes. The model and the optimiser are never changed (except by
 ``recorder.clip_grad_norm_``, which clips the gradients as torch's function does).
 
 The self-check (``verify=True``) reproduces the first steps of every stage, and every
-twentieth step after them, from the record as they are taken, checks at every step that
+fiftieth step after them, from the record as they are taken, checks at every step that
 the gradients are those backward left and that nothing else wrote to the parameters, and
 raises a TrajectoryError naming the likely causes as soon as the record does not
 reproduce what the loop did (:mod:`sourcekit.trajectory._selfcheck`).
@@ -96,6 +96,11 @@ def _norms(model: nn.Module) -> torch.Tensor:
         )
 
 
+def _signature(optimizer: torch.optim.Optimizer) -> list[tuple[int, ...]]:
+    """The parameters each group trains (those requiring gradients), by identity."""
+    return [tuple(id(p) for p in g["params"] if p.requires_grad) for g in optimizer.param_groups]
+
+
 def _random_state(device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -117,6 +122,9 @@ class _StageRecord:
         fixed: list[dict[str, Any]],
     ) -> None:
         self.optimizer = optimizer
+        self.signature = _signature(optimizer)
+        self.parameters: list[nn.Parameter] = []  # the model's, in order (set when opened)
+        self.device = torch.device("cpu")  # where the model draws its random numbers
         self.name = name
         self.start = start
         self.examples = examples
@@ -128,10 +136,13 @@ class _StageRecord:
         self.pending: dict[str, Any] | None = None  # set by the optimiser's pre-hook
         self.clip: tuple[float, float, float] | None = None  # set by clip_grad_norm_
         self.forwards: list[tuple[torch.Tensor, torch.device]] = []  # random forwards this step
-        self.norms: dict[str, torch.Tensor] = {}  # gradient norms after backward, by name
+        # The gradient each trained parameter had after backward, and its version counter
+        # (any in-place change bumps it, as clipping does).
+        self.grads: dict[str, tuple[torch.Tensor, int]] = {}
         self.buffers: dict[str, torch.Tensor] | None = None  # before the forward of a checked step
         self.capture: StepCapture | None = None  # the state a checked step started from
-        self.parameter_norms: torch.Tensor | None = None  # after the last optimizer step
+        self.parameter_versions: list[int] | None = None  # after the last optimizer step
+        self.parameter_norms: torch.Tensor | None = None  # the same, before a checked step
 
     @property
     def trained(self) -> list[str]:
@@ -165,7 +176,7 @@ class TrajectoryRecorder:
         Keep a checkpoint at every multiple of this many steps (0, k, 2k, ...).
     verify : bool, default=True
         Check that the record reproduces the run, while it is recorded: the first four
-        steps of every stage and every twentieth step after them are reproduced from the
+        steps of every stage and every fiftieth step after them are reproduced from the
         record (gradient and update), and every step is checked for gradients changed
         after backward and parameters written outside the optimizer. A
         :class:`~sourcekit.exceptions.TrajectoryError` names the likely causes and their
@@ -372,12 +383,13 @@ class TrajectoryRecorder:
             fixed,
         )
         params = dict(self._model.named_parameters())
-        norms = record.norms
+        record.parameters = list(params.values())
+        record.device = next((p.device for p in record.parameters), torch.device("cpu"))
 
         def after_backward(name: str) -> Callable[[torch.Tensor], None]:
             def hook(p: torch.Tensor) -> None:
                 if p.grad is not None:
-                    norms[name] = torch.linalg.vector_norm(p.grad.detach())
+                    record.grads[name] = (p.grad, p.grad._version)
 
             return hook
 
@@ -387,17 +399,16 @@ class TrajectoryRecorder:
             if self._verify and record.buffers is None and verified(self._step - record.start):
                 record.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
             if module.training:
-                device = next((p.device for p in module.parameters()), torch.device("cpu"))
-                record.forwards.append((_random_state(device), device))
+                record.forwards.append((_random_state(record.device), record.device))
 
         def after_forward(module: nn.Module, args: Any, output: Any) -> None:
             if module.training and record.pending is None and record.forwards:
-                before, device = record.forwards[-1]
-                if torch.equal(before, _random_state(device)):
+                before, _ = record.forwards[-1]
+                if torch.equal(before, _random_state(record.device)):
                     record.forwards.pop()  # a deterministic forward pass: nothing to replay
 
         def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._before_optimizer_step(record, params, norms)
+            self._before_optimizer_step(record, params)
 
         handles = [
             optimizer.register_step_pre_hook(before_step),
@@ -429,7 +440,7 @@ class TrajectoryRecorder:
         self._stages.append(self._close(record, int(batch_size or max(sizes))))
 
     def _before_optimizer_step(
-        self, record: _StageRecord, params: dict[str, nn.Parameter], norms: dict[str, torch.Tensor]
+        self, record: _StageRecord, params: dict[str, nn.Parameter]
     ) -> None:
         """The optimiser's step pre-hook: read this step's settings; refuse what replay cannot follow."""
         if record.pending is not None:
@@ -438,8 +449,7 @@ class TrajectoryRecorder:
                 "call recorder.step once after every optimizer step."
             )
         opt = record.optimizer
-        groups, _ = self._groups_of(opt)
-        if [names for names, _ in groups] != [names for names, _ in record.groups]:
+        if _signature(opt) != record.signature:
             raise TrajectoryError(
                 f"The parameters the optimizer trains changed during stage {record.name!r} (a "
                 "parameter was frozen or unfrozen, or a group added); the recorder follows a "
@@ -466,9 +476,11 @@ class TrajectoryRecorder:
                 "set requires_grad=False)."
             )
         if self._verify:
-            self._check_gradients(record, params, norms)
-        if record.parameter_norms is not None and not torch.equal(
-            record.parameter_norms, _norms(self._model)
+            self._check_gradients(record, params)
+        versions = [p._version for p in record.parameters]
+        if (record.parameter_versions is not None and versions != record.parameter_versions) or (
+            record.parameter_norms is not None
+            and not torch.equal(record.parameter_norms, _norms(self._model))
         ):
             raise TrajectoryError(
                 f"The model's parameters changed between optimizer steps (before step "
@@ -490,7 +502,7 @@ class TrajectoryRecorder:
         record.pending = {
             "values": [
                 _group_values(group, spec.kind)
-                for (names, spec), group in zip(
+                for (_, spec), group in zip(
                     record.groups, [g for g in opt.param_groups if self._trains(g)], strict=True
                 )
             ],
@@ -501,27 +513,34 @@ class TrajectoryRecorder:
     def _trains(group: dict[str, Any]) -> bool:
         return any(p.requires_grad for p in group["params"])
 
-    def _check_gradients(
-        self, record: _StageRecord, params: dict[str, nn.Parameter], norms: dict[str, torch.Tensor]
-    ) -> None:
-        """Refuse gradients changed since backward other than by recorder.clip_grad_norm_."""
+    def _check_gradients(self, record: _StageRecord, params: dict[str, nn.Parameter]) -> None:
+        """Refuse gradients changed since backward other than by recorder.clip_grad_norm_.
+
+        In-place changes bump a tensor's version counter (clipping, unscaling), and a
+        replaced gradient is another tensor: both are seen at no cost at every step.
+        """
         names = record.trained
-        unseen = [n for n in names if n not in norms]
+        unseen = [n for n in names if n not in record.grads]
         if unseen:
             raise TrajectoryError(
                 f"The gradients of {unseen[:5]} were set without backward() at step {self._step}; "
                 "the recorder replays gradients of the recorded loss. Compute them with backward()."
             )
-        current = torch.stack([torch.linalg.vector_norm(params[n].grad.detach()) for n in names])  # type: ignore[union-attr]
-        after_backward = torch.stack([norms[n].to(current.device) for n in names])
-        if not torch.allclose(current, after_backward, rtol=1e-6, atol=0.0):
+        changed = [
+            n
+            for n in names
+            if params[n].grad is not record.grads[n][0]
+            or record.grads[n][0]._version != record.grads[n][1]
+        ]
+        if changed:
             raise TrajectoryError(
-                f"The gradients changed between backward() and optimizer.step() at step "
-                f"{self._step} (for example clipped with torch.nn.utils.clip_grad_norm_, or scaled "
-                "by a GradScaler); the record would replay other updates than the loop made. Clip "
-                "with recorder.clip_grad_norm_(max_norm), which clips and records the coefficient."
+                f"The gradients of {changed[:3]} changed between backward() and optimizer.step() at "
+                f"step {self._step} (for example clipped with torch.nn.utils.clip_grad_norm_, or "
+                "unscaled by a GradScaler); the record would replay other updates than the loop "
+                "made. Clip with recorder.clip_grad_norm_(max_norm), which clips and records the "
+                "coefficient."
             )
-        norms.clear()
+        record.grads.clear()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of the trained parameters, and record it.
@@ -595,7 +614,7 @@ class TrajectoryRecorder:
         for name in record.trained:
             grad = params[name].grad
             if grad is not None:  # the clipped gradients are the ones the step may use
-                record.norms[name] = torch.linalg.vector_norm(grad.detach())
+                record.grads[name] = (grad, grad._version)
         record.clip = (float(max_norm), norm_type, coefficient)
         return norm
 
@@ -659,7 +678,11 @@ class TrajectoryRecorder:
                 ),
             )
         if self._verify:
-            record.parameter_norms = _norms(self._model)
+            # Writes to the parameters between steps bump their versions; at a checked step
+            # their norms are compared too (writes through .data do not bump versions).
+            record.parameter_versions = [p._version for p in record.parameters]
+            following = self._step + 1 - record.start
+            record.parameter_norms = _norms(self._model) if verified(following) else None
         self._step += 1
         if self._wants_checkpoint(self._step):
             self._keep(record.optimizer)
