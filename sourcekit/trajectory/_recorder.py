@@ -700,10 +700,11 @@ class TrajectoryRecorder:
     def _capture(self, record: _StageRecord, params: dict[str, nn.Parameter]) -> StepCapture:
         """The state a checked step starts from (parameters, buffers, gradients, optimiser)."""
         trained = set(record.trained)
+        names = {id(params[n]): n for n in trained}
         opt_state: dict[str, Any] = {}
         for group in record.optimizer.param_groups:
             for p in group["params"]:
-                name = next((n for n in trained if params[n] is p), None)
+                name = names.get(id(p))
                 if name is None:
                     continue
                 for key, value in record.optimizer.state.get(p, {}).items():

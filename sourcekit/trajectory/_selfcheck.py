@@ -162,8 +162,10 @@ def check_gradients(
     trained = list(capture.grads)
     first = capture.grads[trained[0]]
     device, dtype = first.device, first.dtype
+    # Fresh leaves for the trained parameters; the others (frozen) are read as they are.
     params = {
-        n: t.detach().clone().requires_grad_(n in capture.grads) for n, t in capture.params.items()
+        n: t.detach().clone().requires_grad_(True) if n in capture.grads else t.detach()
+        for n, t in capture.params.items()
     }
     buffers = {n: t.detach().clone() for n, t in capture.buffers.items()}
     batch = train[plan.batch].to(device, dtype)
@@ -188,9 +190,7 @@ def check_gradients(
         )
     )
     size = torch.linalg.vector_norm(
-        torch.stack(
-            [torch.linalg.vector_norm(capture.grads[n]).double() for n in trained]
-        )
+        torch.stack([torch.linalg.vector_norm(capture.grads[n]).double() for n in trained])
     )
     u = torch.finfo(dtype).eps / 2
     allowed = GRADIENT_ROUNDING * u * float(size) + torch.finfo(torch.float64).tiny
