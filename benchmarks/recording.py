@@ -15,7 +15,7 @@ first line of the error are printed).
 Part 2, the self-check's cost: the same loop, also with hidden layers of width 1024 (a
 step then costs more than the self-check's fixed work), and the built-in trainer's digits
 recipes,
-timed with ``verify=True`` and ``verify=False``, alternately, best of five runs each, in
+timed with ``verify=True`` and ``verify=False``, alternately, best of seven runs each, in
 this process and on one thread (so that the two compete for the same core).
 
     python benchmarks/recording.py
@@ -123,7 +123,7 @@ def part1() -> None:
         print(f"{row:22s} {now:13.2g} {old:19.2g}  {refused}")
 
 
-def side_by_side(fn: Callable[[bool], float], repeats: int = 5) -> tuple[float, float]:
+def side_by_side(fn: Callable[[bool], float], repeats: int = 7) -> tuple[float, float]:
     """Best times of fn(True) and fn(False), run alternately."""
     on, off = [], []
     for _ in range(repeats):
@@ -133,7 +133,7 @@ def side_by_side(fn: Callable[[bool], float], repeats: int = 5) -> tuple[float, 
 
 
 def part2() -> None:
-    print("\nThe self-check's cost: seconds with verify=True / verify=False (best of 5)")
+    print("\nThe self-check's cost: seconds with verify=True / verify=False (best of 7)")
     for row, width in (
         ("plain SGD", 32),
         ("dropout", 32),

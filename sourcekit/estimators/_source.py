@@ -57,6 +57,9 @@ class SourceAttributor(BaseAttributor):
     heavy-ball momentum), ḡ_ℓ(m) the mean gradient of example m over the segment's
     checkpoints and N_ℓ the size of its stage. Adam and AdamW use the recorded second
     moments as a diagonal preconditioner; weight decay is added to the eigenvalues.
+    Parameters that train at their own rates (parameter groups, clipped steps, layers
+    frozen in a stage) enter with their own learning-rate sums and decays (see
+    :mod:`sourcekit.scoring._rates` and the recording page of the documentation).
 
     Parameters
     ----------

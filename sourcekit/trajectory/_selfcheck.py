@@ -47,12 +47,14 @@ The check reads at most :data:`UPDATE_ENTRIES` evenly spaced entries of each par
 (the rule acts entry by entry, so another rule or setting shows in any of them).
 ``torch.optim`` computes each entry with at most ten floating-point operations whose
 operands have magnitudes summing to M (:func:`~sourcekit.trajectory._optimizer.
-update_magnitude`, evaluated in float64), so each entry may differ by
+update_magnitude`, evaluated in float64) and whose result is as large as the update
+Δθ, so each entry may differ by
 
-    |θ_replayed − θ_loop| ≤ 10 u M + (the smallest normal number, for entries at zero).
+    |θ_replayed − θ_loop| ≤ 10 u (M + |Δθ|) + (the smallest normal number, for zeros).
 
-A faithful record meets it with a margin (measured: within 4 u M on the runs of the
-documentation's recording page).
+A faithful record meets it with a margin: measured over 50 SGD, momentum, Nesterov, Adam
+and AdamW runs of MLPs, a convolutional network and a batch-normalised network on the
+digits, every update was within 2.6 u (M + |Δθ|).
 """
 
 from __future__ import annotations

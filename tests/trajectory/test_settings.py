@@ -201,3 +201,11 @@ def test_fractional_class_targets_are_refused_with_their_index() -> None:
     trajectory = train(torch.nn.Linear(3, 3), whole, [stage], progress=False)  # integral: kept
     with pytest.raises(ValueError, match=r"query targets are class indices.*target 3 is 1\.5"):
         trajectory.check_queries(data)
+
+
+def test_the_summary_says_what_each_step_did() -> None:
+    trajectory, _ = _fine_tuning_run()
+    summary = trajectory.summary()
+    assert "2 parameter group(s) training 4 of 4 parameters" in summary
+    assert "gradient norms clipped at" in summary
+    assert "random forward pass (dropout) at 8 steps" in summary
