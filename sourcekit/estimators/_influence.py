@@ -44,7 +44,9 @@ class InfluenceAttributor(CurvatureAttributor):
     ----------
     damping : float or None, default=None
         λ added to every eigenvalue. None uses 0.1 × the mean eigenvalue of each layer
-        (a per-layer damping, recorded in ``damping_``). Read only by ``transform``.
+        (a per-layer damping, recorded in ``damping_``), at least 1e-3 of the largest
+        layer's (a layer without curvature, all of its ReLUs dead, is raised to it with a
+        warning). Read only by ``transform``.
     curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
         The approximation of the curvature at the final parameters (as in
         :class:`~sourcekit.SourceAttributor`).

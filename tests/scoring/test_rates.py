@@ -183,3 +183,44 @@ def test_clipping_enters_the_effective_step() -> None:
     np.testing.assert_allclose(
         [m.learning_rates[0] for m in source.state_.segments], 0.4 * coefficient
     )
+
+
+@pytest.mark.parametrize("name", ["mlp_momentum", "mlp_adam", "mlp_adamw"])
+@pytest.mark.parametrize("matrix_function", ["exp", "discrete"])
+@pytest.mark.parametrize("curvature", ["ekfac", "diagonal", "exact"])
+def test_rates_that_every_parameter_shares_give_the_plain_segment(
+    name: str, matrix_function: str, curvature: str
+) -> None:
+    # The per-parameter path (Curvature.apply_rates, and Adam's diagonal decay and
+    # inverse with each entry's own sums and decays) with one sequence and one decay for
+    # every block is the plain path of METHOD.md: the same functions, the decays added to
+    # σ in another order (a few roundoffs of the results' scale).
+    from dataclasses import replace
+
+    from sourcekit.curvature import Carried
+    from sourcekit.curvature._rates import BlockRates
+    from sourcekit.scoring._source import precondition
+
+    source = SourceAttributor(
+        n_segments=2, curvature=curvature, device="cpu", dtype="float64"
+    ).fit(_cases.trajectory(name))
+    g = torch.Generator().manual_seed(0)
+    for model in source.state_.segments:
+        assert model.rates is None  # one group: the plain form
+        shared = BlockRates(
+            [(None, model.learning_rates)], model.weight_decay, model.decoupled_decay
+        )
+        with_rates = replace(model, rates={b.name: shared for b in source.state_.blocks})
+        v = {
+            b.name: torch.randn(3, b.d_out, b.d_in, generator=g, dtype=torch.float64)
+            for b in source.state_.blocks
+        }
+        plain = precondition(model, Carried(v), 1e-3, matrix_function)
+        rates = precondition(with_rates, Carried(v), 1e-3, matrix_function)
+        for want, got in (
+            (plain[0], rates[0]),
+            (plain[1].in_parameters(), rates[1].in_parameters()),
+        ):
+            for block, w in want.items():
+                tol = 64 * EPS64 * max(1.0, float(w.abs().max()))
+                torch.testing.assert_close(got[block], w, rtol=0, atol=tol)
