@@ -7,6 +7,7 @@ from ._recorder import TrajectoryRecorder
 from ._segments import Segment
 from ._settings import (
     GradientClipping,
+    MicroBatches,
     ParameterGroup,
     RandomStates,
     effective_learning_rates,
@@ -23,6 +24,7 @@ __all__ = [
     "Checkpoint",
     "Examples",
     "GradientClipping",
+    "MicroBatches",
     "OptimizerSpec",
     "ParameterGroup",
     "RandomStates",

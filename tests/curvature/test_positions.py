@@ -126,6 +126,10 @@ def run(name: str) -> Trajectory:
         tokens = torch.randint(0, 6, (6, 4), generator=g)
         targets = _ignore_some(torch.randint(0, 6, (6, 4), generator=g), g)
         return custom_trajectory(causal_lm(), Examples(tokens, targets), "cross_entropy")
+    if name == "causal_lm_next_token":  # the labels are the inputs, padded at the end
+        tokens = torch.randint(0, 6, (6, 4), generator=g)
+        labels = _ignore_some(tokens, g)
+        return custom_trajectory(causal_lm(), Examples(tokens, labels), "next_token_cross_entropy")
     if name == "sequence_mlp":
         x = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
         targets = _ignore_some(torch.randint(0, 3, (6, 4), generator=g), g)
@@ -141,7 +145,14 @@ def run(name: str) -> Trajectory:
     raise KeyError(name)
 
 
-SEQUENCE_RUNS = ["token_lm", "token_lm_ignored", "token_lm_t1", "causal_lm", "sequence_mlp"]
+SEQUENCE_RUNS = [
+    "token_lm",
+    "token_lm_ignored",
+    "token_lm_t1",
+    "causal_lm",
+    "causal_lm_next_token",
+    "sequence_mlp",
+]
 
 
 def fit(kind: Kind, name: str, fisher: str = "expected", random_state: int = 0, steps=(0, 1)):  # type: ignore[no-untyped-def]
@@ -242,7 +253,9 @@ def _assert_within_sampling_error(
     assert float(excess.max()) <= 0, f"largest excess {float(excess.max()):.3g}"
 
 
-@pytest.mark.parametrize("name", ["token_lm", "token_lm_ignored", "causal_lm"])
+@pytest.mark.parametrize(
+    "name", ["token_lm", "token_lm_ignored", "causal_lm", "causal_lm_next_token"]
+)
 def test_true_fisher_diagonal_averages_to_the_gauss_newton_diagonal(name: str) -> None:
     mean, error = _seed_average("diagonal", name, "true", seeds=200)
     _assert_within_sampling_error(mean, error, torch.diagonal(gauss_newton(name)))

@@ -393,7 +393,7 @@ def test_a_trained_parameter_without_a_gradient() -> None:
             optimizer.step()
 
 
-def test_several_random_forward_passes_in_one_step() -> None:
+def test_several_random_forward_passes_given_as_one_batch_are_refused() -> None:
     data = _data()
     torch.manual_seed(0)
     model = _cases.make_dropout_mlp()
@@ -404,11 +404,51 @@ def test_several_random_forward_passes_in_one_step() -> None:
         for half in np.array_split(BATCHES[0], 2):  # gradient accumulation with dropout
             batch = torch.as_tensor(half)
             (0.5 * cross_entropy(model(data.inputs[batch]), data.targets[batch]).mean()).backward()
+        optimizer.step()
         with pytest.raises(
             TrajectoryError,
-            match=r"drew random numbers 2 times during step 0.*one forward pass per step",
+            match=r"drew random numbers 2 times during step 0, but recorder.step\(\) was given 1 "
+            r"batch.*recorder.step\(\[idx_1, idx_2",
         ):
+            recorder.step(BATCHES[0])
+
+
+def _accumulate(model: nn.Module, data: Examples, parts: list[np.ndarray]) -> None:
+    """One step's gradient accumulated over ``parts``: the mean over all their examples."""
+    total = sum(p.size for p in parts)
+    for part in parts:
+        batch = torch.as_tensor(part)
+        (cross_entropy(model(data.inputs[batch]), data.targets[batch]).sum() / total).backward()
+
+
+@pytest.mark.parametrize("split", [(2, 2), (3, 1)])
+def test_gradient_accumulation_with_dropout_replays_each_micro_batch(split: tuple) -> None:
+    data = _data()
+    torch.manual_seed(0)
+    model = _cases.make_dropout_mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    recorder = TrajectoryRecorder(
+        model, data, architecture="tests._cases:make_dropout_mlp", checkpoint_every=2
+    )
+    with recorder.stage(optimizer):
+        for idx in BATCHES:
+            parts = np.split(idx, np.cumsum(split)[:-1])
+            optimizer.zero_grad()
+            _accumulate(model, data, parts)
             optimizer.step()
+            recorder.step(parts)
+    trajectory = recorder.finish()  # the self-check reproduced every step's micro-batches
+    assert trajectory.microbatches is not None
+    np.testing.assert_array_equal(trajectory.microbatches.steps, np.arange(6))
+    assert trajectory.microbatches.of_step(3) == split
+    assert [len(trajectory.random_states.of_step(k)) for k in range(6)] == [2] * 6
+    for recorded, given in zip(trajectory.batches, BATCHES, strict=True):
+        np.testing.assert_array_equal(recorded, given)
+    replayed, _ = replay(trajectory)
+    for name, value in model.named_parameters():
+        np.testing.assert_allclose(
+            replayed[name].detach().float(), value.detach(), rtol=0, atol=1e-6
+        )
 
 
 def test_clip_grad_norm_misuse() -> None:
