@@ -472,8 +472,22 @@ class TrajectoryRecorder:
                 if torch.equal(before, _random_state(record.device)):
                     record.forwards.pop()  # a deterministic forward pass: nothing to replay
 
-        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._before_optimizer_step(record, params)
+        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            # ``args`` holds the optimiser itself first, then step's own arguments
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                self._before_optimizer_step(record, params)
+                return None
+
+            # optimizer.step(closure) runs the forward and backward passes inside the
+            # step (as PyTorch Lightning does): read the step once the closure returns.
+            def recorded_closure() -> Any:
+                result = closure()
+                self._before_optimizer_step(record, params)
+                return result
+
+            options = {k: v for k, v in kwargs.items() if k != "closure"}
+            return (args[0], *args[2:]), {**options, "closure": recorded_closure}
 
         handles = [
             optimizer.register_step_pre_hook(before_step),
