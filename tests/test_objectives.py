@@ -274,7 +274,7 @@ def test_next_token_fisher_draws_score_each_position_against_its_own_draw() -> N
     logits, tokens = _sequences()
     u = torch.rand(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     drawn = next_token_cross_entropy.sample_targets(logits, u)
-    values, weights = next_token_cross_entropy.per_position(logits, drawn)
+    values, _ = next_token_cross_entropy.per_position(logits, drawn)
     cumulative = logits.softmax(dim=-1).cumsum(dim=-1)
     for i in range(3):
         for t in range(4):  # position t's draw: the class whose cumulative interval holds u

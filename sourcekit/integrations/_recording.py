@@ -185,4 +185,3 @@ def recorder_options(
         "checkpoint_steps": checkpoint_steps,
         "verify": verify,
     }
-

@@ -185,7 +185,9 @@ def test_the_callback_refuses_a_run_it_cannot_follow(tmp_path: Path) -> None:
         train_dataset=callback.dataset,
         callbacks=[callback],
     )
-    with pytest.raises(ValueError, match=r"dataloader_num_workers=1.*Set dataloader_num_workers=0"):
+    with pytest.raises(
+        ValueError, match=r"dataloader_num_workers=1.*Set dataloader_num_workers=0"
+    ):
         trainer.train()
     with pytest.raises(ValueError, match=r"checkpoint_every=k or checkpoint_steps"):
         hf.TrajectoryCallback(train)

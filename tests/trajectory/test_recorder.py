@@ -634,3 +634,42 @@ def test_bad_model_and_training_set() -> None:
         TrajectoryRecorder(
             _model(), Examples(torch.zeros(0, 3), torch.zeros(0)), checkpoint_every=1
         )
+
+
+def test_a_step_that_runs_its_closure_is_read_once_the_closure_has_run() -> None:
+    # optimizer.step(closure) runs the forward and backward passes inside the step (as
+    # PyTorch Lightning does): the record is the same as that of the plain loop.
+    train = _cases.classification_data(12, 0)
+    order = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 12)]
+    finals = []
+    for with_closure in (False, True):
+        torch.manual_seed(0)
+        model = _cases.make_tanh_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+        recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+        with recorder.stage(optimizer, clip_grad_norm=0.5):
+            for idx in order:
+
+                def closure(
+                    idx: np.ndarray = idx,
+                    model: nn.Module = model,
+                    optimizer: torch.optim.Optimizer = optimizer,
+                ) -> torch.Tensor:
+                    optimizer.zero_grad()
+                    batch = train[idx]
+                    loss = nn.functional.cross_entropy(model(batch.inputs), batch.targets)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                    return loss
+
+                if with_closure:
+                    optimizer.step(closure)
+                else:
+                    closure()
+                    optimizer.step()
+                recorder.step(idx)
+        trajectory = recorder.finish()  # the self-check replays every step of this short run
+        assert trajectory.clipping is not None
+        finals.append(trajectory.checkpoint(3).params)
+    for name, tensor in finals[0].items():
+        assert torch.equal(finals[1][name], tensor)
