@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as err:
+    raise ModuleNotFoundError(
+        'sourcekit.integrations.hf needs transformers: pip install "sourcekit[hf]".'
+    ) from err
 
 from .._imports import import_object, importable_name
 from ..trajectory import Examples, Trajectory

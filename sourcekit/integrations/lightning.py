@@ -29,8 +29,14 @@ import torch
 
 try:
     import pytorch_lightning as pl
-except ImportError:  # the unified ``lightning`` package
-    import lightning.pytorch as pl  # type: ignore[no-redef]
+except ImportError:
+    try:  # the unified ``lightning`` package
+        import lightning.pytorch as pl  # type: ignore[no-redef]
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "sourcekit.integrations.lightning needs PyTorch Lightning: "
+            'pip install "sourcekit[lightning]".'
+        ) from err
 
 from .._imports import importable_name
 from ..trajectory import Examples, Trajectory

@@ -63,6 +63,21 @@ def causal_lm(vocabulary: int = 6, width: int = 4) -> nn.Module:
     )
 
 
+class TiedLM(nn.Module):
+    """Embedding → Linear → tanh → causal mean → the embedding table again, transposed, as
+    the output layer (tied weights): one parameter read by two layers."""
+
+    def __init__(self, vocabulary: int = 6, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.mix = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocabulary, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(CausalMean()(torch.tanh(self.mix(self.embed(tokens)))))
+
+
 def masked_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """½‖z_t − y_t‖² averaged over the counted positions.
 
@@ -130,6 +145,10 @@ def run(name: str) -> Trajectory:
         tokens = torch.randint(0, 6, (6, 4), generator=g)
         labels = _ignore_some(tokens, g)
         return custom_trajectory(causal_lm(), Examples(tokens, labels), "next_token_cross_entropy")
+    if name == "tied_lm":
+        tokens = torch.randint(0, 6, (6, 4), generator=g)
+        labels = _ignore_some(tokens, g)
+        return custom_trajectory(TiedLM(), Examples(tokens, labels), "next_token_cross_entropy")
     if name == "sequence_mlp":
         x = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
         targets = _ignore_some(torch.randint(0, 3, (6, 4), generator=g), g)
@@ -151,6 +170,7 @@ SEQUENCE_RUNS = [
     "token_lm_t1",
     "causal_lm",
     "causal_lm_next_token",
+    "tied_lm",
     "sequence_mlp",
 ]
 

@@ -3,14 +3,12 @@ recorded run rebuilds it from its hyperparameters)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import pytorch_lightning as pl
-except ImportError:
-    import lightning.pytorch as pl
+pl = pytest.importorskip("sourcekit.integrations.lightning").pl
 
 
 class TinyClassifier(pl.LightningModule):

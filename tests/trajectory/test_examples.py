@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.model_selection import KFold
 from sklearn.utils import _safe_indexing
 
-from sourcekit import AttributionTask, Examples
+from sourcekit import AttributionTask, Examples, SourceAttributor, Trajectory
 
 from .. import _cases
 
@@ -315,3 +316,17 @@ def test_queries_must_hold_inputs_of_the_training_kind() -> None:
     for _, test_idx in KFold(n_splits=3).split(task):
         part = _safe_indexing(task, test_idx)
         assert part.trajectory is trajectory and len(part) == len(test_idx)
+
+
+@pytest.mark.parametrize("name", ["mlp_dict", "mlp_tuple"])
+def test_runs_on_several_inputs_save_load_and_attribute(name: str, tmp_path: Path) -> None:
+    trajectory = _cases.trajectory(name)
+    trajectory.save(tmp_path / "run")
+    loaded = Trajectory.load(tmp_path / "run")
+    assert type(loaded.train.inputs) is type(trajectory.train.inputs)
+    assert loaded.fingerprint == trajectory.fingerprint
+    queries = _cases.queries(name, 3)
+    before = SourceAttributor(n_segments=1, device="cpu").fit(trajectory).transform(queries)
+    after = SourceAttributor(n_segments=1, device="cpu").fit(loaded).transform(queries)
+    np.testing.assert_array_equal(after, before)
+    assert np.isfinite(before).all() and np.abs(before).max() > 0
