@@ -44,7 +44,7 @@ train, train_steps = sequences(48, 0)
 queries, query_steps = sequences(4, 1)
 
 torch.manual_seed(0)
-config = GPT2Config(vocab_size=VOCABULARY, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=2)
+config = GPT2Config(vocab_size=VOCABULARY, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2)
 model = GPT2LMHeadModel(config)
 # With gradient accumulation the Trainer counts a causal LM's predicted tokens by its
 # loss_type, unset for GPT-2 in transformers 5 (the self-check would report the difference).
@@ -54,14 +54,14 @@ callback = TrajectoryCallback(
     train,
     loss="next_token_cross_entropy",  # what GPT-2's own loss is, per sequence
     measurement="next_token_margin",  # what attribution explains for a query
-    checkpoint_every=6,
+    checkpoint_every=5,
 )
 with tempfile.TemporaryDirectory() as scratch:
     args = TrainingArguments(
         scratch,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,
-        num_train_epochs=6,
+        num_train_epochs=5,
         learning_rate=3e-3,
         weight_decay=0.01,
         report_to=[],

@@ -30,7 +30,7 @@ started = time.perf_counter()
 
 
 class DigitsClassifier(pl.LightningModule):
-    def __init__(self, hidden: int = 32, lr: float = 3e-3, steps: int = 36):
+    def __init__(self, hidden: int = 32, lr: float = 3e-3, steps: int = 24):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -61,7 +61,7 @@ callback = TrajectoryCallback(
 )
 loader = torch.utils.data.DataLoader(callback.dataset, batch_size=32, shuffle=True)
 trainer = pl.Trainer(
-    max_epochs=6,
+    max_epochs=4,
     accumulate_grad_batches=2,  # 12 batches of 32 per epoch: 6 steps of two
     gradient_clip_val=1.0,
     accelerator="cpu",

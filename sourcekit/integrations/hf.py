@@ -111,6 +111,21 @@ class TrajectoryCallback(TrainerCallback):
     (``dataloader_num_workers=0``, the default), and evaluation must use another dataset.
     A saved trajectory records ``callback.dataset``'s examples in their order: the
     indices of the scores are theirs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit.integrations.hf import TrajectoryCallback
+    >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    >>> train = sourcekit.Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids)
+    >>> callback = TrajectoryCallback(train, loss="next_token_cross_entropy", checkpoint_every=10)
+    >>> item = callback.dataset[1]  # what the Trainer collates into batches
+    >>> sorted(item), item["labels"].tolist()
+    (['attention_mask', 'input_ids', 'labels'], [4, 5, 6])
+
+    Pass ``train_dataset=callback.dataset, callbacks=[callback]`` to the ``Trainer`` (see
+    the documentation's page on Hugging Face and Lightning for a run end to end).
     """
 
     def __init__(

@@ -78,6 +78,20 @@ class TrajectoryCallback(pl.Callback):
         The training set to load batches from (``num_workers=0``).
     trajectory : Trajectory or None
         The recorded run, once ``fit`` has returned.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import sourcekit
+    >>> from sourcekit.integrations.lightning import TrajectoryCallback
+    >>> train = sourcekit.Examples(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> callback = TrajectoryCallback(train, checkpoint_every=4)
+    >>> x, y = callback.dataset[0]  # an item of the data loader's batches
+    >>> x.shape, y.shape
+    (torch.Size([3]), torch.Size([]))
+
+    Pass ``callbacks=[callback]`` to the ``Trainer`` and fit on a ``DataLoader`` over
+    ``callback.dataset`` (see the documentation's page on Hugging Face and Lightning).
     """
 
     def __init__(
