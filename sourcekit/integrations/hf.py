@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 try:
     from transformers import TrainerCallback
 except ImportError as err:
