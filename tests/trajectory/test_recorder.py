@@ -673,3 +673,38 @@ def test_a_step_that_runs_its_closure_is_read_once_the_closure_has_run() -> None
         finals.append(trajectory.checkpoint(3).params)
     for name, tensor in finals[0].items():
         assert torch.equal(finals[1][name], tensor)
+
+
+def test_a_loop_that_clips_with_torch_declares_the_bound_it_clips_at() -> None:
+    train = _cases.classification_data(12, 0)
+
+    def run(declared: float, applied: float) -> list[float]:
+        torch.manual_seed(0)
+        model = _cases.make_tanh_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+        norms = []
+        with recorder.stage(optimizer, clip_grad_norm=declared):
+            for idx in (np.arange(0, 6), np.arange(6, 12)):
+                optimizer.zero_grad()
+                batch = train[idx]
+                nn.functional.cross_entropy(model(batch.inputs), batch.targets).backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), applied)))
+                optimizer.step()
+                recorder.step(idx)
+        coefficients = recorder.finish().clipping.coefficient.tolist()
+        # torch's coefficient, min(1, c / (‖g‖ + 1e-6)), recorded at every step
+        np.testing.assert_allclose(
+            coefficients, [min(1.0, applied / (n + 1e-6)) for n in norms], rtol=1e-6
+        )
+        return coefficients
+
+    assert min(run(0.05, 0.05)) < 1  # the bound is reached: the steps are clipped
+    with pytest.raises(TrajectoryError, match=r"otherwise than by clipping their norm at 0\.5"):
+        run(0.5, 0.05)
+    model = _cases.make_tanh_mlp()
+    recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"'clip_grad_norm' parameter must be a float > 0"):
+        with recorder.stage(optimizer, clip_grad_norm=-1):
+            pass
