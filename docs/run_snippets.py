@@ -11,6 +11,7 @@ directory. Exits with status 1 if a block fails.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -21,6 +22,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# A page whose blocks need optional packages names them on a line of its own,
+# <!-- requires: transformers, pytorch_lightning -->, and an example script in a comment,
+# # requires: transformers
+REQUIRES = re.compile(r"^(?:<!-- |# )requires: ([\w, .]+?)(?: -->)?$", re.MULTILINE)
+
+
+def required_modules(path: Path) -> list[str]:
+    """The modules a page's blocks import that an extra installs (none for most pages)."""
+    found = REQUIRES.search(path.read_text())
+    return [] if found is None else [m.strip() for m in found.group(1).split(",") if m.strip()]
+
+
+def missing_modules(path: Path) -> list[str]:
+    """The modules ``path`` requires that cannot be imported here."""
+    return [m for m in required_modules(path) if importlib.util.find_spec(m) is None]
 
 
 def python_blocks(path: Path) -> list[tuple[int, str]]:
@@ -30,6 +46,10 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
 
 
 def run_file(path: Path) -> bool:
+    missing = missing_modules(path)
+    if missing:
+        print(f"skip   {path.relative_to(ROOT)}: needs {', '.join(missing)}")
+        return True
     namespace: dict = {"__name__": "__snippets__"}
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ __all__ = [
     "NotFittedError",
     "PerformanceWarning",
     "TrajectoryError",
+    "UnsupportedLayersWarning",
     "UnsupportedModuleError",
 ]
 
@@ -66,10 +67,10 @@ class UnsupportedModuleError(TypeError):
 
     Gradient-based attributors work through the layer types of sourcekit's registry:
     ``nn.Linear``, ``nn.Conv2d``, the ``Conv1D`` of GPT-2-style models, ``nn.Embedding``,
-    and any added with :func:`sourcekit.gradients.register_layer_type`. A model with
-    parameters in other layers (normalisation...) is refused unless ``modules=[...]``
-    names the layers to attribute through; the parameters of the others are then
-    treated as fixed.
+    and any added with :func:`sourcekit.gradients.register_layer_type`. Without
+    ``modules=[...]``, layers of other types (normalisation...) are left out with an
+    :class:`UnsupportedLayersWarning`; naming such a layer in ``modules=[...]`` raises
+    this error, as does a model without any layer sourcekit reads.
 
     Examples
     --------
@@ -82,10 +83,10 @@ class UnsupportedModuleError(TypeError):
     >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
     >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
     >>> try:
-    ...     sourcekit.InfluenceAttributor().fit(trajectory)
+    ...     sourcekit.InfluenceAttributor(modules=["0", "1"]).fit(trajectory)
     ... except UnsupportedModuleError as err:
     ...     print(err)
-    The layer '1' (LayerNorm) has parameters but is not of a layer type sourcekit reads (nn.Linear, nn.Conv2d, GPT-2's Conv1D, nn.Embedding; registered kinds: linear, conv2d, conv1d, embedding). Restrict attribution to supported layers with modules=[...] (e.g. modules=['0', '2']), or describe the layer with sourcekit.gradients.register_layer_type.
+    The layer '1' (LayerNorm) has parameters but is not of a layer type sourcekit reads (nn.Linear, nn.Conv2d, GPT-2's Conv1D, nn.Embedding; registered kinds: linear, conv2d, conv1d, embedding). Name only supported layers in modules=[...] (e.g. modules=['0', '2']), or describe the layer with sourcekit.gradients.register_layer_type.
     >>> influence = sourcekit.InfluenceAttributor(modules=["0", "2"]).fit(trajectory)
     >>> influence.transform(data[:2]).shape
     (2, 20)
@@ -114,6 +115,40 @@ class NonFiniteError(FloatingPointError):
     ... except NonFiniteError as err:
     ...     print(type(err).__name__, isinstance(err, FloatingPointError))
     NonFiniteError True
+    """
+
+
+class UnsupportedLayersWarning(UserWarning):
+    """Some layers with parameters are left out of attribution, their parameters fixed.
+
+    Without ``modules=[...]``, the gradient-based attributors attribute through every
+    layer sourcekit can read and leave out the others: layer types outside the registry
+    (normalisation layers), unsupported configurations, layers whose input is shared by
+    the examples of a batch (a position embedding looked up once per batch) and layers
+    the forward pass does not call. One warning per fit lists them; passing
+    ``modules=[...]`` chooses the layers explicitly and gives no warning.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import torch
+    >>> from torch import nn
+    >>> import sourcekit
+    >>> from sourcekit.exceptions import UnsupportedLayersWarning
+    >>> data = sourcekit.Examples(torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    >>> stage = sourcekit.TrainingStage(sourcekit.OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=5)
+    >>> trajectory = sourcekit.train(model, data, [stage], progress=False)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always", UnsupportedLayersWarning)
+    ...     influence = sourcekit.InfluenceAttributor().fit(trajectory)
+    >>> print(caught[0].message)  # doctest: +NORMALIZE_WHITESPACE
+    Attributing through 2 layer(s); 1 layer(s) with parameters are left out and their
+    parameters treated as fixed: '1' (LayerNorm, not a layer type sourcekit reads). Pass
+    modules=[...] to choose the layers yourself (no warning then), or describe a layer
+    with sourcekit.gradients.register_layer_type.
+    >>> [b.name for b in influence.state_.blocks]
+    ['0', '2']
     """
 
 

@@ -64,8 +64,11 @@ __all__ = [
     "function_spec",
     "margin",
     "mse_loss",
+    "next_token_cross_entropy",
+    "next_token_margin",
     "output",
     "resolve_function",
+    "shift_targets",
     "squared_error",
 ]
 
@@ -541,10 +544,120 @@ def output(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return outputs.reshape(outputs.shape[0])
 
 
+def shift_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with a causal LM's outputs: position t gets token t+1.
+
+    ``targets`` (n, T) are the tokens of each sequence (Hugging Face's ``labels``: the
+    ``input_ids`` with ``IGNORE_INDEX`` at padding and prompt positions); the output at
+    position t predicts token t+1, and the last position predicts nothing (``IGNORE_INDEX``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import shift_targets
+    >>> shift_targets(torch.tensor([[5, 6, 7, -100]]))
+    tensor([[   6,    7, -100, -100]])
+    """
+    if targets.ndim != 2:
+        raise ValueError(
+            "Next-token losses and measurements need targets of shape (n, T), the tokens of "
+            f"each sequence; got shape {tuple(targets.shape)}. Pass the labels (input_ids with "
+            f"{IGNORE_INDEX} at padding and prompt positions) as the targets."
+        )
+    last = targets.new_full((targets.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([targets[:, 1:], last], dim=1)
+
+
+def _check_sequence_outputs(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if outputs.ndim != 3 or tuple(outputs.shape[:2]) != tuple(targets.shape):
+        raise ValueError(
+            "Next-token losses and measurements need a causal LM's logits of shape (n, T, V) "
+            f"and targets of shape (n, T); got outputs {tuple(outputs.shape)} and targets "
+            f"{tuple(targets.shape)}. Pass the unshifted tokens as the targets (the loss shifts "
+            "them), and make the model return its logits."
+        )
+
+
+def next_token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A causal LM's next-token cross-entropy, one value per sequence.
+
+    The outputs (n, T, V) at position t are scored against token t+1 of the targets
+    (n, T) (:func:`shift_targets`): the mean, over the positions whose next token is not
+    ``IGNORE_INDEX`` (padding, prompt tokens), of −log p(token t+1 | tokens ≤ t). The
+    targets are the sequences' own tokens, as Hugging Face's ``labels`` are, so a causal
+    LM trained on its ``loss`` needs no wrapper: ``loss="next_token_cross_entropy"``. It
+    defines what :func:`cross_entropy` defines (``per_position``, ``sample_targets``...)
+    on the shifted positions, the last position weighted 0.
+
+    A Hugging Face model's own loss is the mean over the batch's counted tokens; it is the
+    mean of these per-sequence values when every sequence counts equally many tokens (no
+    padding within a batch, or the same prompt length), which the recorder's self-check
+    confirms on the steps it verifies.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import cross_entropy, next_token_cross_entropy
+    >>> logits = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(0))
+    >>> tokens = torch.tensor([[1, 2, 3, 4], [5, 1, -100, -100]])
+    >>> value = next_token_cross_entropy(logits, tokens)
+    >>> torch.allclose(value[1], cross_entropy(logits[1:, :1], tokens[1:, 1:2]))
+    True
+    """
+    _check_sequence_outputs(outputs, targets)
+    return cross_entropy(outputs, shift_targets(targets))
+
+
+def _next_token_per_position(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_sequence_outputs(outputs, targets)
+    return _cross_entropy_per_position(outputs, shift_targets(targets))
+
+
+def _sample_next_tokens(outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    # A draw from the output at position t is token t+1 of the drawn sequence, so that the
+    # loss, which shifts its targets, scores each position against its own draw.
+    draws = _sample_categorical(outputs, uniforms)
+    return torch.cat([torch.zeros_like(draws[:, :1]), draws[:, :-1]], dim=1)
+
+
+next_token_cross_entropy.sample_targets = _sample_next_tokens  # type: ignore[attr-defined]
+next_token_cross_entropy.noise_shape = _categorical_noise_shape  # type: ignore[attr-defined]
+next_token_cross_entropy.output_hessian_sqrt = _softmax_hessian_sqrt  # type: ignore[attr-defined]
+next_token_cross_entropy.per_position = _next_token_per_position  # type: ignore[attr-defined]
+next_token_cross_entropy.class_targets = True  # type: ignore[attr-defined]
+
+
+def next_token_margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A causal LM's next-token :func:`margin`, averaged over each sequence's counted tokens.
+
+    log p − log(1 − p) of each next token (targets shifted by :func:`shift_targets`,
+    ``IGNORE_INDEX`` positions skipped): positive where the model prefers the right
+    token. The default-style measurement for a causal LM's query completions; with
+    :func:`per_token_queries`, one query per token.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sourcekit.objectives import margin, next_token_margin
+    >>> logits = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
+    >>> tokens = torch.tensor([[4, 0, 2]])
+    >>> torch.allclose(next_token_margin(logits, tokens), margin(logits[:, :2], tokens[:, 1:]))
+    True
+    """
+    _check_sequence_outputs(outputs, targets)
+    return margin(outputs, shift_targets(targets))
+
+
+next_token_margin.class_targets = True  # type: ignore[attr-defined]
+
+
 LOSSES: dict[str, PerExample] = {
     "cross_entropy": cross_entropy,
     "mse_loss": mse_loss,
     "squared_error": squared_error,
+    "next_token_cross_entropy": next_token_cross_entropy,
 }
 """The built-in training losses, by the name ``loss=`` accepts."""
 MEASUREMENTS: dict[str, PerExample] = {
@@ -554,6 +667,8 @@ MEASUREMENTS: dict[str, PerExample] = {
     "squared_error": squared_error,
     "absolute_error": absolute_error,
     "output": output,
+    "next_token_cross_entropy": next_token_cross_entropy,
+    "next_token_margin": next_token_margin,
 }
 """The built-in query measurements, by the name ``measurement=`` accepts."""
 
@@ -628,7 +743,7 @@ def resolve_function(spec: Any, registry: dict[str, PerExample], name: str) -> P
     >>> resolve_function("hinge", LOSSES, "loss")
     Traceback (most recent call last):
     ...
-    ValueError: The 'loss' parameter must be one of 'cross_entropy', 'mse_loss', 'squared_error', an importable 'module:function' string, or a callable (outputs, targets) -> per-example tensor; got 'hinge'.
+    ValueError: The 'loss' parameter must be one of 'cross_entropy', 'mse_loss', 'squared_error', 'next_token_cross_entropy', an importable 'module:function' string, or a callable (outputs, targets) -> per-example tensor; got 'hinge'.
     """
     if isinstance(spec, (nn.CrossEntropyLoss, nn.MSELoss)):
         return _from_torch_module(spec, name)

@@ -31,6 +31,10 @@ mlp_two_stage
     Pretraining on examples 0..7 with SGD and momentum, then fine-tuning on examples
     4..11 with Adam: examples 0..3 belong to the first stage only, 8..11 to the second
     only, 4..7 to both.
+mlp_dict, mlp_tuple
+    Models called with several inputs: ``model(features=..., mask=...)`` (a dict of
+    inputs, :class:`MaskedMLP`) and ``model(a, b)`` (a tuple, :class:`TwoTowerMLP`),
+    trained with SGD and momentum like ``mlp_sgd``.
 
 Each stage keeps 3 checkpoints for attribution, at the midpoints of equal step intervals
 (steps 1, 4, 7 of the 9-step MLP runs). Every loss and measurement above is smooth in the
@@ -59,9 +63,11 @@ __all__ = [
     "arguments",
     "classification_data",
     "make_batchnorm_mlp",
+    "make_dict_mlp",
     "make_dropout_mlp",
     "make_linear",
     "make_tanh_mlp",
+    "make_tuple_mlp",
     "queries",
     "rebuild",
     "record",
@@ -107,6 +113,45 @@ def make_dropout_mlp(
     )
 
 
+class MaskedMLP(nn.Module):
+    """The tanh classifier called with keyword inputs: ``features`` times a 0/1 ``mask``."""
+
+    def __init__(
+        self, n_features: int = N_FEATURES, hidden: int = HIDDEN, n_classes: int = N_CLASSES
+    ) -> None:
+        super().__init__()
+        self.body = nn.Linear(n_features, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(features * mask)))
+
+
+class TwoTowerMLP(nn.Module):
+    """A classifier called with two positional inputs, each through a layer of its own."""
+
+    def __init__(
+        self, n_features: int = N_FEATURES, hidden: int = HIDDEN, n_classes: int = N_CLASSES
+    ) -> None:
+        super().__init__()
+        self.left = nn.Linear(n_features, hidden)
+        self.right = nn.Linear(2, hidden, bias=False)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.left(a) + self.right(b)))
+
+
+def make_dict_mlp() -> MaskedMLP:
+    """:class:`MaskedMLP`: inputs given as a dict."""
+    return MaskedMLP()
+
+
+def make_tuple_mlp() -> TwoTowerMLP:
+    """:class:`TwoTowerMLP`: inputs given as a tuple."""
+    return TwoTowerMLP()
+
+
 # --- data ---------------------------------------------------------------------------------
 def regression_data(n: int, seed: int, n_features: int = N_FEATURES) -> Examples:
     """Gaussian inputs and noisy targets of a fixed linear teacher, shape (n, 1)."""
@@ -129,6 +174,22 @@ def classification_data(
     x = torch.randn(n, n_features, generator=g)
     y = (x @ teacher + 0.5 * torch.randn(n, n_classes, generator=g)).argmax(dim=1)
     return Examples(x, y)
+
+
+def dict_classification_data(n: int, seed: int) -> Examples:
+    """:func:`classification_data` as inputs by keyword: the features and a 0/1 mask that
+    hides about a quarter of them (integer, as attention masks are)."""
+    plain = classification_data(n, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = (torch.rand(n, N_FEATURES, generator=g) > 0.25).to(torch.int64)
+    return Examples({"features": plain.inputs, "mask": mask}, plain.targets)
+
+
+def tuple_classification_data(n: int, seed: int) -> Examples:
+    """:func:`classification_data` with a second positional input of two features."""
+    plain = classification_data(n, seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    return Examples((plain.inputs, torch.randn(n, 2, generator=g)), plain.targets)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -303,6 +364,34 @@ CASES: dict[str, Case] = {
             n_train=12,
             optimizers=("sgd", "adam"),
         ),
+        Case(
+            "mlp_dict",
+            "tests._cases:make_dict_mlp",
+            dict_classification_data,
+            lambda: [
+                _sgd_stage(
+                    optimizer=OptimizerSpec("sgd", lr=0.3, momentum=0.5), epochs=3, batch_size=4
+                )
+            ],
+            loss="cross_entropy",
+            measurement="margin",
+            n_train=12,
+            optimizers=("sgd",),
+        ),
+        Case(
+            "mlp_tuple",
+            "tests._cases:make_tuple_mlp",
+            tuple_classification_data,
+            lambda: [
+                _sgd_stage(
+                    optimizer=OptimizerSpec("sgd", lr=0.3, momentum=0.5), epochs=3, batch_size=4
+                )
+            ],
+            loss="cross_entropy",
+            measurement="margin",
+            n_train=12,
+            optimizers=("sgd",),
+        ),
     ]
 }
 CASE_NAMES: tuple[str, ...] = tuple(CASES)
@@ -346,6 +435,7 @@ def arguments(trajectory: Trajectory) -> dict[str, Any]:
         "train_mode": trajectory.train_mode,
         "clipping": trajectory.clipping,
         "random_states": trajectory.random_states,
+        "microbatches": trajectory.microbatches,
     }
 
 

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 SIDE_WINGS: dict[str, set[str]] = {
     "evaluation": {"foundations", "services", "trajectory"},
     "datasets": {"foundations", "services", "trajectory"},
+    "integrations": {"foundations", "services", "trajectory"},
 }
 
 

@@ -19,11 +19,15 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_documentation_code_blocks_run(page: Path) -> None:
+    for module in SNIPPETS["required_modules"](page):  # a page for an optional extra
+        pytest.importorskip(module, reason=f"{page.name} needs {module}")
     assert SNIPPETS["run_file"](page), f"a code block of {page.name} failed (see the output)"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_examples_run(example: Path, tmp_path: Path) -> None:
+    for module in SNIPPETS["required_modules"](example):  # an example for an optional extra
+        pytest.importorskip(module, reason=f"{example.name} needs {module}")
     work, temporary = tmp_path / "work", tmp_path / "tmp"
     work.mkdir()
     temporary.mkdir()

@@ -31,7 +31,10 @@ from sourcekit.objectives import (
     function_spec,
     margin,
     mse_loss,
+    next_token_cross_entropy,
+    next_token_margin,
     resolve_function,
+    shift_targets,
 )
 
 from .curvature.test_fit import assert_dense_close, custom_trajectory, reference, settings
@@ -234,3 +237,58 @@ def test_smoothed_labels_would_bias_the_true_fisher() -> None:
         expected += p[:, c, None, None] * s[:, :, None] * s[:, None, :]
     want = _hessian_of(CrossEntropy(label_smoothing=0.2), logits.detach(), labels)
     assert float((expected - want).abs().max()) > 0.01
+
+
+# --- causal language models: next-token targets ---------------------------------------------
+def _sequences() -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (3, 5, 4) and tokens (3, 5): the second sequence is padded after 3 tokens,
+    the third has a prompt of 2 tokens that the loss skips."""
+    g = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 4, (3, 5), generator=g)
+    tokens[1, 3:] = IGNORE_INDEX
+    tokens[2, :2] = IGNORE_INDEX
+    return logits, tokens
+
+
+def test_next_token_cross_entropy_scores_each_position_against_the_next_token() -> None:
+    logits, tokens = _sequences()
+    got = next_token_cross_entropy(logits, tokens)
+    for i in range(3):  # the mean over t of −log p(token t+1 | position t), counted tokens only
+        terms = [
+            -F.log_softmax(logits[i, t], dim=0)[tokens[i, t + 1]]
+            for t in range(4)
+            if tokens[i, t + 1] != IGNORE_INDEX
+        ]
+        torch.testing.assert_close(got[i], torch.stack(terms).mean(), rtol=0, atol=8 * EPS64)
+    # the batch mean is torch's shifted token mean when every sequence counts as many tokens
+    full = tokens[:1].expand(2, 5)
+    want = F.cross_entropy(logits[:2, :-1].reshape(-1, 4), full[:, 1:].reshape(-1))
+    torch.testing.assert_close(next_token_cross_entropy(logits[:2], full).mean(), want)
+    torch.testing.assert_close(
+        next_token_margin(logits, tokens), margin(logits, shift_targets(tokens))
+    )
+
+
+def test_next_token_fisher_draws_score_each_position_against_its_own_draw() -> None:
+    logits, tokens = _sequences()
+    u = torch.rand(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    drawn = next_token_cross_entropy.sample_targets(logits, u)
+    values, _ = next_token_cross_entropy.per_position(logits, drawn)
+    cumulative = logits.softmax(dim=-1).cumsum(dim=-1)
+    for i in range(3):
+        for t in range(4):  # position t's draw: the class whose cumulative interval holds u
+            own = int((cumulative[i, t] <= u[i, t] * cumulative[i, t, -1]).sum())
+            want = -F.log_softmax(logits[i, t], dim=0)[own]
+            torch.testing.assert_close(values[i, t], want, rtol=0, atol=8 * EPS64)
+    _, recorded = next_token_cross_entropy.per_position(logits, tokens)
+    assert bool((recorded[:, -1] == 0).all())  # the last position predicts nothing
+    assert bool((recorded[2, :1] == 0).all()) and bool((recorded[1, 2:] == 0).all())
+
+
+def test_next_token_objectives_refuse_outputs_without_positions() -> None:
+    with pytest.raises(ValueError, match=r"logits of shape \(n, T, V\).*got outputs \(3, 4\)"):
+        next_token_cross_entropy(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets of shape \(n, T\).*and targets \(3,\)"):
+        next_token_margin(torch.zeros(3, 2, 4), torch.zeros(3, dtype=torch.long))
+    assert resolve_function("next_token_cross_entropy", LOSSES, "loss") is next_token_cross_entropy

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 from ..exceptions import NonFiniteError
 from ..gradients._layers import LayerBlock, block_gradients
 from ..gradients._per_example import checkpoint_batches, model_at
+from ..trajectory._inputs import ModelInputs, functional_forward
 from ._objects import Carried, Curvature, Shift, SpectralFunction, shift_of
 from ._passes import CurvaturePasses, sum_over_ranks
 from ._rates import SegmentRates
@@ -228,14 +229,14 @@ def _hessian_sum(passes: CurvaturePasses, model: torch.nn.Module, step: int) -> 
     flat0 = _flat_block_vector(blocks, {k: v.detach() for k, v in params.items()})
     data = trajectory.train.to(device, torch.float64)
 
-    def batch_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def batch_loss(flat: torch.Tensor, x: ModelInputs, y: torch.Tensor) -> torch.Tensor:
         tensors = {**fixed, **_unflat_block_vector(blocks, flat, shapes)}
-        return trajectory.loss(functional_call(model, tensors, (x,)), y).sum()
+        return trajectory.loss(functional_forward(model, tensors, x), y).sum()
 
     total = torch.zeros(flat0.numel(), flat0.numel(), dtype=torch.float64, device=device)
     for start in range(0, len(indices), batch_size):
-        idx = torch.from_numpy(indices[start : start + batch_size]).to(device)
-        total += hessian(batch_loss)(flat0, data.inputs[idx], data.targets[idx])
+        part = data[indices[start : start + batch_size]]
+        total += hessian(batch_loss)(flat0, part.inputs, part.targets)
     return total
 
 

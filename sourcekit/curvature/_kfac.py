@@ -26,7 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gradients._layers import LayerBlock, block_gradient, squared_gradient_sum
+from ..gradients._layers import (
+    LayerBlock,
+    block_gradient,
+    block_gradient_of,
+    squared_gradient_sum,
+)
 from ..gradients._patches import Inputs, dense
 from ..gradients._per_example import BatchFactors
 from ..gradients._training import PassCache
@@ -124,6 +129,8 @@ def squared_rotated(
     ``dtype`` (the working precision; orthogonal matrices are well conditioned), the
     batch's sum is returned in float64 for the accumulation across batches.
     """
+    if block.uses:  # a tied parameter: the diagonal of its summed gradient
+        return _tied_squared_sum(block, batch, dtype)
     a = batch.a[block.name]
     a = a.to(dtype) if a.is_floating_point() else a
     variants = [v[block.name].to(dtype) for v in batch.fisher]
@@ -153,6 +160,29 @@ def squared_rotated(
                 g = q_s.T @ g
             if q_a is not None:
                 g = g @ q_a
+            total += (g * g).sum(dim=0)
+    return total.double()
+
+
+def _tied_squared_sum(block: LayerBlock, batch: BatchFactors, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over examples (and Fisher variants) of G∘G for a tied block, G the sum of its
+    uses' gradients (formed in chunks of examples), as float64."""
+    a = {
+        u.name: batch.a[u.name].to(dtype)
+        if batch.a[u.name].is_floating_point()
+        else batch.a[u.name]
+        for u in block.uses
+    }
+    n = next(iter(a.values())).shape[0]
+    chunk = max(1, _CHUNK_NUMBERS // block.n_params)
+    total = torch.zeros(block.d_out, block.d_in, dtype=dtype, device=next(iter(a.values())).device)
+    for variant in batch.fisher:
+        s = {u.name: variant[u.name].to(dtype) for u in block.uses}
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            g = block_gradient_of(
+                block, {k: v[part] for k, v in a.items()}, {k: v[part] for k, v in s.items()}
+            )
             total += (g * g).sum(dim=0)
     return total.double()
 

@@ -259,10 +259,16 @@ class GradientAttributor(BaseAttributor, ABC):
 
     # --- fitting -----------------------------------------------------------------------
     def _blocks(self, trajectory: Trajectory) -> list[LayerBlock]:
-        """The layer blocks of the run's model (``modules``, or every supported layer),
-        without the layers the run never trained (frozen in every stage)."""
+        """The layer blocks of the run's model (``modules``, or every layer sourcekit reads,
+        with one warning listing the others), without the layers the run never trained
+        (frozen in every stage). A forward pass on a few training examples finds the
+        layers without per-example inputs (position embeddings)."""
+        probe = trajectory.train[: min(4, trajectory.n_train)].inputs
         return find_blocks(
-            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+            trajectory.architecture.build(),
+            self.modules,
+            trajectory.trained_parameters,
+            probe=probe,
         )
 
     def _training_gradients(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .._imports import importable_name
 from .._validation import bad_value
 from ..trajectory import AttributionTask, Examples, Trajectory
+from ..trajectory._inputs import call_model
 from ._cache import RetrainingCache
 from ._masks import check_masks
 from ._recipe import RecipeReplay, Retrain
@@ -145,7 +146,7 @@ def measure(
     with torch.no_grad():
         for start in range(0, len(queries), _QUERY_BATCH):
             batch = queries[start : start + _QUERY_BATCH].to(device)
-            outputs = model(batch.inputs)
+            outputs = call_model(model, batch.inputs)
             values.append(measurement(outputs, batch.targets).detach().double().cpu().numpy())
             if outputs.ndim == 2 and outputs.shape[1] > 1:
                 predictions.append(outputs.argmax(dim=1).cpu().numpy().astype(np.int64))

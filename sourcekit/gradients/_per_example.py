@@ -18,6 +18,7 @@ from torch import nn
 
 from ..exceptions import NonFiniteError, UnsupportedModuleError
 from ..trajectory import Examples, Trajectory
+from ..trajectory._inputs import ModelInputs, call_model, first_tensor, input_leaves
 from ._layers import LayerBlock, block_gradients, collect
 from ._patches import Inputs
 
@@ -91,23 +92,25 @@ _LOW = (torch.bfloat16, torch.float16)
 _LOW_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``model(inputs)``; a half-precision kernel missing on this device becomes a clear error.
+def _forward(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """The model's outputs on ``inputs`` (:func:`~sourcekit.trajectory._inputs.call_model`);
+    a half-precision kernel missing on this device becomes a clear error.
 
     Some CPU builds of torch lack float16 kernels for common layers; the error then
     names the ``gradient_dtype`` parameter and what to use instead.
     """
     try:
-        return model(inputs)
+        return call_model(model, inputs)
     except (RuntimeError, NotImplementedError) as err:
-        dtype = inputs.dtype if inputs.is_floating_point() else None
+        floating = [t for _, t in input_leaves(inputs) if t.is_floating_point()]
+        dtype = floating[0].dtype if floating else None
         if dtype is None:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if dtype not in _LOW or "not implemented for" not in str(err):
             raise
         raise ValueError(
             f"The 'gradient_dtype' parameter is {_LOW_NAMES[dtype]!r}, but a layer of the model "
-            f"has no {_LOW_NAMES[dtype]} kernel on {inputs.device.type!r} ({err}). Use "
+            f"has no {_LOW_NAMES[dtype]} kernel on {first_tensor(inputs).device.type!r} ({err}). Use "
             "gradient_dtype='bfloat16' (supported by CPU builds of torch), or None for the "
             "working precision, or run on a GPU (device='cuda')."
         ) from err

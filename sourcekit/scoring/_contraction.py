@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..gradients._layers import FactoredGradients, LayerBlock, block_gradient
+from ..gradients._layers import (
+    FactoredGradients,
+    LayerBlock,
+    block_gradient,
+    from_block_layout,
+)
 from ..gradients._patches import Inputs, dense
 
 __all__ = [
@@ -159,9 +164,12 @@ def query_matrices(
     that the lookup reads whole rows of memory (and no copy is made per batch).
     """
     one_hot = {b.name for b in blocks if b.one_hot}
+    tied = {b.name for b in blocks if b.uses}
     out: dict[str, Query] = {}
     for name, u_k in u.items():
-        if name in one_hot:
+        if name in tied:  # contracted use by use (gradient_dot), each in its own layout
+            out[name] = u_k.to(dtype)
+        elif name in one_hot:
             out[name] = u_k.to(dtype).permute(2, 0, 1).contiguous().permute(1, 2, 0)
         elif rank is None:
             out[name] = u_k.to(dtype)
@@ -324,7 +332,9 @@ def gradient_dot(
     """
     out: torch.Tensor | None = None
     for name, query in queries.items():
-        if isinstance(grads, FactoredGradients):
+        if isinstance(grads, FactoredGradients) and grads.blocks[name].uses:
+            part = _tied_dot(grads.blocks[name], query, grads, dtype)
+        elif isinstance(grads, FactoredGradients):
             block = grads.blocks[name]
             part = block_dot(block, query, grads.a[name], grads.s[name], dtype)
         else:
@@ -337,6 +347,22 @@ def gradient_dot(
     if out is None:
         raise ValueError("gradient_dot needs at least one block.")
     return out
+
+
+def _tied_dot(
+    block: LayerBlock, query: Query, grads: FactoredGradients, dtype: torch.dtype
+) -> torch.Tensor:
+    """⟨U_q, G_m⟩ for a tied block, G = Σ over uses of each use's gradient in the block's
+    layout: the sum over uses of ⟨U_q in the use's layout, the use's gradient⟩, each
+    contracted like an ordinary block (a lookup for an embedding's use)."""
+    dense = query.dense() if isinstance(query, LowRank) else query
+    total: torch.Tensor | None = None
+    for use in block.uses:
+        u = from_block_layout(block, use, dense)
+        part = block_dot(use, u, grads.a[use.name], grads.s[use.name], dtype)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def _block_squared_norms(block: LayerBlock, a: Inputs, s: torch.Tensor) -> torch.Tensor:
@@ -365,7 +391,7 @@ def squared_norms(grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torc
     """
     total: torch.Tensor | None = None
     for name in grads:
-        if isinstance(grads, FactoredGradients):
+        if isinstance(grads, FactoredGradients) and not grads.blocks[name].uses:
             a = grads.a[name]
             a = a.to(dtype) if a.is_floating_point() else a
             part = _block_squared_norms(grads.blocks[name], a, grads.s[name].to(dtype))

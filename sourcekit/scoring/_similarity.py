@@ -29,6 +29,7 @@ from torch import nn
 
 from ..gradients._training import GradientSource
 from ..trajectory import Examples
+from ..trajectory._inputs import call_model
 from ._contraction import gradient_dot, squared_norms
 
 __all__ = [
@@ -140,7 +141,7 @@ def layer_features(
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size].to(device, dtype)
             calls.clear()
-            model(batch.inputs)
+            call_model(model, batch.inputs)
             if not calls:
                 raise ValueError(
                     f"The layer {layer!r} was not called in the model's forward pass, so it has no "

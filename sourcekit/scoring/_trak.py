@@ -187,7 +187,7 @@ class Projector:
         """
         out: torch.Tensor | None = None
         for b, (name, _) in enumerate(self.projection.blocks):
-            if isinstance(grads, FactoredGradients):
+            if isinstance(grads, FactoredGradients) and not grads.blocks[name].uses:
                 part = self._factored(grads, b, name)
                 out = part if out is None else out + part
                 continue

@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .._device import resolve_device
 from ..trajectory import Examples, Trajectory
+from ..trajectory._inputs import functional_forward
 from ..trajectory._replay import replay
 
 __all__ = ["unrolled_scores"]
@@ -93,7 +93,7 @@ def unrolled_scores(
     model.eval()
     q = queries.to(device, dtype)
     values = trajectory.measurement(
-        functional_call(model, {**params, **buffers}, (q.inputs,)), q.targets
+        functional_forward(model, {**params, **buffers}, q.inputs), q.targets
     )
     n_queries = len(queries)
     rows = torch.empty(n_queries, trajectory.n_train, dtype=dtype)

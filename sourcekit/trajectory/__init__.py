@@ -7,6 +7,7 @@ from ._recorder import TrajectoryRecorder
 from ._segments import Segment
 from ._settings import (
     GradientClipping,
+    MicroBatches,
     ParameterGroup,
     RandomStates,
     effective_learning_rates,
@@ -14,6 +15,7 @@ from ._settings import (
 )
 from ._stages import Stage
 from ._storage import Checkpoint
+from ._tokens import token_queries
 from ._trainer import TrainingStage, learning_rate_schedule, train
 from ._trajectory import AttributionTask, Trajectory
 
@@ -23,6 +25,7 @@ __all__ = [
     "Checkpoint",
     "Examples",
     "GradientClipping",
+    "MicroBatches",
     "OptimizerSpec",
     "ParameterGroup",
     "RandomStates",
@@ -34,6 +37,7 @@ __all__ = [
     "effective_learning_rates",
     "learning_rate_schedule",
     "optimizer_step",
+    "token_queries",
     "train",
     "weight_decays",
 ]

@@ -169,3 +169,34 @@ def check_fits(
             "Check that the trajectory was recorded with this model, or pass the right "
             "architecture=... to Trajectory.load."
         )
+
+
+def load_state(
+    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+) -> nn.Module:
+    """Copy a checkpoint's tensors into ``model`` (a fresh module of the architecture).
+
+    A checkpoint holds what ``named_parameters()`` and ``named_buffers()`` list: a tensor
+    used under several names (tied weights: GPT-2's ``lm_head.weight`` is its
+    ``transformer.wte.weight``) once, under its first name, and non-persistent buffers as
+    well. The tensors are copied by those names, so the ties of the fresh module stay as
+    they are: writing the shared tensor once sets every use. Returns ``model``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sourcekit.trajectory._architecture import load_state
+    >>> model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    >>> model[1].weight = model[0].weight  # tied: listed once, as '0.weight'
+    >>> [name for name, _ in model.named_parameters()]
+    ['0.weight']
+    >>> model = load_state(model, {"0.weight": torch.ones(5, 3)}, {})
+    >>> float(model[1].weight.sum())
+    15.0
+    """
+    check_fits(params, buffers, model, "being loaded")
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor.copy_(params[name] if name in params else buffers[name])
+    return model

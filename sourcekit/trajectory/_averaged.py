@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._architecture import load_state
 from ._segments import Segment
 from ._trajectory import Trajectory
 
@@ -68,9 +69,10 @@ class AveragedTrajectory:
     def build_model(self, step: int | None = None) -> nn.Module:
         if step is None or step not in self.states:
             return self.trajectory.build_model(step)
-        model = self.trajectory.architecture.build()
-        model.load_state_dict(self.states[step], strict=True)
-        return model
+        state = self.states[step]
+        params = {n: state[n] for n in self.trajectory.parameter_names}
+        buffers = {n: t for n, t in state.items() if n not in params}
+        return load_state(self.trajectory.architecture.build(), params, buffers)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("trajectory", "states"):  # not yet set (a copy being made)

@@ -16,27 +16,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._inputs import (
+    ModelInputs,
+    _as_tensor,
+    as_inputs,
+    concat_inputs,
+    describe_inputs,
+    input_leaves,
+    map_inputs,
+    n_rows,
+)
+
 __all__ = ["Examples", "as_tensor", "check_training_set"]
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
     """Convert an array-like to a tensor without copying when possible."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise TypeError(
-                f"The {name!r} array has dtype object; pass a numeric array "
-                "(e.g. np.asarray(values, dtype=np.float32))."
-            )
-        return torch.from_numpy(np.ascontiguousarray(value))
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(
-            f"The {name!r} argument must be a tensor or an array-like of numbers; "
-            f"got {type(value).__name__}. Convert it with torch.as_tensor(...) first."
-        ) from err
+    return _as_tensor(value, name)
 
 
 def _check_finite(tensor: torch.Tensor, part: str) -> None:
@@ -102,8 +98,11 @@ class Examples:
 
     Parameters
     ----------
-    inputs : tensor or array-like, shape (n, ...)
-        What the model is called with: ``model(inputs)``.
+    inputs : tensor, dict of tensors or tuple of tensors, each of shape (n, ...)
+        What the model is called with: a tensor ``x`` as ``model(x)``; a dict (for
+        instance ``input_ids`` with ``attention_mask``) as ``model(**inputs)``; a tuple
+        (several positional inputs) as ``model(*inputs)``. Every tensor has the same
+        leading examples axis. Array-likes are converted to tensors.
     targets : tensor or array-like, shape (n, ...)
         What the loss and the measurement compare the model's outputs with.
 
@@ -125,28 +124,37 @@ class Examples:
     >>> ex = Examples(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
     >>> ex.shape, len(ex[1:3]), type(ex[[0, 4]]).__name__
     ((5,), 2, 'Examples')
+
+    Several inputs per example, as a Hugging Face model takes them:
+
+    >>> tokens = Examples(
+    ...     {"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)},
+    ...     torch.tensor([0, 1, 1, 0]),
+    ... )
+    >>> tokens[1:3]
+    Examples(n=2, inputs={'input_ids': int64[6], 'attention_mask': int64[6]}, targets=int64[])
     """
 
     def __init__(self, inputs: Any, targets: Any) -> None:
-        inputs = as_tensor(inputs, "inputs")
+        inputs = as_inputs(inputs, "inputs")
         targets = as_tensor(targets, "targets")
-        if inputs.ndim == 0 or targets.ndim == 0:
+        if targets.ndim == 0:
             raise ValueError(
-                "Examples need inputs and targets with a leading examples axis; got shapes "
-                f"{tuple(inputs.shape)} and {tuple(targets.shape)}. Add the axis with x[None]."
+                "Examples need targets with a leading examples axis; got shape "
+                f"{tuple(targets.shape)}. Add the axis with y[None]."
             )
-        if inputs.shape[0] != targets.shape[0]:
+        if n_rows(inputs) != targets.shape[0]:
             raise ValueError(
-                f"Examples need as many targets as inputs; got {inputs.shape[0]} inputs and "
+                f"Examples need as many targets as inputs; got {n_rows(inputs)} inputs and "
                 f"{targets.shape[0]} targets. Pass matching arrays."
             )
-        for part, tensor in (("inputs", inputs), ("targets", targets)):
+        for part, tensor in [*input_leaves(inputs), ("targets", targets)]:
             _check_finite(tensor, part)
-        self.inputs = inputs
+        self.inputs: ModelInputs = inputs
         self.targets = targets
 
     @classmethod
-    def _of_checked(cls, inputs: torch.Tensor, targets: torch.Tensor) -> Examples:
+    def _of_checked(cls, inputs: ModelInputs, targets: torch.Tensor) -> Examples:
         """Examples of tensors taken from checked ones (a slice, a copy): no new checks."""
         out = cls.__new__(cls)
         out.inputs = inputs
@@ -156,14 +164,14 @@ class Examples:
     # --- the sample axis -------------------------------------------------------------
     @property
     def shape(self) -> tuple[int]:
-        return (int(self.inputs.shape[0]),)
+        return (n_rows(self.inputs),)
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return n_rows(self.inputs)
 
     def __getitem__(self, key: Any) -> Examples:
         key = _normalise_key(key, len(self))
-        return Examples._of_checked(self.inputs[key], self.targets[key])
+        return Examples._of_checked(map_inputs(lambda t: t[key], self.inputs), self.targets[key])
 
     # --- conveniences ----------------------------------------------------------------
     def to(
@@ -176,32 +184,33 @@ class Examples:
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        return Examples._of_checked(move(self.inputs), move(self.targets))
+        return Examples._of_checked(map_inputs(move, self.inputs), move(self.targets))
 
     @classmethod
     def concat(cls, parts: Sequence[Examples]) -> Examples:
         """Concatenate several ``Examples`` along the examples axis."""
         if not parts:
             raise ValueError("Examples.concat needs at least one Examples object.")
-        return cls(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
+        return cls(concat_inputs([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
 
     def fingerprint(self) -> str:
-        """A sha256 of the inputs and targets (values, shapes and dtypes)."""
+        """A sha256 of the inputs and targets (values, shapes and dtypes, and the names of
+        dict inputs)."""
         digest = hashlib.sha256()
-        for tensor in (self.inputs, self.targets):
+        if isinstance(self.inputs, dict):
+            digest.update(f"dict{list(self.inputs)}".encode())
+        elif isinstance(self.inputs, tuple):
+            digest.update(f"tuple{len(self.inputs)}".encode())
+        for _, tensor in [*input_leaves(self.inputs), ("targets", self.targets)]:
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
 
     def __repr__(self) -> str:
-        def describe(t: torch.Tensor) -> str:
-            dtype = str(t.dtype).replace("torch.", "")
-            return f"{dtype}{list(t.shape[1:])}"
-
         return (
-            f"Examples(n={len(self)}, inputs={describe(self.inputs)}, "
-            f"targets={describe(self.targets)})"
+            f"Examples(n={len(self)}, inputs={describe_inputs(self.inputs)}, "
+            f"targets={describe_inputs(self.targets)})"
         )
 
 

@@ -42,7 +42,7 @@ from ..objectives import LOSSES, MEASUREMENTS, function_spec
 from ._architecture import Architecture
 from ._examples import Examples
 from ._optimizer import OptimizerSpec
-from ._settings import GradientClipping, ParameterGroup, RandomStates
+from ._settings import GradientClipping, MicroBatches, ParameterGroup, RandomStates
 from ._stages import Stage
 from ._storage import Checkpoint, DirectoryStore, load_tensors, sha256_file
 
@@ -71,6 +71,7 @@ def schedule_payload(
     batches: Sequence[np.ndarray] | None,
     clipping: GradientClipping | None = None,
     random_states: RandomStates | None = None,
+    microbatches: MicroBatches | None = None,
 ) -> dict[str, torch.Tensor]:
     """The schedule as tensors: learning rates, each stage's examples, the batch indices,
     and the per-step records a run may hold (group settings, clipping, random states)."""
@@ -91,6 +92,13 @@ def schedule_payload(
     if random_states is not None:
         payload["random.steps"] = torch.from_numpy(random_states.steps.copy())
         payload["random.states"] = random_states.states.clone()
+    if microbatches is not None:
+        payload["microbatches.steps"] = torch.from_numpy(microbatches.steps.copy())
+        counts = np.array([s.size for s in microbatches.sizes], dtype=np.int64)
+        payload["microbatches.counts"] = torch.from_numpy(counts)
+        payload["microbatches.sizes"] = torch.from_numpy(
+            np.concatenate([*microbatches.sizes, np.zeros(0, dtype=np.int64)])
+        )
     return payload
 
 
@@ -123,7 +131,12 @@ def _step_records(schedule: dict[str, torch.Tensor], random_device: str | None) 
             schedule["random.steps"].numpy(),
             schedule["random.states"],
         )
-    return {"clipping": clipping, "random_states": random_states}
+    microbatches = None
+    if "microbatches.steps" in schedule:
+        counts = schedule["microbatches.counts"].numpy()
+        sizes = np.split(schedule["microbatches.sizes"].numpy(), np.cumsum(counts)[:-1])
+        microbatches = MicroBatches(schedule["microbatches.steps"].numpy(), tuple(sizes))
+    return {"clipping": clipping, "random_states": random_states, "microbatches": microbatches}
 
 
 class _Store(Protocol):
@@ -147,6 +160,7 @@ class _Run(Protocol):
     n_steps: int
     clipping: GradientClipping | None
     random_states: RandomStates | None
+    microbatches: MicroBatches | None
 
     @property
     def n_train(self) -> int: ...
@@ -246,7 +260,12 @@ def write_trajectory(
             (
                 "schedule",
                 schedule_payload(
-                    run.learning_rates, run.stages, run.batches, run.clipping, run.random_states
+                    run.learning_rates,
+                    run.stages,
+                    run.batches,
+                    run.clipping,
+                    run.random_states,
+                    run.microbatches,
                 ),
             ),
         ):

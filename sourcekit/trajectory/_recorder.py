@@ -45,7 +45,7 @@ from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
 from ._replay import StepPlan
 from ._selfcheck import StepCapture, check_gradients, check_update, verified
-from ._settings import GradientClipping, ParameterGroup, RandomStates
+from ._settings import GradientClipping, MicroBatches, ParameterGroup, RandomStates
 from ._stages import Stage
 from ._storage import Checkpoint
 from ._trajectory import Trajectory, _as_index_array
@@ -102,6 +102,40 @@ def _signature(optimizer: torch.optim.Optimizer) -> list[tuple[int, ...]]:
     return [tuple(id(p) for p in g["params"] if p.requires_grad) for g in optimizer.param_groups]
 
 
+def _parts(batch_indices: Any) -> list[np.ndarray]:
+    """The index arrays of a step's forward passes: one array, or a list of them."""
+    if isinstance(batch_indices, (list, tuple)) and any(
+        isinstance(p, (list, tuple, np.ndarray, torch.Tensor)) for p in batch_indices
+    ):
+        if not batch_indices:
+            return [_as_index_array(batch_indices, "batch_indices")]
+        return [_as_index_array(p, f"batch_indices[{i}]") for i, p in enumerate(batch_indices)]
+    return [_as_index_array(batch_indices, "batch_indices")]
+
+
+def _leading_size(values: list[Any]) -> int | None:
+    """The examples of a forward call: the leading axis of its first tensor argument."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    return None
+
+
+def _norm(tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The norm of one gradient, as ``clip_grad_norm_`` takes it (float64)."""
+    t = tensor.detach()
+    if np.isinf(norm_type):
+        return t.abs().max().double()
+    return torch.linalg.vector_norm(t, norm_type).double()
+
+
+def _total_norm(norms: list[torch.Tensor], norm_type: float) -> float:
+    stacked = torch.stack([n.cpu() for n in norms])
+    if np.isinf(norm_type):
+        return float(stacked.max())
+    return float(torch.linalg.vector_norm(stacked, norm_type))
+
+
 def _random_state(device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -137,6 +171,9 @@ class _StageRecord:
         self.pending: dict[str, Any] | None = None  # set by the optimiser's pre-hook
         self.clip: tuple[float, float, float] | None = None  # set by clip_grad_norm_
         self.forwards: list[tuple[torch.Tensor, torch.device]] = []  # random forwards this step
+        self.sizes: list[int] = []  # the examples of each training-mode forward pass this step
+        self.loop_clip: tuple[float, float] | None = None  # the loop clips itself: (max_norm, p)
+        self.norms: dict[str, torch.Tensor] = {}  # each gradient's norm after backward
         # The gradient each trained parameter had after backward, and its version counter
         # (any in-place change bumps it, as clipping does).
         self.grads: dict[str, tuple[torch.Tensor, int]] = {}
@@ -280,7 +317,8 @@ class TrajectoryRecorder:
         self._learning_rates: list[float] = []
         self._batches: list[np.ndarray] = []
         self._clipping: list[tuple[float, float, float]] = []
-        self._random: dict[int, torch.Tensor] = {}
+        self._random: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._parts: dict[int, tuple[int, ...]] = {}
         self._random_device: str | None = None
         self._replay_model: nn.Module | None = None  # the self-check's copy of the model
         self._step = 0
@@ -343,6 +381,8 @@ class TrajectoryRecorder:
         examples: Any = None,
         batch_size: int | None = None,
         recipe: dict | None = None,
+        clip_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> Iterator[TrajectoryRecorder]:
         """Open a stage trained by ``optimizer`` (a fresh one per stage).
 
@@ -353,6 +393,13 @@ class TrajectoryRecorder:
         frozen embedding table), and attribution goes through the trained ones only.
         The optimizer's settings (learning rate, momentum, Adam's betas, weight decay)
         may change at every step, per group: each step's are recorded.
+
+        ``clip_grad_norm`` declares that the loop itself clips the gradient norm at this
+        bound with ``torch.nn.utils.clip_grad_norm_`` between ``backward()`` and
+        ``optimizer.step()`` (as trainers that own the loop do): the recorder reads each
+        gradient's norm after backward and records every step's coefficient, as
+        :meth:`clip_grad_norm_` would. A loop you write yourself can call
+        :meth:`clip_grad_norm_` instead.
         """
         if self._finished:
             raise TrajectoryError("This recorder has finished; create a new TrajectoryRecorder.")
@@ -369,6 +416,16 @@ class TrajectoryRecorder:
             if examples is None
             else _as_index_array(examples, "stage examples")
         )
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool)
+            or not isinstance(clip_grad_norm, (int, float))
+            or not clip_grad_norm > 0
+        ):
+            raise ValueError(
+                f"The 'clip_grad_norm' parameter must be a float > 0 or None; got {clip_grad_norm!r}."
+            )
+        if not float(norm_type) > 0:
+            raise ValueError(f"The 'norm_type' parameter must be > 0 (or inf); got {norm_type!r}.")
         if self._train_mode is None:
             self._train_mode = self._model.training
         if self._step == 0 and 0 not in self._checkpoints:
@@ -383,6 +440,8 @@ class TrajectoryRecorder:
             groups,
             fixed,
         )
+        if clip_grad_norm is not None:
+            record.loop_clip = (float(clip_grad_norm), float(norm_type))
         params = dict(self._model.named_parameters())
         record.parameters = list(params.values())
         record.device = next((p.device for p in record.parameters), torch.device("cpu"))
@@ -391,16 +450,21 @@ class TrajectoryRecorder:
             def hook(p: torch.Tensor) -> None:
                 if p.grad is not None:
                     record.grads[name] = (p.grad, p.grad._version)
+                    if record.loop_clip is not None:
+                        record.norms[name] = _norm(p.grad, record.loop_clip[1])
 
             return hook
 
-        def before_forward(module: nn.Module, args: Any) -> None:
+        def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
             if record.pending is not None:
                 return
             if self._verify and record.buffers is None and verified(self._step - record.start):
                 record.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
             if module.training:
                 record.forwards.append((_random_state(record.device), record.device))
+                size = _leading_size([*args, *kwargs.values()])
+                if size is not None:
+                    record.sizes.append(size)
 
         def after_forward(module: nn.Module, args: Any, output: Any) -> None:
             if module.training and record.pending is None and record.forwards:
@@ -408,15 +472,29 @@ class TrajectoryRecorder:
                 if torch.equal(before, _random_state(record.device)):
                     record.forwards.pop()  # a deterministic forward pass: nothing to replay
 
-        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._before_optimizer_step(record, params)
+        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            # ``args`` holds the optimiser itself first, then step's own arguments
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                self._before_optimizer_step(record, params)
+                return None
+
+            # optimizer.step(closure) runs the forward and backward passes inside the
+            # step (as PyTorch Lightning does): read the step once the closure returns.
+            def recorded_closure() -> Any:
+                result = closure()
+                self._before_optimizer_step(record, params)
+                return result
+
+            options = {k: v for k, v in kwargs.items() if k != "closure"}
+            return (args[0], *args[2:]), {**options, "closure": recorded_closure}
 
         handles = [
             optimizer.register_step_pre_hook(before_step),
-            self._model.register_forward_pre_hook(before_forward),
+            self._model.register_forward_pre_hook(before_forward, with_kwargs=True),
             self._model.register_forward_hook(after_forward),
         ]
-        if self._verify:
+        if self._verify or record.loop_clip is not None:
             handles += [
                 params[n].register_post_accumulate_grad_hook(after_backward(n))
                 for n in record.trained
@@ -476,6 +554,7 @@ class TrajectoryRecorder:
                 "step. Leave parameters the forward pass does not use out of the optimizer (or "
                 "set requires_grad=False)."
             )
+        self._loop_clip(record, params)
         if self._verify:
             self._check_gradients(record, params)
         versions = [p._version for p in record.parameters]
@@ -490,16 +569,12 @@ class TrajectoryRecorder:
                 "record replays the optimizer's updates only: change parameters through it, or "
                 "pass verify=False to record anyway."
             )
-        if self._verify and verified(self._step - record.start):
+        # Steps whose forward passes differ in size (the last micro-batch of an epoch) are
+        # checked too: a loop may weigh such passes otherwise than by their examples.
+        irregular = len(set(record.sizes)) > 1
+        if self._verify and (verified(self._step - record.start) or irregular):
             record.capture = self._capture(record, params)
         random = record.forwards
-        if len(random) > 1:
-            raise TrajectoryError(
-                f"The model's forward pass drew random numbers {len(random)} times during step "
-                f"{self._step} (dropout with gradient accumulation, or another random forward "
-                "pass in training mode); replay runs one forward pass per step. Run one forward "
-                "pass per step, or put the model in eval mode for the others."
-            )
         record.pending = {
             "values": [
                 _group_values(group, spec.kind)
@@ -507,8 +582,54 @@ class TrajectoryRecorder:
                     record.groups, [g for g in opt.param_groups if self._trains(g)], strict=True
                 )
             ],
-            "random": random[0] if random else None,
+            "random": list(random),
         }
+
+    def _loop_clip(self, record: _StageRecord, params: dict[str, nn.Parameter]) -> None:
+        """Record the clipping of a loop that clips with torch's function (a trainer).
+
+        The norm of every gradient was read after backward (the hooks of
+        :meth:`stage`); the coefficient is torch's, min(1, max_norm / (‖g‖ + 1e-6)), and
+        the gradients the optimizer is about to use must be the ones backward left times
+        it (their norm is compared), or the loop changed them otherwise.
+        """
+        if record.loop_clip is None:
+            return
+        max_norm, norm_type = record.loop_clip
+        if record.clip is not None:
+            raise TrajectoryError(
+                f"recorder.clip_grad_norm_() was called at step {self._step} of a stage whose "
+                "loop clips the gradients itself (clip_grad_norm=...); clip once per step."
+            )
+        names = record.trained
+        unseen = [n for n in names if n not in record.norms]
+        if unseen:
+            raise TrajectoryError(
+                f"The gradients of {unseen[:5]} were set without backward() at step {self._step}; "
+                "the recorder replays gradients of the recorded loss. Compute them with backward()."
+            )
+        before = _total_norm([record.norms[n] for n in names], norm_type)
+        after = _total_norm(
+            [_norm(params[n].grad, norm_type) for n in names],  # type: ignore[arg-type]
+            norm_type,
+        )
+        coefficient = min(1.0, max_norm / (before + 1e-6))
+        expected = coefficient * before
+        if not abs(after - expected) <= 1e-4 * expected + 1e-30:
+            raise TrajectoryError(
+                f"The gradients changed between backward() and optimizer.step() at step "
+                f"{self._step} otherwise than by clipping their norm at {max_norm:g}: their norm "
+                f"went from {before:.6g} to {after:.6g}, where clipping gives {expected:.6g} (for "
+                "example a GradScaler's unscaling, or clipping at another bound). The record would "
+                "replay other updates than the loop made; train in float32 and clip at the "
+                "declared bound."
+            )
+        for name in names:
+            grad = params[name].grad
+            assert grad is not None
+            record.grads[name] = (grad, grad._version)
+        record.norms.clear()
+        record.clip = (max_norm, norm_type, coefficient)
 
     @staticmethod
     def _trains(group: dict[str, Any]) -> bool:
@@ -622,7 +743,13 @@ class TrajectoryRecorder:
     def step(self, batch_indices: Any) -> None:
         """Record the update just taken: the indices of the batch it used.
 
-        Call once right after every ``optimizer.step()``.
+        Call once right after every ``optimizer.step()``. ``batch_indices`` is a 1-d
+        array of the indices of the batch's examples, or, for a step that accumulated
+        its gradient over several forward passes (gradient accumulation), a list of
+        such arrays, one per forward pass in order: the step's gradient must be the mean
+        of the per-example loss gradients over all of them (each micro-batch's loss
+        summed over its examples, divided by the step's number of examples; with
+        micro-batches of equal size, the mean of their mean losses).
         """
         record = self._open
         if record is None:
@@ -634,7 +761,13 @@ class TrajectoryRecorder:
                 "recorder.step() was called without a preceding optimizer.step(); call it once "
                 "right after each optimizer step."
             )
-        idx = _as_index_array(batch_indices, "batch_indices")
+        parts = _parts(batch_indices)
+        if len(parts) > 1 and any(p.size == 0 for p in parts):
+            raise TrajectoryError(
+                f"A micro-batch given to recorder.step() at step {self._step} is empty; give the "
+                "indices of every forward pass's examples."
+            )
+        idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
         n = len(self._train)
         if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
             raise TrajectoryError(
@@ -650,17 +783,30 @@ class TrajectoryRecorder:
         self._learning_rates.append(pending["values"][0]["lr"])
         clip, record.clip = record.clip, None
         self._clipping.append(clip if clip is not None else (np.inf, 2.0, 1.0))
-        random_state = None
-        if pending["random"] is not None:
-            random_state, device = pending["random"]
-            self._random[self._step] = random_state
+        random = pending["random"]
+        if random and len(random) != len(parts):
+            raise TrajectoryError(
+                f"The model's forward pass drew random numbers {len(random)} times during step "
+                f"{self._step}, but recorder.step() was given {len(parts)} batch(es); replay runs "
+                "one forward pass per batch given. With gradient accumulation, give the indices "
+                "of every micro-batch, one array per forward pass: recorder.step([idx_1, idx_2, "
+                "...]); otherwise run one forward pass per step (or the others in eval mode)."
+            )
+        random_states = tuple(state for state, _ in random)
+        for _, device in random:
             if self._random_device not in (None, device.type):
                 raise TrajectoryError(
                     "The model drew random numbers on the CPU and on a GPU in different steps; "
                     "record a run on one device."
                 )
             self._random_device = device.type
+        if random_states:
+            self._random[self._step] = random_states
+        sizes = tuple(int(p.size) for p in parts) if len(parts) > 1 else ()
+        if sizes:
+            self._parts[self._step] = sizes
         record.forwards = []
+        record.sizes = []
         self._batches.append(idx)
         if record.capture is not None:
             self._verify_step(
@@ -675,7 +821,8 @@ class TrajectoryRecorder:
                         )
                     ),
                     clip=None if clip is None else (clip[0], clip[1]),
-                    random_state=random_state,
+                    random_states=random_states,
+                    sizes=sizes,
                 ),
             )
         if self._verify:
@@ -802,8 +949,15 @@ class TrajectoryRecorder:
             ordered = sorted(self._random)
             random_states = RandomStates(
                 str(self._random_device),
+                np.asarray([s for s in ordered for _ in self._random[s]], dtype=np.int64),
+                torch.stack([state.cpu() for s in ordered for state in self._random[s]]),
+            )
+        microbatches = None
+        if self._parts:
+            ordered = sorted(self._parts)
+            microbatches = MicroBatches(
                 np.asarray(ordered, dtype=np.int64),
-                torch.stack([self._random[s].cpu() for s in ordered]),
+                tuple(np.asarray(self._parts[s], dtype=np.int64) for s in ordered),
             )
         return Trajectory(
             architecture=self._architecture,
@@ -818,4 +972,5 @@ class TrajectoryRecorder:
             train_mode=bool(self._train_mode),
             clipping=clipping,
             random_states=random_states,
+            microbatches=microbatches,
         )

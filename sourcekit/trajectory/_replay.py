@@ -10,8 +10,10 @@ with perturbed weights (finite differences, checks that a record is faithful). E
 follows what was recorded: the parameter groups and their settings at that step (a
 parameter in no group stays fixed), the clip coefficient c_k recomputed from the
 replayed gradient with the recorded norm bound (differentiably: exact unrolling sees how
-clipping depends on the data), and the generator state of a random forward pass
-(dropout draws the same masks). :func:`replay_steps` runs any range of steps from any
+clipping depends on the data), the generator state of a random forward pass (dropout
+draws the same masks), and the micro-batches of a step that accumulated its gradient
+over several forward passes (one pass each, the losses summed before the mean over the
+step's batch). :func:`replay_steps` runs any range of steps from any
 state; the recorder's self-check uses it on the steps it verifies.
 """
 
@@ -24,17 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .._device import resolve_device
 from ..exceptions import TrajectoryError
 from ._examples import Examples
+from ._inputs import ModelInputs, first_tensor, functional_forward, take_rows
 from ._optimizer import OptimizerSpec, initial_state, optimizer_step
 from ._settings import clip_coefficient, stage_groups
 from ._trajectory import Trajectory
 
-__all__ = ["StepPlan", "replay", "replay_steps", "require_batches", "step_plans"]
+__all__ = ["StepPlan", "replay", "replay_steps", "require_batches", "step_loss", "step_plans"]
 
 
 def require_batches(trajectory: Trajectory, who: str) -> None:
@@ -61,21 +63,39 @@ class StepPlan:
         stay fixed.
     clip : (max_norm, norm_type) or None
         The gradient-norm bound of the step, when it clipped.
-    random_state : uint8 tensor or None
-        The generator state before the step's forward pass, when it drew random numbers.
+    random_states : tuple of uint8 tensors
+        The generator state before each forward pass of the step, when they drew random
+        numbers (empty otherwise).
+    sizes : tuple of int
+        The examples of each forward pass, in order, when the step accumulated its
+        gradient over several (micro-batches); empty for one pass over the batch.
     """
 
     step: int
     batch: np.ndarray
     groups: tuple[tuple[tuple[str, ...], OptimizerSpec, float], ...]
     clip: tuple[float, float] | None = None
-    random_state: torch.Tensor | None = None
+    random_states: tuple[torch.Tensor, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+    def passes(self) -> list[tuple[np.ndarray, torch.Tensor | None]]:
+        """The forward passes of the step: the examples of each and its generator state."""
+        bounds = np.cumsum((0, *self.sizes)) if self.sizes else np.array([0, self.batch.size])
+        parts = [self.batch[bounds[j] : bounds[j + 1]] for j in range(len(bounds) - 1)]
+        if self.random_states and len(self.random_states) != len(parts):
+            raise TrajectoryError(
+                f"Step {self.step} records {len(self.random_states)} random generator states for "
+                f"{len(parts)} forward passes; record one state per forward pass."
+            )
+        states: list[torch.Tensor | None] = [*self.random_states] or [None] * len(parts)
+        return list(zip(parts, states, strict=True))
 
 
 def step_plans(trajectory: Trajectory, start: int, end: int) -> Iterator[StepPlan]:
     """The plans of the steps ``start .. end-1`` of ``trajectory`` (which has batches)."""
     assert trajectory.batches is not None
     clipping, states = trajectory.clipping, trajectory.random_states
+    split = trajectory.microbatches
     for stage in trajectory.stages:
         groups = stage_groups(trajectory, stage)
         for step in range(max(start, stage.start), min(end, stage.end)):
@@ -89,14 +109,15 @@ def step_plans(trajectory: Trajectory, start: int, end: int) -> Iterator[StepPla
                     if clipping is not None and clipping.clips(step)
                     else None
                 ),
-                random_state=None if states is None else states.get(step),
+                random_states=() if states is None else states.of_step(step),
+                sizes=() if split is None else split.of_step(step),
             )
 
 
 def _forward(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
-    inputs: torch.Tensor,
+    inputs: ModelInputs,
     random_state: torch.Tensor | None,
 ) -> torch.Tensor:
     """The model's outputs; a random forward pass draws from ``random_state``.
@@ -104,15 +125,46 @@ def _forward(
     The generator is forked, so the caller's random state is left as it was.
     """
     if random_state is None:
-        return functional_call(model, tensors, (inputs,))
-    if inputs.device.type == "cuda":
-        index = inputs.device.index if inputs.device.index is not None else 0
+        return functional_forward(model, tensors, inputs)
+    device = first_tensor(inputs).device
+    if device.type == "cuda":
+        index = device.index if device.index is not None else 0
         with torch.random.fork_rng(devices=[index]):
             torch.cuda.set_rng_state(random_state, index)
-            return functional_call(model, tensors, (inputs,))
+            return functional_forward(model, tensors, inputs)
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(random_state)
-        return functional_call(model, tensors, (inputs,))
+        return functional_forward(model, tensors, inputs)
+
+
+def step_loss(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    data: Examples,
+    loss: Any,
+    plan: StepPlan,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The step's batch loss (1/|B|) Σ_{i∈B} w_i L(z_i, θ), one forward pass per micro-batch.
+
+    ``data`` holds the training examples on the device and in the precision of the pass;
+    each forward pass draws from its recorded generator state.
+    """
+    device = first_tensor(data.inputs).device
+    passes = plan.passes()
+    total: torch.Tensor | None = None
+    for part, random_state in passes:
+        idx = torch.from_numpy(part).to(device)
+        outputs = _forward(model, tensors, take_rows(data.inputs, idx), random_state)
+        per_example = loss(outputs, data.targets[idx])
+        if weights is not None:
+            per_example = weights[idx] * per_example
+        if len(passes) == 1:
+            return per_example.mean()
+        part_sum = per_example.sum()
+        total = part_sum if total is None else total + part_sum
+    assert total is not None
+    return total / plan.batch.size
 
 
 def replay_steps(
@@ -136,16 +188,13 @@ def replay_steps(
     (batch-norm statistics) are updated in the tensors given.
     """
     for plan in plans:
-        idx = torch.from_numpy(plan.batch).to(data.inputs.device)
         names = [n for group in plan.groups for n in group[0]]
         # The step's gradient is the partial derivative at this step's parameters: each
         # trained parameter enters the forward pass through a view of its own, so that a
         # tensor reused from earlier steps (a parameter frozen until now) is not
         # differentiated through the earlier steps that read it.
         current = {**params, **{n: params[n].view_as(params[n]) for n in names}}
-        outputs = _forward(model, {**current, **buffers}, data.inputs[idx], plan.random_state)
-        per_example = loss(outputs, data.targets[idx])
-        batch_loss = (weights[idx] * per_example).mean()
+        batch_loss = step_loss(model, {**current, **buffers}, data, loss, plan, weights)
         grads = torch.autograd.grad(
             batch_loss,
             [current[n] for n in names],

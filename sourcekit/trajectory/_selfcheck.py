@@ -59,16 +59,17 @@ digits, every update was within 2.6 u (M + |Δθ|).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..exceptions import TrajectoryError
 from ._examples import Examples
 from ._optimizer import optimizer_step, state_from_checkpoint, update_magnitude
-from ._replay import StepPlan, _forward
+from ._replay import StepPlan, step_loss
 from ._settings import clip_coefficient
 
 __all__ = [
@@ -171,10 +172,11 @@ def check_gradients(
     }
     buffers = {n: t.detach().clone() for n, t in capture.buffers.items()}
     batch = train[plan.batch].to(device, dtype)
+    # The plan's passes index the step's own batch, which ``batch`` holds in order.
+    local = replace(plan, batch=np.arange(plan.batch.size))
     model.train(train_mode)
     with torch.enable_grad():
-        outputs = _forward(model, {**params, **buffers}, batch.inputs, plan.random_state)
-        value = loss(outputs, batch.targets).mean()
+        value = step_loss(model, {**params, **buffers}, batch, loss, local)
         grads = torch.autograd.grad(value, [params[n] for n in trained], allow_unused=True)
     replayed = [
         torch.zeros_like(params[n]) if g is None else g

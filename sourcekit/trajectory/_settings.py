@@ -12,7 +12,9 @@ numbers (dropout). The trajectory keeps all of it:
 - :class:`GradientClipping`: per step, the largest norm allowed, the norm's order and the
   coefficient the gradients were multiplied by (1 where the step did not clip);
 - :class:`RandomStates`: for the steps whose forward pass drew random numbers, the state
-  of torch's generator before that pass, so that a replay draws the same dropout masks.
+  of torch's generator before that pass, so that a replay draws the same dropout masks;
+- :class:`MicroBatches`: for the steps that accumulated their gradient over several
+  forward passes (gradient accumulation), the size of each pass.
 
 A stage with one group holding every parameter, whose only changing setting is the
 learning rate, keeps ``Stage.groups = None``: the run is described, as before, by
@@ -40,6 +42,7 @@ from ._optimizer import OptimizerSpec
 __all__ = [
     "SCHEDULED",
     "GradientClipping",
+    "MicroBatches",
     "ParameterGroup",
     "RandomStates",
     "effective_learning_rates",
@@ -225,7 +228,9 @@ class RandomStates:
         The device type the run drew its random numbers on ("cpu" or "cuda"); a replay
         draws the same numbers only there.
     steps : ndarray of int64
-        The steps whose forward pass drew random numbers (in increasing order).
+        The step of each random forward pass (non-decreasing). A step that accumulated
+        its gradient over several forward passes (:class:`MicroBatches`) appears once per
+        pass, in the order of the passes.
     states : tensor of uint8, shape (len(steps), S)
         ``torch.get_rng_state()`` (CPU) or ``torch.cuda.get_rng_state()`` before each
         of those passes.
@@ -237,6 +242,8 @@ class RandomStates:
     >>> states = RandomStates("cpu", [3], torch.get_rng_state()[None])
     >>> states.get(3).shape == torch.get_rng_state().shape, states.get(4) is None
     (True, True)
+    >>> len(states.of_step(3)), states.of_step(4)
+    (1, ())
     """
 
     device: str
@@ -249,22 +256,84 @@ class RandomStates:
             raise TrajectoryError(
                 f"Random states are recorded for 'cpu' or 'cuda'; got {self.device!r}."
             )
-        if steps.size and np.any(np.diff(steps) <= 0):
-            raise TrajectoryError("The steps of the random states must be strictly increasing.")
+        if steps.size and np.any(np.diff(steps) < 0):
+            raise TrajectoryError("The steps of the random states must be in increasing order.")
         states = torch.as_tensor(self.states)
         if states.dtype != torch.uint8 or states.ndim != 2 or states.shape[0] != steps.size:
             raise TrajectoryError(
-                "The random states must be a uint8 tensor with one row per recorded step."
+                "The random states must be a uint8 tensor with one row per recorded forward pass."
             )
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "states", states)
 
     def get(self, step: int) -> torch.Tensor | None:
-        """The state before the forward pass of ``step``, or None if it drew nothing."""
+        """The state before the (first) forward pass of ``step``, or None if it drew nothing."""
+        found = self.of_step(step)
+        return found[0] if found else None
+
+    def of_step(self, step: int) -> tuple[torch.Tensor, ...]:
+        """The states before each forward pass of ``step``, in order (empty: none drew)."""
+        lo = int(np.searchsorted(self.steps, step, side="left"))
+        hi = int(np.searchsorted(self.steps, step, side="right"))
+        # tensors of their own: set_rng_state reads their storage
+        return tuple(self.states[i].clone() for i in range(lo, hi))
+
+
+@dataclass(frozen=True, eq=False)
+class MicroBatches:
+    """The steps that accumulated their gradient over several forward passes.
+
+    A step of gradient accumulation runs the model on several micro-batches, adds their
+    gradients and takes one optimiser update. sourcekit records such a step as one step
+    whose batch is all the examples of its micro-batches (in order), its gradient the
+    mean of the per-example loss gradients over them, and keeps here how the batch was
+    split: replay runs one forward pass per micro-batch (each with its own dropout mask,
+    batch-norm statistics of its own examples), and sums the losses before the mean.
+
+    Attributes
+    ----------
+    steps : ndarray of int64
+        The steps with more than one forward pass, in increasing order.
+    sizes : tuple of ndarray of int64
+        For each of those steps, the number of examples of each forward pass, in order
+        (they add up to the step's batch).
+
+    Examples
+    --------
+    >>> from sourcekit.trajectory import MicroBatches
+    >>> split = MicroBatches([2], [[4, 4, 2]])
+    >>> split.of_step(2), split.of_step(0)
+    ((4, 4, 2), ())
+    """
+
+    steps: np.ndarray
+    sizes: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        steps = np.asarray(self.steps, dtype=np.int64).reshape(-1)
+        sizes = tuple(np.asarray(s, dtype=np.int64).reshape(-1) for s in self.sizes)
+        if steps.size and np.any(np.diff(steps) <= 0):
+            raise TrajectoryError("The steps of the micro-batches must be strictly increasing.")
+        if len(sizes) != steps.size:
+            raise TrajectoryError(
+                f"The micro-batches name {steps.size} steps but give the sizes of {len(sizes)}; "
+                "give the sizes of each step's forward passes."
+            )
+        for step, split in zip(steps, sizes, strict=True):
+            if split.size < 2 or np.any(split < 1):
+                raise TrajectoryError(
+                    f"The micro-batches of step {int(step)} have sizes {split.tolist()}; a step "
+                    "recorded with micro-batches has at least two of them, each non-empty."
+                )
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "sizes", sizes)
+
+    def of_step(self, step: int) -> tuple[int, ...]:
+        """The sizes of the forward passes of ``step`` (empty: one pass over its batch)."""
         i = int(np.searchsorted(self.steps, step))
         if i < self.steps.size and self.steps[i] == step:
-            return self.states[i].clone()  # a tensor of its own: set_rng_state reads its storage
-        return None
+            return tuple(int(v) for v in self.sizes[i])
+        return ()
 
 
 # --- what replay and the approximate methods read ----------------------------------------

@@ -22,6 +22,7 @@ from .._device import resolve_device
 from ..objectives import LOSSES, check_class_targets, resolve_function
 from ._architecture import Architecture
 from ._examples import Examples, check_training_set
+from ._inputs import call_model
 from ._optimizer import OptimizerSpec
 from ._recorder import TrajectoryRecorder
 from ._trajectory import Trajectory
@@ -296,7 +297,7 @@ def train(
                             group["lr"] = float(lrs[done])
                         optimizer.zero_grad(set_to_none=True)
                         data = train[idx].to(where)
-                        outputs = model(data.inputs)
+                        outputs = call_model(model, data.inputs)
                         loss_fn(outputs, data.targets).mean().backward()
                         optimizer.step()
                         recorder.step(idx)

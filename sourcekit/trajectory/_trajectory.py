@@ -43,11 +43,12 @@ from ..objectives import (
     function_spec,
     resolve_function,
 )
-from ._architecture import Architecture, shape_summary, state_shapes
+from ._architecture import Architecture, load_state, shape_summary, state_shapes
 from ._examples import Examples, check_training_set
 from ._format import read_trajectory, schedule_payload, write_trajectory
+from ._inputs import ModelInputs, input_leaves
 from ._segments import Segment, split_segments
-from ._settings import GradientClipping, RandomStates
+from ._settings import GradientClipping, MicroBatches, RandomStates
 from ._stages import Stage
 from ._storage import Checkpoint, DirectoryStore, MemoryStore, hash_value
 
@@ -108,6 +109,24 @@ class AttributionTask:
         return f"AttributionTask(n_queries={len(self)}, trajectory={self.trajectory!r})"
 
 
+def _check_same_kind(queries: ModelInputs, train: ModelInputs) -> None:
+    """Queries must hold inputs of the training examples' kind: a tensor, a dict with the
+    same keys, or a tuple of the same length."""
+
+    def kind(inputs: ModelInputs) -> str:
+        if isinstance(inputs, dict):
+            return f"a dict with keys {list(inputs)}"
+        if isinstance(inputs, tuple):
+            return f"a tuple of {len(inputs)} tensors"
+        return "a tensor"
+
+    if kind(queries) != kind(train):
+        raise ValueError(
+            f"The query inputs are {kind(queries)} but the training inputs are {kind(train)}. "
+            "Pass query inputs of the same kind, so that the model is called the same way."
+        )
+
+
 def _as_index_array(values: Any, name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
@@ -157,6 +176,10 @@ class Trajectory:
     random_states : RandomStates, optional
         torch's generator state before every forward pass that drew random numbers
         (dropout), so that exact unrolling replays the same masks.
+    microbatches : MicroBatches, optional
+        For the steps that accumulated their gradient over several forward passes
+        (gradient accumulation), the size of each pass; such a step's batch lists the
+        examples of its passes in order.
 
     Attributes
     ----------
@@ -227,6 +250,7 @@ class Trajectory:
         train_mode: bool = True,
         clipping: GradientClipping | None = None,
         random_states: RandomStates | None = None,
+        microbatches: MicroBatches | None = None,
     ) -> None:
         self.architecture = Architecture(architecture)
         check_training_set(train)
@@ -251,6 +275,7 @@ class Trajectory:
         self.parameter_names = tuple(name for name, _ in model.named_parameters())
         self._check_groups()
         self.clipping = self._check_clipping(clipping)
+        self.microbatches = self._check_microbatches(microbatches)
         self.random_states = self._check_random_states(random_states)
         self._fingerprint: str | None = None
 
@@ -360,7 +385,37 @@ class Trajectory:
                 f"The random states name steps from {states.steps[0]} to {states.steps[-1]}, "
                 f"outside the run's steps [0, {self.n_steps})."
             )
+        steps, counts = np.unique(states.steps, return_counts=True)
+        for step, count in zip(steps.tolist(), counts.tolist(), strict=True):
+            passes = len(self.microbatches.of_step(step)) if self.microbatches is not None else 0
+            if count != max(1, passes):
+                raise TrajectoryError(
+                    f"Step {step} records {count} random generator state(s) for its "
+                    f"{max(1, passes)} forward pass(es); record one state before each forward "
+                    "pass of a random step."
+                )
         return states
+
+    def _check_microbatches(self, split: MicroBatches | None) -> MicroBatches | None:
+        if split is None:
+            return None
+        if not isinstance(split, MicroBatches):
+            raise TypeError(
+                f"The 'microbatches' must be a MicroBatches; got {type(split).__name__}."
+            )
+        for step, sizes in zip(split.steps.tolist(), split.sizes, strict=True):
+            if not 0 <= step < self.n_steps:
+                raise TrajectoryError(
+                    f"The micro-batches name step {step}, outside the run's steps "
+                    f"[0, {self.n_steps})."
+                )
+            if self.batches is not None and int(sizes.sum()) != self.batches[step].size:
+                raise TrajectoryError(
+                    f"The micro-batches of step {step} hold {int(sizes.sum())} examples, but its "
+                    f"batch holds {self.batches[step].size}; a step's batch lists the examples "
+                    "of all its micro-batches."
+                )
+        return split
 
     def _check_learning_rates(self, learning_rates: Any) -> np.ndarray:
         lrs = np.asarray(
@@ -445,8 +500,15 @@ class Trajectory:
                 f"Queries must be an Examples object; got {type(queries).__name__}. Wrap "
                 "arrays as Examples(inputs, targets) (a tuple would be counted as 2 samples)."
             )
-        for part in ("inputs", "targets"):
-            mine, theirs = getattr(queries, part), getattr(self.train, part)
+        _check_same_kind(queries.inputs, self.train.inputs)
+        pairs = list(
+            zip(
+                [*input_leaves(queries.inputs), ("targets", queries.targets)],
+                [*input_leaves(self.train.inputs), ("targets", self.train.targets)],
+                strict=True,
+            )
+        )
+        for (part, mine), (_, theirs) in pairs:
             got, want = tuple(mine.shape[1:]), tuple(theirs.shape[1:])
             if got != want:
                 raise ValueError(
@@ -537,10 +599,8 @@ class Trajectory:
 
         The module is the caller's to keep; the trajectory is not changed.
         """
-        model = self.architecture.build()
         state = self.checkpoint(self.n_steps if step is None else step)
-        model.load_state_dict({**state.params, **state.buffers}, strict=True)
-        return model
+        return load_state(self.architecture.build(), state.params, state.buffers)
 
     def segments(
         self, n_segments: int | None = None, boundaries: Sequence[int] | None = None
@@ -596,7 +656,12 @@ class Trajectory:
         h.update(json.dumps(header, sort_keys=True, default=str).encode())
         h.update(self.train.fingerprint().encode())
         schedule = schedule_payload(
-            self.learning_rates, self.stages, self.batches, self.clipping, self.random_states
+            self.learning_rates,
+            self.stages,
+            self.batches,
+            self.clipping,
+            self.random_states,
+            self.microbatches,
         )
         h.update(hash_value(schedule).encode())
         for step in self.stored_steps:
@@ -679,8 +744,13 @@ class Trajectory:
             lines.append(f"  gradient norms clipped at {clipped} of {self.n_steps} steps")
         if self.random_states is not None:
             lines.append(
-                f"  random forward pass (dropout) at {self.random_states.steps.size} steps, "
-                f"generator states recorded ({self.random_states.device})"
+                f"  random forward pass (dropout) at {np.unique(self.random_states.steps).size} "
+                f"steps, generator states recorded ({self.random_states.device})"
+            )
+        if self.microbatches is not None:
+            lines.append(
+                f"  gradient accumulated over several forward passes at "
+                f"{self.microbatches.steps.size} steps"
             )
         lines.append(f"  checkpoints for attribution at steps {list(self.checkpoint_steps)}")
         return "\n".join(lines)

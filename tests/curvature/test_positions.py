@@ -63,6 +63,21 @@ def causal_lm(vocabulary: int = 6, width: int = 4) -> nn.Module:
     )
 
 
+class TiedLM(nn.Module):
+    """Embedding → Linear → tanh → causal mean → the embedding table again, transposed, as
+    the output layer (tied weights): one parameter read by two layers."""
+
+    def __init__(self, vocabulary: int = 6, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.mix = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocabulary, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(CausalMean()(torch.tanh(self.mix(self.embed(tokens)))))
+
+
 def masked_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """½‖z_t − y_t‖² averaged over the counted positions.
 
@@ -126,6 +141,14 @@ def run(name: str) -> Trajectory:
         tokens = torch.randint(0, 6, (6, 4), generator=g)
         targets = _ignore_some(torch.randint(0, 6, (6, 4), generator=g), g)
         return custom_trajectory(causal_lm(), Examples(tokens, targets), "cross_entropy")
+    if name == "causal_lm_next_token":  # the labels are the inputs, padded at the end
+        tokens = torch.randint(0, 6, (6, 4), generator=g)
+        labels = _ignore_some(tokens, g)
+        return custom_trajectory(causal_lm(), Examples(tokens, labels), "next_token_cross_entropy")
+    if name == "tied_lm":
+        tokens = torch.randint(0, 6, (6, 4), generator=g)
+        labels = _ignore_some(tokens, g)
+        return custom_trajectory(TiedLM(), Examples(tokens, labels), "next_token_cross_entropy")
     if name == "sequence_mlp":
         x = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
         targets = _ignore_some(torch.randint(0, 3, (6, 4), generator=g), g)
@@ -141,7 +164,15 @@ def run(name: str) -> Trajectory:
     raise KeyError(name)
 
 
-SEQUENCE_RUNS = ["token_lm", "token_lm_ignored", "token_lm_t1", "causal_lm", "sequence_mlp"]
+SEQUENCE_RUNS = [
+    "token_lm",
+    "token_lm_ignored",
+    "token_lm_t1",
+    "causal_lm",
+    "causal_lm_next_token",
+    "tied_lm",
+    "sequence_mlp",
+]
 
 
 def fit(kind: Kind, name: str, fisher: str = "expected", random_state: int = 0, steps=(0, 1)):  # type: ignore[no-untyped-def]
@@ -242,7 +273,9 @@ def _assert_within_sampling_error(
     assert float(excess.max()) <= 0, f"largest excess {float(excess.max()):.3g}"
 
 
-@pytest.mark.parametrize("name", ["token_lm", "token_lm_ignored", "causal_lm"])
+@pytest.mark.parametrize(
+    "name", ["token_lm", "token_lm_ignored", "causal_lm", "causal_lm_next_token"]
+)
 def test_true_fisher_diagonal_averages_to_the_gauss_newton_diagonal(name: str) -> None:
     mean, error = _seed_average("diagonal", name, "true", seeds=200)
     _assert_within_sampling_error(mean, error, torch.diagonal(gauss_newton(name)))

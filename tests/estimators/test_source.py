@@ -11,7 +11,12 @@ import sourcekit
 from sourcekit import Examples, InfluenceAttributor, OptimizerSpec, SourceAttributor, TrainingStage
 from sourcekit.base import state_cache_info
 from sourcekit.curvature import Carried, EigenbasisCurvature, Residual
-from sourcekit.exceptions import NonFiniteError, TrajectoryError, UnsupportedModuleError
+from sourcekit.exceptions import (
+    NonFiniteError,
+    TrajectoryError,
+    UnsupportedLayersWarning,
+    UnsupportedModuleError,
+)
 
 from .. import _cases
 
@@ -150,16 +155,22 @@ def test_unsupported_layers_are_named_and_can_be_excluded():
     data = _cases.classification_data(12, 0)
     stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=4, n_checkpoints=2)
     run = sourcekit.train(make_layernorm_mlp, data, [stage], progress=False)
+    # without modules=..., the LayerNorm is left out with one warning that names it
+    with pytest.warns(
+        UnsupportedLayersWarning, match=r"'1' \(LayerNorm, not a layer type"
+    ) as seen:
+        default = SourceAttributor(n_segments=2, **CPU).fit(run)
+    assert len([w for w in seen if w.category is UnsupportedLayersWarning]) == 1
+    assert [b.name for b in default.state_.blocks] == ["0", "3"]
+    # naming it is an error
     with pytest.raises(
         UnsupportedModuleError, match=r"'1' \(LayerNorm\) has parameters .* modules=\[\.\.\.\]"
     ):
-        SourceAttributor(n_segments=2, **CPU).fit(run)
-    scores = (
-        SourceAttributor(n_segments=2, modules=["0", "3"], **CPU)
-        .fit(run)
-        .transform(_cases.queries("mlp_sgd"))
-    )
+        SourceAttributor(n_segments=2, modules=["0", "1", "3"], **CPU).fit(run)
+    chosen = SourceAttributor(n_segments=2, modules=["0", "3"], **CPU).fit(run)
+    scores = chosen.transform(_cases.queries("mlp_sgd"))
     assert scores.shape == (4, 12) and np.isfinite(scores).all()
+    np.testing.assert_array_equal(scores, default.transform(_cases.queries("mlp_sgd")))
     with pytest.raises(ValueError, match=r"names \['9'\], which the model does not have"):
         InfluenceAttributor(modules=["9"], **CPU).fit(run)
 

@@ -3,6 +3,7 @@ per-example gradients that equal autograd's."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sourcekit.exceptions import UnsupportedModuleError
+from sourcekit.exceptions import UnsupportedLayersWarning, UnsupportedModuleError
 from sourcekit.gradients import LAYER_TYPES, LayerType, cross_entropy, margin, register_layer_type
 from sourcekit.gradients._layer_types import layer_type
 from sourcekit.gradients._layers import (
@@ -231,7 +232,7 @@ def test_a_class_named_conv1d_needs_the_transposed_layout() -> None:
             self.weight = nn.Parameter(torch.zeros(3, 2))
 
     with pytest.raises(UnsupportedModuleError, match=r"'0' \(Conv1D\)"):
-        find_blocks(nn.Sequential(Conv1D(), nn.Linear(2, 2)))
+        find_blocks(nn.Sequential(Conv1D(), nn.Linear(2, 2)), modules=["0", "1"])
 
 
 @pytest.mark.parametrize(
@@ -244,7 +245,9 @@ def test_a_class_named_conv1d_needs_the_transposed_layout() -> None:
 def test_embeddings_that_rewrite_or_rescale_are_refused(options: dict, what: str) -> None:
     model = nn.Sequential(nn.Embedding(5, 3, **options), nn.Linear(3, 2))
     with pytest.raises(UnsupportedModuleError, match=rf"Embedding layer '0' uses .*{what}"):
-        find_blocks(model)
+        find_blocks(model, modules=["0", "1"])
+    with pytest.warns(UnsupportedLayersWarning, match=rf"'0' \(Embedding, .*{what}"):
+        assert [b.name for b in find_blocks(model)] == ["1"]  # left out by default
     assert [b.name for b in find_blocks(model, modules=["1"])] == ["1"]  # excluded: fine
 
 
@@ -267,10 +270,50 @@ def test_find_blocks_names_an_unsupported_layer_with_parameters(
     layer: nn.Module, kind: str
 ) -> None:
     model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 2))
+    # left out with one warning that names it ...
+    with pytest.warns(UnsupportedLayersWarning, match=rf"'1' \({kind}, not a layer type"):
+        assert [b.name for b in find_blocks(model)] == ["0", "2"]
+    # ... and refused when named
     with pytest.raises(UnsupportedModuleError, match=rf"'1' \({kind}\)") as info:
-        find_blocks(model)
+        find_blocks(model, modules=["0", "1"])
     assert "modules=" in str(info.value)  # says how to exclude it
     assert isinstance(info.value, TypeError)
+
+
+def test_one_warning_lists_every_layer_left_out() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UnsupportedLayersWarning) as seen:
+        find_blocks(model)
+    assert len(seen) == 1
+    assert "'1' (LayerNorm" in str(seen[0].message) and "'3' (BatchNorm1d" in str(seen[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        find_blocks(model, modules=["0", "2"])  # chosen layers: no warning
+
+
+class _PositionEmbedding(nn.Module):
+    """Token and position embeddings; the position indices are shared by the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(9, 4)
+        self.positions = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(tokens.shape[1])[None]  # (1, T): broadcast over the examples
+        return self.head(self.tokens(tokens) + self.positions(where))
+
+
+def test_a_probe_finds_layers_whose_input_is_shared_by_the_batch() -> None:
+    model = _PositionEmbedding()
+    tokens = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(0))
+    assert [b.name for b in find_blocks(model)] == ["tokens", "positions", "head"]  # no probe
+    with pytest.warns(UnsupportedLayersWarning, match=r"'positions' \(Embedding, receives an"):
+        blocks = find_blocks(model, probe=tokens)
+    assert [b.name for b in blocks] == ["tokens", "head"]
+    with pytest.raises(UnsupportedModuleError, match=r"'positions' named in 'modules'"):
+        find_blocks(model, modules=["positions"], probe=tokens)
 
 
 @pytest.mark.parametrize(
@@ -284,12 +327,16 @@ def test_find_blocks_names_an_unsupported_layer_with_parameters(
 def test_find_blocks_rejects_unsupported_convolutions(conv: nn.Conv2d) -> None:
     model = nn.Sequential(nn.Linear(2, 2), conv)
     with pytest.raises(UnsupportedModuleError, match=r"Conv2d layer '1'"):
-        find_blocks(model)
+        find_blocks(model, modules=["0", "1"])
+    with pytest.warns(UnsupportedLayersWarning, match=r"'1' \(Conv2d, "):
+        assert [b.name for b in find_blocks(model)] == ["0"]
 
 
 def test_find_blocks_rejects_a_model_without_supported_layers() -> None:
-    with pytest.raises(UnsupportedModuleError, match=r"no nn\.Linear or nn\.Conv2d"):
+    with pytest.raises(UnsupportedModuleError, match=r"no layer of a type sourcekit reads"):
         find_blocks(nn.Tanh())
+    with pytest.raises(UnsupportedModuleError, match=r"left out: '<root>' \(LayerNorm"):
+        find_blocks(nn.LayerNorm(3))
 
 
 def test_modules_restricts_the_blocks_in_the_given_order() -> None:
@@ -573,7 +620,9 @@ def test_a_registered_layer_type_is_one_entry(xw_type: LayerType) -> None:
 def test_an_unregistered_layer_type_is_refused_until_registered() -> None:
     model = nn.Sequential(_XW(4, 5), nn.Linear(5, 3))
     with pytest.raises(UnsupportedModuleError, match="register_layer_type"):
-        find_blocks(model)
+        find_blocks(model, modules=["0", "1"])
+    with pytest.warns(UnsupportedLayersWarning, match=r"'0' \(_XW, not a layer type"):
+        assert [b.name for b in find_blocks(model)] == ["1"]
 
 
 def test_the_registry_refuses_duplicates_and_names_unknown_kinds() -> None:
@@ -650,11 +699,30 @@ class _TiedTable(nn.Module):
         return self.out(torch.tanh(self.mix(self.embed(tokens))))
 
 
-@pytest.mark.parametrize("modules", [None, ["embed", "mix"], ["out"]])
-def test_tied_weights_are_refused_with_the_layers_that_share_them(modules: list | None) -> None:
-    with pytest.raises(UnsupportedModuleError, match=r"shares a parameter with \['(out|embed)'\]"):
-        find_blocks(_TiedTable(), modules)
-    assert [b.name for b in find_blocks(_TiedTable(), ["mix"])] == ["mix"]
+@pytest.mark.parametrize("modules", [None, ["embed", "mix"], ["out", "mix"]])
+def test_a_tied_weight_is_one_block_whose_gradient_sums_both_uses(modules: list | None) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _TiedTable().double()
+    blocks = find_blocks(model, modules)
+    tied = next(b for b in blocks if b.uses)
+    # named after the parameter, read from both layers, whichever of them modules names
+    assert tied.name == tied.weight == "embed.weight"
+    assert [u.name for u in tied.uses] == ["embed", "out"]
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 7, (5, 4), generator=g)
+    targets = torch.randint(0, 7, (5, 4), generator=g)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(tokens), targets).sum())
+        got = block_gradients(capture.a, capture.s, blocks)
+    want = reference_gradients(model, cross_entropy, tokens, targets, parameter_names(blocks))
+    assert_gradients_match(split_all(blocks, got, model), want)
+    # either use alone gives a different gradient: the sum is what is checked above
+    with collect(model, [tied.uses[0]]) as capture:
+        capture.backward(cross_entropy(model(tokens), targets).sum())
+        one = block_gradients(capture.a, capture.s, [tied.uses[0]])["embed"]
+    assert one.shape == got["embed.weight"].shape  # the embedding's layout is the block's
+    assert not torch.allclose(one, got["embed.weight"])
 
 
 @given(

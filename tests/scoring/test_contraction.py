@@ -32,7 +32,7 @@ from sourcekit.scoring._contraction import (
 )
 from sourcekit.scoring._trak import RandomProjection
 
-from ..gradients.test_layers import MODELS, model_data
+from ..gradients.test_layers import MODELS, _TiedTable, model_data
 
 EPS64 = float(np.finfo(np.float64).eps)
 N_QUERIES = 3
@@ -285,3 +285,44 @@ def test_squared_norms_from_position_grams_equal_the_formed_ones(one_hot: bool) 
     a_norms = (a >= 0).double() if one_hot else (a**2).sum(dim=2)
     scale = a.shape[1] * ((s**2).sum(dim=2) * a_norms).sum(dim=1)
     assert torch.all((got - want).abs() <= 256 * EPS64 * scale)
+
+
+# --- a tied parameter: one block, the sum of its uses -----------------------------------------
+def test_a_tied_block_contracts_like_its_formed_gradient() -> None:
+    # An embedding table reused, transposed, as the output layer: the block's gradient is
+    # the sum of the lookup's scatter and the output layer's outer products. Every kernel
+    # must see that sum: the contraction use by use, the squared norms, TRAK's projection.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _TiedTable().double()
+    tokens = torch.randint(0, 7, (6, 4), generator=torch.Generator().manual_seed(3))
+    blocks = find_blocks(model)
+    with collect(model, blocks) as capture:
+        capture.backward(cross_entropy(model(tokens), tokens).sum())
+    grads = FactoredGradients(blocks, dict(capture.a), dict(capture.s))
+    assert any(b.uses for b in blocks)
+    formed = {k: grads[k] for k in grads}
+    queries = random_queries(grads)
+    explicit = sum(
+        u.reshape(N_QUERIES, -1) @ formed[k].reshape(len(tokens), -1).T for k, u in queries.items()
+    )
+    # every path sums the same products (of three factors) in other orders: within a few
+    # hundred eps of Σ |U||G| (the widest sum has d_in + d_out + T terms, 15 here)
+    scale = sum(
+        u.abs().reshape(N_QUERIES, -1) @ formed[k].abs().reshape(len(tokens), -1).T
+        for k, u in queries.items()
+    )
+    for path in ("formed", "contracted"):
+        with contraction_path(path):
+            got = gradient_dot(queries, grads, torch.float64)
+            low = gradient_dot(
+                query_matrices(queries, blocks, 10**6, torch.float64), grads, torch.float64
+            )
+        assert torch.all((got - explicit).abs() <= 64 * EPS64 * scale)
+        assert torch.all((low - explicit).abs() <= 256 * EPS64 * scale)
+    norms = squared_norms(grads, torch.float64)
+    want = squared_norms(formed, torch.float64)
+    torch.testing.assert_close(norms, want, rtol=1e-13, atol=0)
+    projection = RandomProjection.for_blocks(blocks, 5, "gaussian", 0)
+    projector = projection.projector(torch.device("cpu"), torch.float64, 10**6)
+    torch.testing.assert_close(projector(grads), projector(formed), rtol=1e-12, atol=1e-12)

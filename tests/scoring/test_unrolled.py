@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.func import functional_call
 
 from sourcekit import Examples, Trajectory, TrajectoryRecorder
 from sourcekit.exceptions import TrajectoryError
 from sourcekit.scoring import unrolled_scores
+from sourcekit.trajectory._inputs import functional_forward
 from sourcekit.trajectory._replay import replay
 
 from .. import _cases
@@ -27,7 +27,7 @@ def _retrained_measurements(
     params, buffers = replay(trajectory, weights=weights, dtype=torch.float64)
     model = trajectory.architecture.build().to(torch.float64).eval()
     q = queries.to(dtype=torch.float64)
-    outputs = functional_call(model, {**params, **buffers}, (q.inputs,))
+    outputs = functional_forward(model, {**params, **buffers}, q.inputs)
     return trajectory.measurement(outputs, q.targets).detach()
 
 
@@ -40,7 +40,8 @@ def _fine_tuning_run(feature: str) -> Trajectory:
     """A user loop (6 steps of 4 of 12 examples) with one fine-tuning feature, recorded."""
     data = _cases.classification_data(12, seed=0)
     torch.manual_seed(0)
-    model = _cases.make_dropout_mlp() if feature == "dropout" else _cases.make_tanh_mlp()
+    dropout = feature in ("dropout", "gradient accumulation with dropout")
+    model = _cases.make_dropout_mlp() if dropout else _cases.make_tanh_mlp()
     if feature == "groups and a frozen layer":
         model[0].bias.requires_grad_(False)  # frozen: the layer's weight trains, not its bias
         optimizer = torch.optim.SGD(
@@ -56,6 +57,16 @@ def _fine_tuning_run(feature: str) -> Trajectory:
         for start in range(0, 24, 4):
             idx = torch.arange(start, start + 4) % 12
             optimizer.zero_grad()
+            if feature == "gradient accumulation with dropout":  # micro-batches of 3 and 1
+                parts = [idx[:3], idx[3:]]
+                for part in parts:
+                    loss = F.cross_entropy(
+                        model(data.inputs[part]), data.targets[part], reduction="sum"
+                    )
+                    (loss / len(idx)).backward()
+                optimizer.step()
+                recorder.step(parts)
+                continue
             F.cross_entropy(model(data.inputs[idx]), data.targets[idx]).backward()
             if feature == "clipping":
                 recorder.clip_grad_norm_(0.2)
@@ -64,7 +75,10 @@ def _fine_tuning_run(feature: str) -> Trajectory:
     return recorder.finish()
 
 
-@pytest.mark.parametrize("feature", ["dropout", "clipping", "groups and a frozen layer"])
+@pytest.mark.parametrize(
+    "feature",
+    ["dropout", "clipping", "groups and a frozen layer", "gradient accumulation with dropout"],
+)
 def test_unrolled_scores_of_fine_tuning_runs_match_finite_differences(feature: str) -> None:
     # The replay draws the recorded dropout masks, differentiates through the clip, and
     # follows the groups and the frozen parameter: the derivative of what it computes.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.model_selection import KFold
 from sklearn.utils import _safe_indexing
 
-from sourcekit import AttributionTask, Examples
+from sourcekit import AttributionTask, Examples, SourceAttributor, Trajectory
 
 from .. import _cases
 
@@ -173,3 +176,157 @@ def test_trajectory_is_opaque_to_scikit_learn() -> None:
     trajectory = _cases.trajectory("mlp_sgd")
     for name in ("__len__", "shape", "__getitem__", "__array__"):
         assert not hasattr(trajectory, name), name
+
+
+# --- inputs of several tensors: a dict (model(**inputs)) or a tuple (model(*inputs)) ---------
+def _dict_examples(n: int = N) -> Examples:
+    ids = torch.arange(n * 3).reshape(n, 3)
+    mask = torch.ones(n, 3, dtype=torch.long)
+    mask[::2, -1] = 0
+    return Examples({"input_ids": ids, "attention_mask": mask}, torch.arange(n) % 3)
+
+
+def _tuple_examples(n: int = N) -> Examples:
+    return Examples(
+        (torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)[:, None] * 1.5), torch.arange(n) % 3
+    )
+
+
+def _structured_rows(examples: Examples) -> list[int]:
+    if isinstance(examples.inputs, dict):
+        return (examples.inputs["input_ids"][:, 0] // 3).tolist()
+    return (examples.inputs[0][:, 0] / 2).long().tolist()
+
+
+@pytest.mark.parametrize("make", [_dict_examples, _tuple_examples])
+@given(indices=st.lists(st.integers(-N, N - 1), max_size=12))
+def test_several_inputs_index_together(make, indices: list[int]) -> None:
+    ex = make()
+    assert ex.shape == (N,) and len(ex) == N
+    key = np.asarray(indices, dtype=np.int64)
+    want = [list(range(N))[i] for i in indices]
+    for got in (ex[key], _safe_indexing(ex, key), ex[key, ...]):
+        assert isinstance(got, Examples)
+        assert type(got.inputs) is type(ex.inputs)
+        assert _structured_rows(got) == want
+        assert got.targets.tolist() == [i % 3 for i in want]
+    assert _structured_rows(ex[1:5:2]) == [1, 3]
+    assert _structured_rows(ex[np.arange(N) % 2 == 0]) == [0, 2, 4, 6]
+
+
+def test_several_inputs_move_concat_and_describe_themselves() -> None:
+    ex = _dict_examples()
+    joined = Examples.concat([ex[:3], ex[3:]])
+    assert list(joined.inputs) == ["input_ids", "attention_mask"]
+    for key in ex.inputs:
+        assert torch.equal(joined.inputs[key], ex.inputs[key])
+    moved = _tuple_examples().to(dtype=torch.float64)
+    assert [t.dtype for t in moved.inputs] == [torch.float64, torch.float64]
+    assert moved.to(dtype=torch.float32).inputs[0].dtype == torch.float32
+    assert ex.to(dtype=torch.float64).inputs["input_ids"].dtype == torch.int64  # integers stay
+    assert repr(ex) == (
+        "Examples(n=7, inputs={'input_ids': int64[3], 'attention_mask': int64[3]}, "
+        "targets=int64[])"
+    )
+    assert (
+        repr(_tuple_examples())
+        == "Examples(n=7, inputs=(float32[2], float32[1]), targets=int64[])"
+    )
+    with pytest.raises(ValueError, match="same kind; the parts hold dicts with different keys"):
+        Examples.concat([ex, Examples({"input_ids": ex.inputs["input_ids"]}, ex.targets)])
+    with pytest.raises(ValueError, match="same kind"):
+        Examples.concat([ex, _examples()])
+
+
+def test_several_inputs_fingerprint_their_names_values_and_kind() -> None:
+    ex = _dict_examples()
+    assert ex.fingerprint() == _dict_examples().fingerprint()
+    renamed = Examples(
+        {"ids": ex.inputs["input_ids"], "attention_mask": ex.inputs["attention_mask"]}, ex.targets
+    )
+    as_tuple = Examples(tuple(ex.inputs.values()), ex.targets)
+    changed = Examples({k: v.clone() for k, v in ex.inputs.items()}, ex.targets)
+    changed.inputs["attention_mask"][1, 0] = 0
+    prints = {e.fingerprint() for e in (ex, renamed, as_tuple, changed)}
+    assert len(prints) == 4
+    # A single tensor keeps the fingerprint it always had (caches keyed by it stay valid).
+    plain = _examples()
+    digest = hashlib.sha256()
+    for t in (plain.inputs, plain.targets):
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert plain.fingerprint() == digest.hexdigest()
+
+
+def test_several_inputs_are_checked() -> None:
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"inputs\['mask'\] have 3 examples but inputs\['input_ids'\] have 4"
+    ):
+        Examples({"input_ids": ids, "mask": torch.zeros(3, 3)}, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"got 4 inputs and 5 targets"):
+        Examples((ids, ids), torch.zeros(5))
+    with pytest.raises(TypeError, match=r"keys \[0\] that are not strings.*model\(\*\*inputs\)"):
+        Examples({0: ids}, torch.zeros(4))
+    with pytest.raises(ValueError, match="empty dict"):
+        Examples({}, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"inputs\[1\] are a scalar"):
+        Examples((ids, torch.tensor(1.0)), torch.zeros(4))
+    bad = torch.zeros(4, 2)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs\['scale'\] of example 2 hold nan"):
+        Examples({"input_ids": ids, "scale": bad}, torch.zeros(4))
+    ex = Examples({"input_ids": np.zeros((4, 3), dtype=np.int64)}, np.zeros(4))
+    assert isinstance(ex.inputs["input_ids"], torch.Tensor)
+
+
+def test_queries_must_hold_inputs_of_the_training_kind() -> None:
+    trajectory = _cases.trajectory("mlp_dict")
+    queries = _cases.queries("mlp_dict", 3)
+    assert trajectory.check_queries(queries) is queries
+    plain = Examples(queries.inputs["features"], queries.targets)
+    with pytest.raises(
+        ValueError,
+        match=r"query inputs are a tensor but the training inputs are a dict with keys \['features', 'mask'\]",
+    ):
+        trajectory.bind(plain)
+    renamed = Examples(
+        {"features": queries.inputs["features"], "other": queries.inputs["mask"]}, queries.targets
+    )
+    with pytest.raises(ValueError, match=r"dict with keys \['features', 'other'\]"):
+        trajectory.bind(renamed)
+    wider = Examples(
+        {"features": torch.zeros(3, 4), "mask": queries.inputs["mask"]}, queries.targets
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"query inputs\['features'\] have shape \(n, 4\) per example but the training inputs\['features'\] have \(n, 3\)",
+    ):
+        trajectory.bind(wider)
+    floats = Examples(
+        {"features": queries.inputs["features"], "mask": queries.inputs["mask"].float()},
+        queries.targets,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"query inputs\['mask'\] have dtype torch.float32 but the training inputs\['mask'\] have torch.int64",
+    ):
+        trajectory.bind(floats)
+    task = trajectory.bind(queries)
+    for _, test_idx in KFold(n_splits=3).split(task):
+        part = _safe_indexing(task, test_idx)
+        assert part.trajectory is trajectory and len(part) == len(test_idx)
+
+
+@pytest.mark.parametrize("name", ["mlp_dict", "mlp_tuple"])
+def test_runs_on_several_inputs_save_load_and_attribute(name: str, tmp_path: Path) -> None:
+    trajectory = _cases.trajectory(name)
+    trajectory.save(tmp_path / "run")
+    loaded = Trajectory.load(tmp_path / "run")
+    assert type(loaded.train.inputs) is type(trajectory.train.inputs)
+    assert loaded.fingerprint == trajectory.fingerprint
+    queries = _cases.queries(name, 3)
+    before = SourceAttributor(n_segments=1, device="cpu").fit(trajectory).transform(queries)
+    after = SourceAttributor(n_segments=1, device="cpu").fit(loaded).transform(queries)
+    np.testing.assert_array_equal(after, before)
+    assert np.isfinite(before).all() and np.abs(before).max() > 0

@@ -393,7 +393,7 @@ def test_a_trained_parameter_without_a_gradient() -> None:
             optimizer.step()
 
 
-def test_several_random_forward_passes_in_one_step() -> None:
+def test_several_random_forward_passes_given_as_one_batch_are_refused() -> None:
     data = _data()
     torch.manual_seed(0)
     model = _cases.make_dropout_mlp()
@@ -404,11 +404,51 @@ def test_several_random_forward_passes_in_one_step() -> None:
         for half in np.array_split(BATCHES[0], 2):  # gradient accumulation with dropout
             batch = torch.as_tensor(half)
             (0.5 * cross_entropy(model(data.inputs[batch]), data.targets[batch]).mean()).backward()
+        optimizer.step()
         with pytest.raises(
             TrajectoryError,
-            match=r"drew random numbers 2 times during step 0.*one forward pass per step",
+            match=r"drew random numbers 2 times during step 0, but recorder.step\(\) was given 1 "
+            r"batch.*recorder.step\(\[idx_1, idx_2",
         ):
+            recorder.step(BATCHES[0])
+
+
+def _accumulate(model: nn.Module, data: Examples, parts: list[np.ndarray]) -> None:
+    """One step's gradient accumulated over ``parts``: the mean over all their examples."""
+    total = sum(p.size for p in parts)
+    for part in parts:
+        batch = torch.as_tensor(part)
+        (cross_entropy(model(data.inputs[batch]), data.targets[batch]).sum() / total).backward()
+
+
+@pytest.mark.parametrize("split", [(2, 2), (3, 1)])
+def test_gradient_accumulation_with_dropout_replays_each_micro_batch(split: tuple) -> None:
+    data = _data()
+    torch.manual_seed(0)
+    model = _cases.make_dropout_mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    recorder = TrajectoryRecorder(
+        model, data, architecture="tests._cases:make_dropout_mlp", checkpoint_every=2
+    )
+    with recorder.stage(optimizer):
+        for idx in BATCHES:
+            parts = np.split(idx, np.cumsum(split)[:-1])
+            optimizer.zero_grad()
+            _accumulate(model, data, parts)
             optimizer.step()
+            recorder.step(parts)
+    trajectory = recorder.finish()  # the self-check reproduced every step's micro-batches
+    assert trajectory.microbatches is not None
+    np.testing.assert_array_equal(trajectory.microbatches.steps, np.arange(6))
+    assert trajectory.microbatches.of_step(3) == split
+    assert [len(trajectory.random_states.of_step(k)) for k in range(6)] == [2] * 6
+    for recorded, given in zip(trajectory.batches, BATCHES, strict=True):
+        np.testing.assert_array_equal(recorded, given)
+    replayed, _ = replay(trajectory)
+    for name, value in model.named_parameters():
+        np.testing.assert_allclose(
+            replayed[name].detach().float(), value.detach(), rtol=0, atol=1e-6
+        )
 
 
 def test_clip_grad_norm_misuse() -> None:
@@ -594,3 +634,77 @@ def test_bad_model_and_training_set() -> None:
         TrajectoryRecorder(
             _model(), Examples(torch.zeros(0, 3), torch.zeros(0)), checkpoint_every=1
         )
+
+
+def test_a_step_that_runs_its_closure_is_read_once_the_closure_has_run() -> None:
+    # optimizer.step(closure) runs the forward and backward passes inside the step (as
+    # PyTorch Lightning does): the record is the same as that of the plain loop.
+    train = _cases.classification_data(12, 0)
+    order = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 12)]
+    finals = []
+    for with_closure in (False, True):
+        torch.manual_seed(0)
+        model = _cases.make_tanh_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+        recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+        with recorder.stage(optimizer, clip_grad_norm=0.5):
+            for idx in order:
+
+                def closure(
+                    idx: np.ndarray = idx,
+                    model: nn.Module = model,
+                    optimizer: torch.optim.Optimizer = optimizer,
+                ) -> torch.Tensor:
+                    optimizer.zero_grad()
+                    batch = train[idx]
+                    loss = nn.functional.cross_entropy(model(batch.inputs), batch.targets)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                    return loss
+
+                if with_closure:
+                    optimizer.step(closure)
+                else:
+                    closure()
+                    optimizer.step()
+                recorder.step(idx)
+        trajectory = recorder.finish()  # the self-check replays every step of this short run
+        assert trajectory.clipping is not None
+        finals.append(trajectory.checkpoint(3).params)
+    for name, tensor in finals[0].items():
+        assert torch.equal(finals[1][name], tensor)
+
+
+def test_a_loop_that_clips_with_torch_declares_the_bound_it_clips_at() -> None:
+    train = _cases.classification_data(12, 0)
+
+    def run(declared: float, applied: float) -> list[float]:
+        torch.manual_seed(0)
+        model = _cases.make_tanh_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+        norms = []
+        with recorder.stage(optimizer, clip_grad_norm=declared):
+            for idx in (np.arange(0, 6), np.arange(6, 12)):
+                optimizer.zero_grad()
+                batch = train[idx]
+                nn.functional.cross_entropy(model(batch.inputs), batch.targets).backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), applied)))
+                optimizer.step()
+                recorder.step(idx)
+        coefficients = recorder.finish().clipping.coefficient.tolist()
+        # torch's coefficient, min(1, c / (‖g‖ + 1e-6)), recorded at every step
+        np.testing.assert_allclose(
+            coefficients, [min(1.0, applied / (n + 1e-6)) for n in norms], rtol=1e-6
+        )
+        return coefficients
+
+    assert min(run(0.05, 0.05)) < 1  # the bound is reached: the steps are clipped
+    with pytest.raises(TrajectoryError, match=r"otherwise than by clipping their norm at 0\.5"):
+        run(0.5, 0.05)
+    model = _cases.make_tanh_mlp()
+    recorder = TrajectoryRecorder(model, train, checkpoint_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"'clip_grad_norm' parameter must be a float > 0"):
+        with recorder.stage(optimizer, clip_grad_norm=-1):
+            pass

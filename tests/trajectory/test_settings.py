@@ -14,6 +14,7 @@ from sourcekit import Examples, OptimizerSpec, Trajectory, TrajectoryRecorder
 from sourcekit.exceptions import TrajectoryError
 from sourcekit.trajectory import (
     GradientClipping,
+    MicroBatches,
     ParameterGroup,
     RandomStates,
     effective_learning_rates,
@@ -132,8 +133,14 @@ def test_parameter_group_validation() -> None:
         ParameterGroup(("w",), sgd, {"lr": np.ones(2), "momentum": np.zeros(3)})
     with pytest.raises(TrajectoryError, match=r"clip coefficient of step 0 is 1\.5"):
         GradientClipping([1.0], [2.0], [1.5])
-    with pytest.raises(TrajectoryError, match="strictly increasing"):
+    with pytest.raises(TrajectoryError, match="in increasing order"):
         RandomStates("cpu", [2, 1], torch.zeros(2, 4, dtype=torch.uint8))
+    with pytest.raises(TrajectoryError, match="strictly increasing"):
+        MicroBatches([2, 2], [[1, 1], [1, 1]])
+    with pytest.raises(TrajectoryError, match=r"step 2 have sizes \[3\]; .* at least two"):
+        MicroBatches([2], [[3]])
+    with pytest.raises(TrajectoryError, match="give the sizes of each step"):
+        MicroBatches([2, 3], [[1, 1]])
 
 
 def test_trajectory_checks_its_groups() -> None:
