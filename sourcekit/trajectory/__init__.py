@@ -5,6 +5,13 @@ from ._examples import Examples
 from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
 from ._segments import Segment
+from ._settings import (
+    GradientClipping,
+    ParameterGroup,
+    RandomStates,
+    effective_learning_rates,
+    weight_decays,
+)
 from ._stages import Stage
 from ._storage import Checkpoint
 from ._trainer import TrainingStage, learning_rate_schedule, train
@@ -15,13 +22,18 @@ __all__ = [
     "AttributionTask",
     "Checkpoint",
     "Examples",
+    "GradientClipping",
     "OptimizerSpec",
+    "ParameterGroup",
+    "RandomStates",
     "Segment",
     "Stage",
     "TrainingStage",
     "Trajectory",
     "TrajectoryRecorder",
+    "effective_learning_rates",
     "learning_rate_schedule",
     "optimizer_step",
     "train",
+    "weight_decays",
 ]
