@@ -30,8 +30,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._distributed import all_reduce_sum
-from ..gradients._layers import LayerBlock
-from ..gradients._per_example import model_at, position_weights
+from ..gradients._layers import LayerBlock, squared_gradient_sum
+from ..gradients._per_example import checkpoint_batches, model_at, position_weights
 from ..trajectory import Trajectory
 from ._passes import sum_over_ranks
 
@@ -140,6 +140,7 @@ class GaussNewtonProducts:
         self.n_products = 0
         self._models: dict[int, nn.Module] = {}
         self._activations: int | None = None
+        self._diagonal: dict[str, torch.Tensor] | None = None
         (self._n_examples,) = sum_over_ranks([], [len(self.indices)])
 
     def _model(self, step: int) -> nn.Module:
@@ -169,6 +170,40 @@ class GaussNewtonProducts:
             n = _batch_length(inputs)
             self._activations = max(1, total[0] // max(1, n))
         return self._activations
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """The diagonal of H̄ per block (d_out, d_in), in float64: Σ_m Σ_c (J_mᵀ M_m e_c)²
+        from one backward pass per output (and position) of each example, M_m M_mᵀ the
+        loss's output Hessian (the passes of ``fisher="expected"``); computed once, on
+        first use (Adam's diagonal decay needs it, the other paths do not)."""
+        if self._diagonal is None:
+            total = {
+                b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=self.device)
+                for b in self.blocks
+            }
+            for step in self.steps:
+                for batch in checkpoint_batches(
+                    self._model(step),
+                    self.blocks,
+                    self.trajectory.train,
+                    self.indices,
+                    self.trajectory.loss,
+                    fisher="expected",
+                    want_loss=False,
+                    noise=None,
+                    batch_size=self.batch_size,
+                    device=self.device,
+                    dtype=self.dtype,
+                    step=step,
+                ):
+                    for variant in batch.fisher:
+                        for b in self.blocks:
+                            s = variant[b.name].to(torch.float64)
+                            total[b.name] += squared_gradient_sum(b, batch.a[b.name], s)
+            all_reduce_sum(list(total.values()))
+            scale = 1.0 / (self._n_examples * len(self.steps))
+            self._diagonal = {k: t * scale for k, t in total.items()}
+        return self._diagonal
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """H̄ x for a batch of flat vectors x of shape (Q, P) (float64 in and out)."""

@@ -19,14 +19,15 @@ of another form (Adam's preconditioned P^½ H̄ P^½, for instance) plugs in the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..gradients._layers import LayerBlock
 from ._krylov import Operator, conjugate_gradients, lanczos
-from ._objects import Curvature, Shift, SpectralFunction, shift_of
+from ._objects import Carried, Curvature, Shift, SpectralFunction, shift_of
 from ._products import flatten_blocks, unflatten_blocks
+from ._rates import SegmentRates
 from ._spectral import Inverse
 
 __all__ = ["RefinedCurvature"]
@@ -46,6 +47,10 @@ class RefinedCurvature(Curvature):
     steps : int
         Products per application: conjugate-gradient iterations for the inverse,
         Lanczos steps for the other functions.
+    exact_diagonal : callable, optional
+        Returns the diagonal of H̄ per block (d_out, d_in), computed on first use;
+        :meth:`diagonal` returns it (Adam's diagonal decay), or ``base``'s diagonal
+        without it.
 
     Examples
     --------
@@ -67,12 +72,19 @@ class RefinedCurvature(Curvature):
     True
     """
 
-    def __init__(self, base: Curvature, products: Operator, steps: int) -> None:
+    def __init__(
+        self,
+        base: Curvature,
+        products: Operator,
+        steps: int,
+        exact_diagonal: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
         self.kind = base.kind
         self.blocks: list[LayerBlock] = list(base.blocks)
         self.base = base
         self.products = products
         self.steps = int(steps)
+        self.exact_diagonal = exact_diagonal
 
     def _shift_vector(self, shift: Shift, like: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -117,8 +129,48 @@ class RefinedCurvature(Curvature):
                 results[i] = out
         return [unflatten_blocks(self.blocks, results[i]) for i in range(len(fns))]
 
+    def apply_rates(
+        self,
+        rates: SegmentRates,
+        carried: Carried,
+        shift: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Carried, Carried]:
+        """:meth:`Curvature.apply_rates` for any per-parameter rates, as the dense kinds do.
+
+        With P = s_p / s (each parameter's learning-rate sum relative to the fastest
+        one's), Λ the coupled decays plus ``shift`` and R the residual of the fastest
+        sequence: u = P^½ R(K) P^½ v by ``steps`` Lanczos steps on the operator
+        K = P^½ (H̄ + Λ) P^½, and v_next = v − (H̄ + Λ) u by one more product.
+        """
+        sums, decays = [], []
+        for b in self.blocks:
+            like = torch.zeros(b.d_out, b.d_in, dtype=torch.float64)
+            r = rates.blocks[b.name]
+            sums.append(r.entry_sums(like).reshape(-1))
+            decays.append(r.entrywise(r.coupled, like).reshape(-1))
+        v = flatten_blocks(self.blocks, carried.in_parameters()).to(torch.float64)
+        s_p, diag = torch.cat(sums).to(v.device), torch.cat(decays).to(v.device) + shift
+        total, residual = rates.reference()
+        root = (s_p / total).sqrt() if total > 0 else torch.zeros_like(s_p)
+
+        def shifted(x: torch.Tensor) -> torch.Tensor:
+            return self.products(x) + diag * x
+
+        (scaled,) = lanczos(lambda x: root * shifted(root * x), root * v, self.steps).apply(
+            [residual]
+        )
+        u = root * scaled
+        return (
+            Carried(unflatten_blocks(self.blocks, u)),
+            Carried(unflatten_blocks(self.blocks, v - shifted(u))),
+        )
+
     def diagonal(self) -> dict[str, torch.Tensor]:
-        """The fitted curvature's diagonal (Adam's exponent keeps it)."""
+        """The exact diagonal of H̄ where given (``exact_diagonal``), else the fitted
+        curvature's."""
+        if self.exact_diagonal is not None:
+            return self.exact_diagonal()
         return self.base.diagonal()
 
     def mean_eigenvalues(self) -> dict[str, float]:
@@ -126,7 +178,9 @@ class RefinedCurvature(Curvature):
         return self.base.mean_eigenvalues()
 
     def to(self, device: torch.device) -> RefinedCurvature:
-        return RefinedCurvature(self.base.to(device), self.products, self.steps)
+        return RefinedCurvature(
+            self.base.to(device), self.products, self.steps, self.exact_diagonal
+        )
 
     def __repr__(self) -> str:
         return f"RefinedCurvature(base={self.base!r}, steps={self.steps})"

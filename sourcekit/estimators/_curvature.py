@@ -153,4 +153,4 @@ class CurvatureAttributor(GradientAttributor):
             dtype=self._torch_dtype(),
             memory_limit=self.memory_limit_ // 4,
         )
-        return RefinedCurvature(curvature, products, self.refine_steps)
+        return RefinedCurvature(curvature, products, self.refine_steps, products.diagonal)
