@@ -223,6 +223,7 @@ class GaussNewtonProducts:
             tangents: dict[str, torch.Tensor] = {}
             for b in self.blocks:
                 tangents.update(b.split(tangents_by_block[b.name], shapes))
+                _drop_padding_row(model, b, tangents)
             for start in range(0, len(self.indices), self.batch_size):
                 idx = self.indices[start : start + self.batch_size]
                 batch = self.trajectory.train[idx].to(self.device, self.dtype)
@@ -243,6 +244,17 @@ class GaussNewtonProducts:
                         ).to(device=x.device, dtype=torch.float64)
         all_reduce_sum([total])
         return total / (self._n_examples * len(self.steps))
+
+
+def _drop_padding_row(model: nn.Module, block: LayerBlock, tangents: dict[str, torch.Tensor]) -> None:
+    """Zero the tangent of an embedding's padding row: its backward pass gives that row no
+    gradient (Jᵀ leaves it out), so the forward pass must not move it either, or the
+    products would not be symmetric."""
+    padding = getattr(model.get_submodule(block.name), "padding_idx", None)
+    if block.one_hot and padding is not None:
+        tangent = tangents[block.weight].clone()
+        tangent[:, padding] = 0
+        tangents[block.weight] = tangent
 
 
 def _batch_length(inputs: object) -> int:
