@@ -31,9 +31,9 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._distributed import all_reduce_sum
 from ..gradients._layers import LayerBlock, squared_gradient_sum
-from ..gradients._per_example import checkpoint_batches, model_at, position_weights
+from ..gradients._per_example import FisherNoise, checkpoint_batches, model_at, position_weights
 from ..trajectory import Trajectory
-from ._passes import sum_over_ranks
+from ._passes import fisher_seed, sum_over_ranks
 
 __all__ = ["GaussNewtonProducts", "flatten_blocks", "unflatten_blocks"]
 
@@ -90,6 +90,13 @@ class GaussNewtonProducts:
         Bytes the tangents of one pass may take: the Q vectors are carried in chunks
         (and the examples in smaller batches) so that Q × batch × the model's
         activations fit.
+    fisher : {"expected", "true", "empirical"}, default="expected"
+        How :meth:`diagonal` forms the diagonal: exactly ("expected", one backward pass
+        per output and position of each example) or estimated as the fitted curvatures
+        estimate it (one backward pass per example, with Fisher targets drawn with
+        ``random_state``).
+    random_state : int or None, default=0
+        Seed of the Fisher targets of :meth:`diagonal` (as in curvature fitting).
 
     Attributes
     ----------
@@ -128,8 +135,12 @@ class GaussNewtonProducts:
         device: torch.device,
         dtype: torch.dtype,
         memory_limit: int,
+        fisher: str = "expected",
+        random_state: int | None = 0,
     ) -> None:
         self.trajectory = trajectory
+        self.fisher = fisher
+        self.random_state = random_state
         self.blocks = list(blocks)
         self.steps = list(steps)
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -172,10 +183,14 @@ class GaussNewtonProducts:
         return self._activations
 
     def diagonal(self) -> dict[str, torch.Tensor]:
-        """The diagonal of H̄ per block (d_out, d_in), in float64: Σ_m Σ_c (J_mᵀ M_m e_c)²
-        from one backward pass per output (and position) of each example, M_m M_mᵀ the
-        loss's output Hessian (the passes of ``fisher="expected"``); computed once, on
-        first use (Adam's diagonal decay needs it, the other paths do not)."""
+        """The diagonal of H̄ per block (d_out, d_in), in float64, computed once, on first
+        use (Adam's diagonal decay needs it, the other paths do not).
+
+        With ``fisher="expected"`` exactly, Σ_m Σ_c (J_mᵀ M_m e_c)² from one backward
+        pass per output (and position) of each example, M_m M_mᵀ the loss's output
+        Hessian; otherwise the mean of the squared per-example gradients of the Fisher
+        targets ``fisher`` draws (an unbiased estimate of it for ``"true"``), one
+        backward pass per example."""
         if self._diagonal is None:
             total = {
                 b.name: torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=self.device)
@@ -188,9 +203,9 @@ class GaussNewtonProducts:
                     self.trajectory.train,
                     self.indices,
                     self.trajectory.loss,
-                    fisher="expected",
+                    fisher=self.fisher,
                     want_loss=False,
-                    noise=None,
+                    noise=FisherNoise(fisher_seed(self.random_state, step)),
                     batch_size=self.batch_size,
                     device=self.device,
                     dtype=self.dtype,

@@ -152,5 +152,7 @@ class CurvatureAttributor(GradientAttributor):
             device=self._device(),
             dtype=self._torch_dtype(),
             memory_limit=self.memory_limit_ // 4,
+            fisher=self.fisher,
+            random_state=resolve_seed(self.random_state),
         )
         return RefinedCurvature(curvature, products, self.refine_steps, products.diagonal)
