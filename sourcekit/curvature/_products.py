@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._distributed import all_reduce_sum
 from ..gradients._layers import LayerBlock, squared_gradient_sum
@@ -297,10 +298,12 @@ def _gauss_newton_batch(
     def forward(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return functional_call(model, {**fixed, **p}, (inputs,))
 
-    outputs, pullback = vjp(forward, params)
-    jx = vmap(lambda t: jvp(forward, (params,), (t,))[1])(tangents)
-    hjx = _output_hessian_products(loss, outputs.detach(), targets, jx)
-    (back,) = vmap(pullback)(hjx.to(outputs.dtype))
+    # Attention through its plain (math) kernel: the fused ones have no forward mode.
+    with sdpa_kernel([SDPBackend.MATH]):
+        outputs, pullback = vjp(forward, params)
+        jx = vmap(lambda t: jvp(forward, (params,), (t,))[1])(tangents)
+        hjx = _output_hessian_products(loss, outputs.detach(), targets, jx)
+        (back,) = vmap(pullback)(hjx.to(outputs.dtype))
     return back
 
 
