@@ -139,6 +139,12 @@ class CurvatureAttributor(GradientAttributor):
         """
         if not self.refine_steps:
             return curvature
+        if self.curvature == "hessian":
+            raise ValueError(
+                f"refine_steps={self.refine_steps} refines with exact Gauss-Newton products, "
+                "but curvature='hessian' is the Hessian: the refinement would change the "
+                "matrix. Use refine_steps=0 with curvature='hessian', or another curvature."
+            )
         _, examples, key = job
         subset = curvature_subset(
             examples, self.curvature_examples, resolve_seed(self.random_state), key

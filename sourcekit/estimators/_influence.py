@@ -67,7 +67,7 @@ class InfluenceAttributor(CurvatureAttributor):
         ``refine_steps`` iterations of conjugate gradients preconditioned by the fitted
         curvature. Each iteration is one pass over the curvature subset at the final
         checkpoint. 0 (the default) applies the fitted curvature's inverse. Read only
-        by ``transform``.
+        by ``transform``; not with ``curvature="hessian"``.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types

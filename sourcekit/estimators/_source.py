@@ -120,11 +120,12 @@ class SourceAttributor(CurvatureAttributor):
         and its ``curvature_examples``, applied to the query-side vectors by
         ``refine_steps`` Lanczos steps (the residual and the decay share them; Adam's
         residual inverse takes as many conjugate-gradient steps, preconditioned by the
-        fitted curvature). Each step is one pass over the curvature subset at each of
-        the segment's checkpoints, carrying all the queries at once. 0 (the default)
-        applies the fitted curvature's own functions. Read only by ``transform``. The
-        curvature page of the documentation gives the iteration, its error bound and
-        its cost.
+        fitted curvature, and its diagonal decay the diagonal of H̄ as ``fisher``
+        estimates it). Each step is one pass over the curvature subset at each of the
+        segment's checkpoints, carrying all the queries at once. 0 (the default)
+        applies the fitted curvature's own functions. Read only by ``transform``; not
+        with ``curvature="hessian"``. The curvature page of the documentation gives the
+        iterations, their error bounds and their cost.
     average_checkpoints : bool, default=False
         SOURCE's fast variant: average the parameters (and batch-norm statistics) of each
         segment's checkpoints and take its curvature and training gradients once, at the

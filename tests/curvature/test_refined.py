@@ -199,3 +199,10 @@ def test_per_parameter_rates_match_the_dense_form_on_a_full_matrix(matrix_functi
             torch.testing.assert_close(
                 got_c.in_parameters()[name], w, rtol=0, atol=1e3 * n * EPS64
             )
+
+
+def test_refining_the_hessian_is_refused() -> None:
+    run, queries = _cases.trajectory("mlp_sgd"), _cases.queries("mlp_sgd")
+    source = SourceAttributor(n_segments=2, curvature="hessian", refine_steps=2, **KW).fit(run)
+    with pytest.raises(ValueError, match="refine_steps=2 refines with exact Gauss-Newton"):
+        source.transform(queries)
