@@ -33,6 +33,7 @@ setting). Everything runs in this one process, one setting after the other.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from typing import Any
@@ -114,7 +115,7 @@ def run_lds(args: argparse.Namespace) -> None:
             seconds = {name: np.inf for name in settings}
             for _ in range(args.repeats):  # interleaved, best of the repeats
                 for name, kw in settings.items():
-                    scores[name], t = timed(lambda kw=kw: make(**kw), trajectory, queries)
+                    scores[name], t = timed(functools.partial(make, **kw), trajectory, queries)
                     seconds[name] = min(seconds[name], t)
             scores["exact"], seconds["exact"] = exact_scores(
                 args.cache, f"{family}-{recipe}-{args.queries}", make, trajectory, queries
@@ -172,17 +173,22 @@ def run_scale(args: argparse.Namespace) -> None:
         n = trajectory.n_train
         settings = [parse_setting(text, n) for text in args.settings]
 
-        def make(**kw: Any) -> sourcekit.SourceAttributor:
-            return sourcekit.SourceAttributor(n_segments=3, modules=workload.modules, **kw)
+        make = functools.partial(
+            sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
+        )
 
-        results: dict[str, tuple[np.ndarray, float]] = {"default": timed(make, trajectory, queries)}
+        results: dict[str, tuple[np.ndarray, float]] = {
+            "default": timed(make, trajectory, queries)
+        }
         for k, m in settings:
             results[f"refined k={k}, m={m}"] = timed(
-                lambda k=k, m=m: make(refine_steps=k, curvature_examples=m), trajectory, queries
+                functools.partial(make, refine_steps=k, curvature_examples=m), trajectory, queries
             )
         k_ref, m_ref = args.reference, settings[0][1]
         results[f"long: k={k_ref}, m={m_ref}"] = timed(
-            lambda: make(refine_steps=k_ref, curvature_examples=m_ref), trajectory, queries
+            functools.partial(make, refine_steps=k_ref, curvature_examples=m_ref),
+            trajectory,
+            queries,
         )
         long = results[f"long: k={k_ref}, m={m_ref}"][0]
         print(workloads.describe(workload), f"; floor {floor['floor_s']:.2f} s", flush=True)

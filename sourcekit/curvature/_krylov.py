@@ -72,9 +72,7 @@ class Lanczos:
 
     def leading(self, steps: int) -> Lanczos:
         """The decomposition after the first ``steps`` products (the leading part of this one)."""
-        return Lanczos(
-            self.basis[:, :, :steps], self.projection[:, :steps, :steps], self.norms
-        )
+        return Lanczos(self.basis[:, :, :steps], self.projection[:, :steps, :steps], self.norms)
 
     def apply(self, fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> list[torch.Tensor]:
         """‖v‖ W_k f(T_k) e₁ for each spectral function f: a list of (Q, P) tensors."""
@@ -160,7 +158,9 @@ def conjugate_gradients(
     True
     """
     if steps < 1:
-        raise ValueError(f"The number of conjugate-gradient steps must be at least 1; got {steps}.")
+        raise ValueError(
+            f"The number of conjugate-gradient steps must be at least 1; got {steps}."
+        )
     apply_m = precondition if precondition is not None else (lambda r: r)
     x = torch.zeros_like(b)
     r = b.clone()

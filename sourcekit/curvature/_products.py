@@ -252,17 +252,28 @@ class GaussNewtonProducts:
                     for q in range(0, x.shape[0], chunk):
                         sub = {k: t[q : q + chunk] for k, t in tangents.items()}
                         out = _gauss_newton_batch(
-                            model, params, fixed, part.inputs, part.targets, sub, self.trajectory.loss
+                            model,
+                            params,
+                            fixed,
+                            part.inputs,
+                            part.targets,
+                            sub,
+                            self.trajectory.loss,
                         )
                         total[q : q + chunk] += torch.cat(
-                            [_block_matrix(b, out).reshape(out[b.weight].shape[0], -1) for b in self.blocks],
+                            [
+                                _block_matrix(b, out).reshape(out[b.weight].shape[0], -1)
+                                for b in self.blocks
+                            ],
                             dim=1,
                         ).to(device=x.device, dtype=torch.float64)
         all_reduce_sum([total])
         return total / (self._n_examples * len(self.steps))
 
 
-def _drop_padding_row(model: nn.Module, block: LayerBlock, tangents: dict[str, torch.Tensor]) -> None:
+def _drop_padding_row(
+    model: nn.Module, block: LayerBlock, tangents: dict[str, torch.Tensor]
+) -> None:
     """Zero the tangent of an embedding's padding row: its backward pass gives that row no
     gradient (Jᵀ leaves it out), so the forward pass must not move it either, or the
     products would not be symmetric."""
@@ -300,7 +311,8 @@ def _gauss_newton_batch(
 
     # Attention through its plain (math) kernel: the fused ones have no forward mode.
     with sdpa_kernel([SDPBackend.MATH]):
-        outputs, pullback = vjp(forward, params)
+        pulled = vjp(forward, params)
+        outputs, pullback = pulled[0], pulled[1]
         jx = vmap(lambda t: jvp(forward, (params,), (t,))[1])(tangents)
         hjx = _output_hessian_products(loss, outputs.detach(), targets, jx)
         (back,) = vmap(pullback)(hjx.to(outputs.dtype))

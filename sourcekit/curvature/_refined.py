@@ -89,7 +89,9 @@ class RefinedCurvature(Curvature):
     def _shift_vector(self, shift: Shift, like: torch.Tensor) -> torch.Tensor:
         return torch.cat(
             [
-                torch.full((b.n_params,), shift_of(shift, b.name), dtype=like.dtype, device=like.device)
+                torch.full(
+                    (b.n_params,), shift_of(shift, b.name), dtype=like.dtype, device=like.device
+                )
                 for b in self.blocks
             ]
         )

@@ -346,7 +346,6 @@ class SourceAttributor(CurvatureAttributor):
             query_rank=self.query_rank,
         )
 
-
     def _scoring_segments(self) -> list[SegmentModel]:
         """The fitted segments, each curvature refined by exact products with ``refine_steps``
         (at the checkpoints its gradients are taken at: the averaged state of the fast

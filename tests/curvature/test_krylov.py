@@ -79,7 +79,9 @@ def test_lanczos_converges_to_the_matrix_function_within_its_bound(
         if name == "decay"
         else (Residual(s), residual_bound(s, low, high))
     )
-    v = torch.randn(n_vectors, 30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v = torch.randn(
+        n_vectors, 30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     exact = dense_function(a, fn, v)
     scale = float(v.norm(dim=1).max()) * float(fn(lam).abs().max())
     errors = []
@@ -103,7 +105,9 @@ def test_one_basis_serves_every_function_and_the_discrete_forms() -> None:
         torch.testing.assert_close(approx, dense_function(a, fn, v), rtol=0, atol=1e-12)
     # a polynomial of degree 4 (the discrete decay over 4 steps) is exact from 5 steps on
     (approx,) = lanczos(lambda x: x @ a, v, 5).apply([DiscreteDecay(rates)])
-    torch.testing.assert_close(approx, dense_function(a, DiscreteDecay(rates), v), rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        approx, dense_function(a, DiscreteDecay(rates), v), rtol=0, atol=1e-13
+    )
 
 
 def test_lanczos_of_an_eigenvector_or_a_zero_vector_is_exact_at_once() -> None:
@@ -112,7 +116,9 @@ def test_lanczos_of_an_eigenvector_or_a_zero_vector_is_exact_at_once() -> None:
     v = torch.stack([q[:, 3], torch.zeros(10, dtype=torch.float64)])
     for k in (1, 2, 6):  # steps past the invariant subspace add nothing
         (approx,) = lanczos(lambda x: x @ a, v, k).apply([Decay(1.5)])
-        torch.testing.assert_close(approx[0], torch.exp(-1.5 * lam[3]) * q[:, 3], rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            approx[0], torch.exp(-1.5 * lam[3]) * q[:, 3], rtol=0, atol=1e-13
+        )
         assert torch.equal(approx[1], torch.zeros(10, dtype=torch.float64))
 
 
@@ -133,7 +139,9 @@ def kappa_of(a: torch.Tensor, m: torch.Tensor | None) -> float:
 @pytest.mark.parametrize("preconditioned", [False, True])
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2**16), damping=st.floats(1e-4, 1e-1))
-def test_conjugate_gradients_meet_their_bound(preconditioned: bool, seed: int, damping: float) -> None:
+def test_conjugate_gradients_meet_their_bound(
+    preconditioned: bool, seed: int, damping: float
+) -> None:
     a, _ = spd(30, 1e-3, 2.0, seed)
     a = a + damping * torch.eye(30, dtype=torch.float64)
     m = None

@@ -65,7 +65,9 @@ def _conditioning(attributor: SourceAttributor | InfluenceAttributor, shift: flo
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curvature(name: str) -> None:
+def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curvature(
+    name: str,
+) -> None:
     run, queries = _cases.trajectory(name), _cases.queries(name)
     exact = SourceAttributor(n_segments=2, curvature="exact", damping=1e-3, **KW).fit(run)
     want = exact.transform(queries)
@@ -110,7 +112,13 @@ def _dense_and_products(name: str) -> tuple[torch.Tensor, GaussNewtonProducts, o
     exact = fit_curvature("exact", run, blocks, steps, examples_of(run), settings())
     ekfac = fit_curvature("ekfac", run, blocks, steps, examples_of(run), settings("true"))
     products = GaussNewtonProducts(
-        run, blocks, steps, examples_of(run), batch_size=5, device=CPU, dtype=torch.float64,
+        run,
+        blocks,
+        steps,
+        examples_of(run),
+        batch_size=5,
+        device=CPU,
+        dtype=torch.float64,
         memory_limit=2**26,
     )
     return exact.matrix, products, ekfac  # type: ignore[attr-defined]
@@ -188,9 +196,7 @@ def test_per_parameter_rates_match_the_dense_form_on_a_full_matrix(matrix_functi
         },
         matrix_function,
     )
-    v = {
-        b.name: torch.randn(2, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks
-    }
+    v = {b.name: torch.randn(2, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks}
     refined = RefinedCurvature(eigen, lambda y: y @ matrix, n)
     got = refined.apply_rates(rates, Carried(v), 1e-3)
     want = dense.apply_rates(rates, Carried(v), 1e-3)
