@@ -151,6 +151,16 @@ def test_preconditioned_conjugate_gradients_on_the_real_products_meet_their_boun
         assert bool((error <= previous + slack).all()), k  # monotone in the A-norm
         previous = error
     assert bool((error <= slack).all())
+    # one step: the EK-FAC answer M b, scaled to minimise the A-norm error
+    x = flatten_blocks(
+        blocks,
+        RefinedCurvature(ekfac, products, 1).apply(Inverse(), unflatten_blocks(blocks, b), shift),  # type: ignore[arg-type]
+    )
+    mb = b @ m
+    alpha = (b * mb).sum(dim=1) / ((mb @ a) * mb).sum(dim=1)
+    torch.testing.assert_close(
+        x, alpha[:, None] * mb, rtol=0, atol=1e3 * n * EPS64 * float(x.abs().max())
+    )
 
 
 def test_lanczos_on_the_real_products_matches_the_dense_functions() -> None:
