@@ -66,6 +66,7 @@ import workloads
 import sourcekit
 from sourcekit._denormals import flushing_denormals
 from sourcekit._device import resolve_device
+from sourcekit.estimators._gradient import GradientState
 
 # memory_limit per scale: the default (timing (i) and (ii)), one large enough to keep
 # the factor cache of every checkpoint the budget allows (a second row of (i)), and a
@@ -179,8 +180,8 @@ def measure_floor(trajectory: sourcekit.Trajectory, device: torch.device) -> dic
     return {"pass_s": seconds, "floor_s": c * seconds, "C": c}
 
 
-def _factor_bytes(state: dict) -> int:
-    return sum(b.nbytes() for batches in state["cache"].values() for b in batches)
+def _factor_bytes(state: GradientState) -> int:
+    return sum(b.nbytes() for batches in state.cache.values() for b in batches)
 
 
 def measure_source(
