@@ -2,9 +2,11 @@
 
 Their shared parameters (``curvature``, a kind of the registry
 ``sourcekit.curvature.CURVATURES``; ``fisher``; ``curvature_examples``;
-``random_state``), the settings of the curvature passes, and the fit of one curvature
-per job (a segment's checkpoints and stage, or the final step) with one byte budget
-and one cache of training-loss factors for all of them.
+``refine_steps``; ``random_state``), the settings of the curvature passes, the fit of
+one curvature per job (a segment's checkpoints and stage, or the final step) with one
+byte budget and one cache of training-loss factors for all of them, and, when scoring
+with ``refine_steps``, the fitted curvature of a job refined by exact products over the
+same checkpoints and curvature subset (:meth:`CurvatureAttributor._refined`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from .._validation import Interval, Options
 from ..base import POSITIVE_INT
 from ..curvature import CURVATURES, Curvature, fit_curvature
 from ..curvature._passes import FitSettings
+from ..curvature._products import GaussNewtonProducts
+from ..curvature._refined import RefinedCurvature
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import FISHER, BatchFactors
 from ..gradients._training import CacheBudget, LossCache
@@ -54,6 +58,7 @@ class CurvatureAttributor(GradientAttributor):
         "curvature": [Options(*CURVATURES)],
         "fisher": [Options(*FISHER)],
         "curvature_examples": [None, POSITIVE_INT],
+        "refine_steps": [Interval(int, 0, None)],
         "random_state": [None, Interval(int, 0, None)],
         **GradientAttributor._parameter_constraints,
     }
@@ -61,6 +66,7 @@ class CurvatureAttributor(GradientAttributor):
     curvature: str
     fisher: str
     curvature_examples: int | None
+    refine_steps: int
     random_state: int | None
 
     def _fresh_each_fit(self) -> bool:
@@ -114,3 +120,45 @@ class CurvatureAttributor(GradientAttributor):
                 )
             )
         return curvatures, cache.batches
+
+    # --- scoring -----------------------------------------------------------------------
+    def _query_extra_bytes(self) -> int:
+        # a refinement holds, per query, its Krylov basis (refine_steps vectors) and the
+        # vectors of one product and of conjugate gradients, in float64
+        return 8 * (self.refine_steps + 4) if self.refine_steps else 0
+
+    def _refined(
+        self, curvature: Curvature, trajectory: Trajectory, steps: Sequence[int], job: CurvatureJob
+    ) -> Curvature:
+        """``curvature``, or with ``refine_steps`` the exact curvature it approximates, applied
+        by Krylov iterations with it as guide (:class:`~sourcekit.curvature._refined.RefinedCurvature`).
+
+        The products average over ``steps`` (the checkpoints the curvature was fitted at,
+        built through ``trajectory``: SOURCE's averaged view or the run) and over the
+        curvature subset of ``job``'s examples that the fit drew.
+        """
+        if not self.refine_steps:
+            return curvature
+        if self.curvature == "hessian":
+            raise ValueError(
+                f"refine_steps={self.refine_steps} refines with exact Gauss-Newton products, "
+                "but curvature='hessian' is the Hessian: the refinement would change the "
+                "matrix. Use refine_steps=0 with curvature='hessian', or another curvature."
+            )
+        _, examples, key = job
+        subset = curvature_subset(
+            examples, self.curvature_examples, resolve_seed(self.random_state), key
+        )
+        products = GaussNewtonProducts(
+            trajectory,
+            curvature.blocks,
+            steps,
+            local_examples(self.trajectory_, subset),
+            batch_size=self.batch_size,
+            device=self._device(),
+            dtype=self._torch_dtype(),
+            memory_limit=self.memory_limit_ // 4,
+            fisher=self.fisher,
+            random_state=resolve_seed(self.random_state),
+        )
+        return RefinedCurvature(curvature, products, self.refine_steps, products.diagonal)

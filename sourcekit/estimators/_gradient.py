@@ -118,17 +118,22 @@ def caller_stacklevel() -> int:
 
 
 def query_slices(
-    n_queries: int, blocks: Sequence[LayerBlock], memory_limit: int, itemsize: int = 8
+    n_queries: int,
+    blocks: Sequence[LayerBlock],
+    memory_limit: int,
+    itemsize: int = 8,
+    extra_bytes: int = 0,
 ) -> list[slice]:
     """Blocks of queries whose preconditioned gradients fit in half of ``memory_limit``.
 
     Each query holds about three vectors of the attributed parameters at once (v, u and
     the v carried to the previous segment), of ``itemsize`` bytes per number (float64 by
-    default; SOURCE's chain runs in its ``dtype``). More than one block streams the
+    default; SOURCE's chain runs in its ``dtype``), plus ``extra_bytes`` per parameter
+    (the Krylov vectors of ``refine_steps``). More than one block streams the
     training data once per block: a :class:`~sourcekit.exceptions.PerformanceWarning`
     says so, with the ``memory_limit`` that would stream it once.
     """
-    per_query = 3 * itemsize * sum(b.n_params for b in blocks)
+    per_query = (3 * itemsize + extra_bytes) * sum(b.n_params for b in blocks)
     size = max(1, (memory_limit // 2) // per_query)
     slices = [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
     if len(slices) > 1:
@@ -257,6 +262,11 @@ class GradientAttributor(BaseAttributor, ABC):
         by default; an attributor whose query side runs in ``dtype`` says so."""
         return 8
 
+    def _query_extra_bytes(self) -> int:
+        """Bytes per attributed parameter that each query holds besides its three vectors
+        (the Krylov vectors of a refinement); none by default."""
+        return 0
+
     # --- fitting -----------------------------------------------------------------------
     def _blocks(self, trajectory: Trajectory) -> list[LayerBlock]:
         """The layer blocks of the run's model (``modules``, or every layer sourcekit reads,
@@ -340,7 +350,13 @@ class GradientAttributor(BaseAttributor, ABC):
         allows (usually one block), and gather every rank's columns."""
         trajectory = self._passes_trajectory()
         blocks = self.state_.blocks
-        slices = query_slices(len(queries), blocks, self.memory_limit_, self._query_itemsize())
+        slices = query_slices(
+            len(queries),
+            blocks,
+            self.memory_limit_,
+            self._query_itemsize(),
+            self._query_extra_bytes(),
+        )
         per_block = self._examples_per_block()
         bar = tqdm(
             total=len(slices) * per_block,

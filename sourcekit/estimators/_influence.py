@@ -60,6 +60,14 @@ class InfluenceAttributor(CurvatureAttributor):
         that estimate curvature then cost ``curvature_examples / N`` of a full pass, and
         the training gradients are computed when scoring instead of being kept from
         fitting.
+    refine_steps : int, default=0
+        Refine the fitted curvature with exact curvature products: the scores then use
+        (H + λ)⁻¹ of the exact Gauss-Newton matrix H (the one ``curvature="exact"`` forms
+        densely) over the ``curvature_examples``, solved for all queries at once by
+        ``refine_steps`` iterations of conjugate gradients preconditioned by the fitted
+        curvature. Each iteration is one pass over the curvature subset at the final
+        checkpoint. 0 (the default) applies the fitted curvature's inverse. Read only
+        by ``transform``; not with ``curvature="hessian"``.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types
@@ -143,6 +151,7 @@ class InfluenceAttributor(CurvatureAttributor):
         curvature: str = "ekfac",
         fisher: str = "true",
         curvature_examples: int | None = None,
+        refine_steps: int = 0,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,
         random_state: int | None = 0,
@@ -158,6 +167,7 @@ class InfluenceAttributor(CurvatureAttributor):
         self.curvature = curvature
         self.fisher = fisher
         self.curvature_examples = curvature_examples
+        self.refine_steps = refine_steps
         self.modules = modules
         self.query_rank = query_rank
         self.random_state = random_state
@@ -204,9 +214,14 @@ class InfluenceAttributor(CurvatureAttributor):
     def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
         damping, wd = self.damping_, self._weight_decay()
         shift = {k: (damping[k] if isinstance(damping, dict) else damping) + wd[k] for k in wd}
+        final = self.trajectory_.n_steps
+        everything = np.arange(self.trajectory_.n_train, dtype=np.int64)
+        curvature = self._refined(
+            self.state_.curvature, self.trajectory_, [final], ([final], everything, 0)
+        )
         return influence_scores(
             queries.final(),
-            self.state_.curvature,
+            curvature,
             training,
             self.trajectory_.n_steps,
             self._local_examples(),

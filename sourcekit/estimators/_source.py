@@ -113,6 +113,19 @@ class SourceAttributor(CurvatureAttributor):
         that estimate curvature then cost ``curvature_examples / N`` of a full pass, and
         the training gradients are computed when scoring instead of being kept from
         fitting.
+    refine_steps : int, default=0
+        Refine each segment's fitted curvature with exact curvature products: its
+        matrix functions are then those of the exact Gauss-Newton matrix H̄ (the one
+        ``curvature="exact"`` forms densely), averaged over the segment's checkpoints
+        and its ``curvature_examples``, applied to the query-side vectors by
+        ``refine_steps`` Lanczos steps (the residual and the decay share them; Adam's
+        residual inverse takes as many conjugate-gradient steps, preconditioned by the
+        fitted curvature, and its diagonal decay the diagonal of H̄ as ``fisher``
+        estimates it). Each step is one pass over the curvature subset at each of the
+        segment's checkpoints, carrying all the queries at once. 0 (the default)
+        applies the fitted curvature's own functions. Read only by ``transform``; not
+        with ``curvature="hessian"``. The curvature page of the documentation gives the
+        iterations, their error bounds and their cost.
     average_checkpoints : bool, default=False
         SOURCE's fast variant: average the parameters (and batch-norm statistics) of each
         segment's checkpoints and take its curvature and training gradients once, at the
@@ -226,6 +239,7 @@ class SourceAttributor(CurvatureAttributor):
         matrix_function: str = "exp",
         fisher: str = "true",
         curvature_examples: int | None = None,
+        refine_steps: int = 0,
         average_checkpoints: bool = False,
         boundaries: Sequence[int] | None = None,
         modules: Sequence[str] | None = None,
@@ -245,6 +259,7 @@ class SourceAttributor(CurvatureAttributor):
         self.matrix_function = matrix_function
         self.fisher = fisher
         self.curvature_examples = curvature_examples
+        self.refine_steps = refine_steps
         self.average_checkpoints = average_checkpoints
         self.boundaries = boundaries
         self.modules = modules
@@ -321,7 +336,7 @@ class SourceAttributor(CurvatureAttributor):
     def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
         return source_scores(
             queries.final(),
-            self.state_.segments,
+            self._scoring_segments(),
             training,
             self._stage_examples(),
             n_train=self.trajectory_.n_train,
@@ -330,6 +345,27 @@ class SourceAttributor(CurvatureAttributor):
             dtype=self._torch_dtype(),
             query_rank=self.query_rank,
         )
+
+    def _scoring_segments(self) -> list[SegmentModel]:
+        """The fitted segments, each curvature refined by exact products with ``refine_steps``
+        (at the checkpoints its gradients are taken at: the averaged state of the fast
+        variant, or every checkpoint of the segment)."""
+        if not self.refine_steps:
+            return self.state_.segments
+        trajectory = self._passes_trajectory()
+        stages = self.trajectory_.stages
+        return [
+            replace(
+                m,
+                curvature=self._refined(
+                    m.curvature,
+                    trajectory,
+                    m.segment.checkpoints,
+                    (m.segment.checkpoints, stages[m.segment.stage].examples, m.segment.stage),
+                ),
+            )
+            for m in self.state_.segments
+        ]
 
 
 def _segment_model(

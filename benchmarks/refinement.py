@@ -1,0 +1,234 @@
+"""Refining EK-FAC with exact Gauss-Newton products (``refine_steps``): LDS, agreement, time.
+
+Run:  python benchmarks/refinement.py lds [--recipes standard early two_stage] [--queries 100]
+                                          [--settings 4:128 4:256 8:256] [--repeats 3]
+      python benchmarks/refinement.py scale [--scale cpu] [--queries 100]
+                                            [--workloads conv transformer]
+                                            [--settings 2:N/8 4:N/8] [--reference 16]
+
+``lds``: on the digits recipes, SOURCE (3 segments, damping 1e-3, the defaults
+otherwise) with EK-FAC (the default), with ``curvature="exact"`` (the dense
+Gauss-Newton matrix) and refined (``refine_steps=k``, ``curvature_examples=m``, written
+``k:m``; ``k:all`` refines over every example). For each it prints the LDS against
+retraining on ``--subsets`` random halves with ``--seeds`` seeds (the ground truth of
+``benchmarks/evaluate_lds.py``, read from the same cache), the fraction of the LDS gap
+between EK-FAC and exact curvature that it closes, (LDS − LDS_EK-FAC) / (LDS_exact −
+LDS_EK-FAC), the mean over queries of the Pearson correlation of its scores with those
+of exact curvature, and its time (fit + transform from an empty state cache) and the
+ratio to the default's. The damping is fixed (SOURCE's default) rather than chosen per
+fold, so that every row is one fit and one transform. The times of EK-FAC and of the
+refined settings are the best of ``--repeats`` runs, interleaved; exact curvature is
+timed once, and its scores and time are kept under ``--cache`` (a rerun reads them). With ``--influence`` the same rows for ``InfluenceAttributor``
+(damping 1e-3).
+
+``scale``: on the conv net and the transformer of ``benchmarks/scale.py`` (the same
+training recipes and sizes), SOURCE's time with the defaults and refined at ``--settings``
+(``k:m``, m a number of examples or N/d, a fraction of the training set), against the
+floor of ``benchmarks/scale.py`` (C forward and backward passes over the training set),
+and the Pearson correlation (mean over queries) of each one's scores with those of a
+long refinement (``--reference`` steps over the same curvature subset as the first
+setting). Everything runs in this one process, one setting after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import sourcekit
+from sourcekit.evaluation import linear_datamodeling_score, make_subset_masks, retrain_measurements
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over queries (rows) of the Pearson correlation of two score matrices."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    num = (a * b).sum(axis=1)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    return float(np.mean(num / np.where(den == 0, 1.0, den)))
+
+
+def parse_setting(text: str, n_train: int) -> tuple[int, int | None]:
+    """``k:m`` -> (refine_steps, curvature_examples); m is a number, ``N/d`` or ``all``."""
+    steps, examples = text.split(":")
+    if examples == "all":
+        return int(steps), None
+    if examples.startswith("N/"):
+        return int(steps), n_train // int(examples[2:])
+    return int(steps), int(examples)
+
+
+def timed(make: Any, trajectory: sourcekit.Trajectory, queries: Any) -> tuple[np.ndarray, float]:
+    """Scores and seconds of fit + transform from an empty state cache."""
+    sourcekit.base.clear_state_cache()
+    start = time.perf_counter()
+    scores = make().fit(trajectory).transform(queries)
+    return scores, time.perf_counter() - start
+
+
+def exact_scores(
+    cache: str, key: str, make: Any, trajectory: sourcekit.Trajectory, queries: Any
+) -> tuple[np.ndarray, float]:
+    """Scores and seconds of ``curvature="exact"``, kept under ``cache`` (minutes each)."""
+    path = os.path.join(cache, f"exact-curvature-{key}.npz")
+    if os.path.exists(path):
+        saved = np.load(path)
+        return saved["scores"], float(saved["seconds"])
+    scores, seconds = timed(lambda: make(curvature="exact"), trajectory, queries)
+    os.makedirs(cache, exist_ok=True)
+    np.savez(path, scores=scores, seconds=seconds)
+    return scores, seconds
+
+
+def run_lds(args: argparse.Namespace) -> None:
+    task = sourcekit.datasets.load_digits_task()
+    families = {"SOURCE": lambda **kw: sourcekit.SourceAttributor(n_segments=3, **kw)}
+    if args.influence:
+        families["influence"] = lambda **kw: sourcekit.InfluenceAttributor(damping=1e-3, **kw)
+    rows = []
+    for recipe in args.recipes:
+        trajectory = task.record(recipe, progress=False)
+        queries = task.test[: args.queries]
+        masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
+        truth = retrain_measurements(
+            trajectory,
+            queries,
+            masks,
+            seeds=range(args.seeds),
+            n_jobs=args.n_jobs,
+            cache_dir=args.cache,
+            progress=False,
+        ).outputs
+        for family, make in families.items():
+            settings = {"EK-FAC": {}}
+            for text in args.settings:
+                k, m = parse_setting(text, trajectory.n_train)
+                name = f"refined k={k}, m={'all' if m is None else m}"
+                settings[name] = {"refine_steps": k, "curvature_examples": m}
+            scores: dict[str, np.ndarray] = {}
+            seconds = {name: np.inf for name in settings}
+            for _ in range(args.repeats):  # interleaved, best of the repeats
+                for name, kw in settings.items():
+                    scores[name], t = timed(functools.partial(make, **kw), trajectory, queries)
+                    seconds[name] = min(seconds[name], t)
+            scores["exact"], seconds["exact"] = exact_scores(
+                args.cache, f"{family}-{recipe}-{args.queries}", make, trajectory, queries
+            )
+            lds = {
+                name: linear_datamodeling_score(s, masks, truth, random_state=0)
+                for name, s in scores.items()
+            }
+            base, top = lds["EK-FAC"].mean, lds["exact"].mean
+            for name in ["EK-FAC", "exact", *[n for n in settings if n != "EK-FAC"]]:
+                result = lds[name]
+                closed = (result.mean - base) / (top - base) if top != base else float("nan")
+                rows.append(
+                    (
+                        recipe,
+                        f"{family} {name}",
+                        result,
+                        closed,
+                        pearson(scores[name], scores["exact"]),
+                        seconds[name],
+                        seconds[name] / seconds["EK-FAC"],
+                    )
+                )
+                print(f"{recipe:<10} {family} {name:<26} LDS {result.mean:+.3f}", flush=True)
+    print(
+        f"\ndigits, {args.queries} test queries, {args.subsets} subsets, {args.seeds} seeds; "
+        "damping 1e-3; times: fit + transform, best of "
+        f"{args.repeats} (exact: one run)\n"
+    )
+    print(
+        f"{'recipe':<10} {'method':<38} {'LDS':>7} {'interval':>17} {'gap closed':>11}"
+        f" {'Pearson w/ exact':>17} {'time s':>8} {'x default':>10}"
+    )
+    for recipe, name, result, closed, corr, secs, ratio in rows:
+        low, high = result.confidence_interval
+        print(
+            f"{recipe:<10} {name:<38} {result.mean:>+7.3f} [{low:+.3f}, {high:+.3f}]"
+            f" {closed:>11.2f} {corr:>17.3f} {secs:>8.2f} {ratio:>10.2f}"
+        )
+
+
+def run_scale(args: argparse.Namespace) -> None:
+    import scale
+    import workloads
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"{'workload':<13} {'setting':<24} {'time s':>8} {'/ floor':>8} {'/ default':>10}"
+        f" {'Pearson w/ long':>16}"
+    )
+    for kind in args.workloads:
+        workload = workloads.build(kind, args.scale, args.queries)
+        trajectory, queries = workload.trajectory, workload.queries[: args.queries]
+        floor = scale.measure_floor(trajectory, torch.device("cpu"))
+        n = trajectory.n_train
+        settings = [parse_setting(text, n) for text in args.settings]
+
+        make = functools.partial(
+            sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
+        )
+
+        results: dict[str, tuple[np.ndarray, float]] = {
+            "default": timed(make, trajectory, queries)
+        }
+        for k, m in settings:
+            results[f"refined k={k}, m={m}"] = timed(
+                functools.partial(make, refine_steps=k, curvature_examples=m), trajectory, queries
+            )
+        k_ref, m_ref = args.reference, settings[0][1]
+        results[f"long: k={k_ref}, m={m_ref}"] = timed(
+            functools.partial(make, refine_steps=k_ref, curvature_examples=m_ref),
+            trajectory,
+            queries,
+        )
+        long = results[f"long: k={k_ref}, m={m_ref}"][0]
+        print(workloads.describe(workload), f"; floor {floor['floor_s']:.2f} s", flush=True)
+        for name, (scores, secs) in results.items():
+            print(
+                f"{workload.name:<13} {name:<24} {secs:>8.2f} {secs / floor['floor_s']:>8.2f}"
+                f" {secs / results['default'][1]:>10.2f} {pearson(scores, long):>16.4f}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    lds = sub.add_parser("lds")
+    lds.add_argument("--recipes", nargs="+", default=["standard", "early", "two_stage"])
+    lds.add_argument("--queries", type=int, default=100)
+    lds.add_argument("--subsets", type=int, default=100)
+    lds.add_argument("--seeds", type=int, default=3)
+    lds.add_argument("--n-jobs", type=int, default=2)
+    lds.add_argument("--cache", default=".cache/sourcekit-lds")
+    lds.add_argument("--settings", nargs="+", default=["4:128", "4:256", "8:256"])
+    lds.add_argument("--repeats", type=int, default=3)
+    lds.add_argument("--influence", action="store_true")
+    big = sub.add_parser("scale")
+    big.add_argument("--scale", default="cpu")
+    big.add_argument("--queries", type=int, default=100)
+    big.add_argument("--workloads", nargs="+", default=["conv", "transformer"])
+    big.add_argument("--settings", nargs="+", default=["2:N/8", "4:N/8"])
+    big.add_argument("--reference", type=int, default=16)
+    big.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.part == "lds":
+        torch.set_num_threads(1)
+        run_lds(args)
+    else:
+        run_scale(args)
+
+
+if __name__ == "__main__":
+    main()

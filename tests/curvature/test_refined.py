@@ -1,0 +1,224 @@
+"""The refined curvature (``refine_steps``): a fitted curvature's functions replaced by
+those of the exact Gauss-Newton matrix, applied by Krylov iterations on exact products.
+
+- With as many steps as parameters the Krylov spaces are the whole space, so the
+  estimators' scores equal those of ``curvature="exact"`` up to rounding. The Lanczos
+  basis is reorthogonalised, so P steps suffice in floating point; conjugate gradients
+  (influence functions, Adam's inverse) are not, and in floating point lose their
+  termination at P steps (the directions lose conjugacy and convergence is delayed), so
+  the estimators get 2P steps, where conjugate gradients reach their attainable accuracy
+  (Greenbaum 1997, ch. 4): about κ·eps relative, κ = (λ_max + shift)/shift the condition
+  of the shifted matrix. The budget below is P·κ·eps, times 1e3 for the sums over
+  examples and checkpoints that both sides form in different orders.
+- Preconditioned by the fitted EK-FAC and run on the real products, conjugate gradients
+  meet their bound ‖x_k − x‖_A ≤ 2((√κ' − 1)/(√κ' + 1))^k ‖x‖_A at every k, κ' the
+  condition of the preconditioned operator (measured here from the dense matrices).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sourcekit import InfluenceAttributor, SourceAttributor
+from sourcekit.curvature import (
+    Carried,
+    Decay,
+    DenseCurvature,
+    DiscreteDecay,
+    DiscreteResidual,
+    Inverse,
+    Residual,
+    fit_curvature,
+)
+from sourcekit.curvature._products import GaussNewtonProducts, flatten_blocks, unflatten_blocks
+from sourcekit.curvature._rates import BlockRates, SegmentRates
+from sourcekit.curvature._refined import RefinedCurvature
+
+from .. import _cases
+from .test_fit import CPU, blocks_of, examples_of, settings
+from .test_rates import _two_blocks
+
+EPS64 = float(np.finfo(np.float64).eps)
+CASES = ["linear_sgd", "mlp_momentum", "mlp_adam", "mlp_two_stage"]
+KW = {"dtype": "float64", "device": "cpu"}
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _kappa(curvature: DenseCurvature, shift: float) -> float:
+    lam = torch.linalg.eigvalsh(curvature.matrix)
+    return float((lam.max() + shift) / (lam.min().clamp_min(0) + shift))
+
+
+def _conditioning(attributor: SourceAttributor | InfluenceAttributor, shift: float) -> float:
+    state = attributor.state_
+    curvatures = (
+        [m.curvature for m in state.segments] if hasattr(state, "segments") else [state.curvature]
+    )
+    return max(_kappa(c, shift) for c in curvatures)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curvature(
+    name: str,
+) -> None:
+    run, queries = _cases.trajectory(name), _cases.queries(name)
+    exact = SourceAttributor(n_segments=2, curvature="exact", damping=1e-3, **KW).fit(run)
+    want = exact.transform(queries)
+    n_params = sum(b.n_params for b in exact.state_.blocks)
+    # (Adam's diagonal decay takes the diagonal as ``fisher`` estimates it: exactly here)
+    refined = SourceAttributor(
+        n_segments=2, damping=1e-3, refine_steps=2 * n_params, fisher="expected", **KW
+    ).fit(run)
+    got = refined.transform(queries)
+    kappa = _conditioning(exact, 1e-3)
+    assert _relative_error(got, want) <= 1e3 * n_params * EPS64 * kappa
+    # and EK-FAC alone (with its default, sampled Fisher) is far from it: not vacuous
+    plain = refined.set_params(refine_steps=0, fisher="true").fit(run).transform(queries)
+    assert _relative_error(plain, want) > 1e-2
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_influence_with_twice_as_many_steps_as_parameters_is_influence_with_exact_curvature(
+    name: str,
+) -> None:
+    run, queries = _cases.trajectory(name), _cases.queries(name)
+    exact = InfluenceAttributor(curvature="exact", damping=1e-2, **KW).fit(run)
+    want = exact.transform(queries)
+    n_params = sum(b.n_params for b in exact.state_.blocks)
+    refined = InfluenceAttributor(damping=1e-2, refine_steps=2 * n_params, **KW).fit(run)
+    kappa = _conditioning(exact, 1e-2)
+    assert _relative_error(refined.transform(queries), want) <= 1e3 * n_params * EPS64 * kappa
+    assert _relative_error(refined.set_params(refine_steps=0).transform(queries), want) > 1e-2
+
+
+def test_refine_steps_must_be_a_non_negative_integer() -> None:
+    run = _cases.trajectory("mlp_sgd")
+    for cls in (SourceAttributor, InfluenceAttributor):
+        with pytest.raises(ValueError, match="'refine_steps' parameter"):
+            cls(refine_steps=-1, **KW).fit(run)
+
+
+def _dense_and_products(name: str) -> tuple[torch.Tensor, GaussNewtonProducts, object]:
+    run = _cases.trajectory(name)
+    blocks = blocks_of(run)
+    steps = [run.n_steps]
+    exact = fit_curvature("exact", run, blocks, steps, examples_of(run), settings())
+    ekfac = fit_curvature("ekfac", run, blocks, steps, examples_of(run), settings("true"))
+    products = GaussNewtonProducts(
+        run,
+        blocks,
+        steps,
+        examples_of(run),
+        batch_size=5,
+        device=CPU,
+        dtype=torch.float64,
+        memory_limit=2**26,
+    )
+    return exact.matrix, products, ekfac  # type: ignore[attr-defined]
+
+
+def test_preconditioned_conjugate_gradients_on_the_real_products_meet_their_bound() -> None:
+    matrix, products, ekfac = _dense_and_products("mlp_momentum")
+    shift = 1e-2
+    n = matrix.shape[0]
+    a = matrix + shift * torch.eye(n, dtype=torch.float64)
+    blocks = products.blocks
+    # the preconditioner M = (EK-FAC + shift)⁻¹ as a matrix, from its action on unit vectors
+    eye = torch.eye(n, dtype=torch.float64)
+    m = flatten_blocks(blocks, ekfac.apply(Inverse(), unflatten_blocks(blocks, eye), shift))  # type: ignore[attr-defined]
+    m = 0.5 * (m + m.T)
+    lam_m, q_m = torch.linalg.eigh(m)
+    root = (q_m * lam_m.sqrt()) @ q_m.T
+    kappa = float(torch.linalg.cond(root @ a @ root))
+    rate = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
+    b = torch.randn(3, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = torch.linalg.solve(a, b.T).T
+    start = ((exact @ a) * exact).sum(dim=1).sqrt()
+    previous = start
+    for k in (1, 2, 3, 5, 8, 13, 21, n, 2 * n):  # (the A-norm error never grows with k)
+        refined = RefinedCurvature(ekfac, products, k)  # type: ignore[arg-type]
+        x = flatten_blocks(blocks, refined.apply(Inverse(), unflatten_blocks(blocks, b), shift))
+        error = (((x - exact) @ a) * (x - exact)).sum(dim=1).sqrt()
+        slack = 1e3 * n * EPS64 * kappa * start
+        assert bool((error <= 2 * rate**k * start + slack).all()), (k, error, rate)
+        assert bool((error <= previous + slack).all()), k  # monotone in the A-norm
+        previous = error
+    assert bool((error <= slack).all())
+    # one step: the EK-FAC answer M b, scaled to minimise the A-norm error
+    x = flatten_blocks(
+        blocks,
+        RefinedCurvature(ekfac, products, 1).apply(Inverse(), unflatten_blocks(blocks, b), shift),  # type: ignore[arg-type]
+    )
+    mb = b @ m
+    alpha = (b * mb).sum(dim=1) / ((mb @ a) * mb).sum(dim=1)
+    torch.testing.assert_close(
+        x, alpha[:, None] * mb, rtol=0, atol=1e3 * n * EPS64 * float(x.abs().max())
+    )
+
+
+def test_lanczos_on_the_real_products_matches_the_dense_functions() -> None:
+    matrix, products, ekfac = _dense_and_products("mlp_momentum")
+    n, shift = matrix.shape[0], 1e-3
+    blocks = products.blocks
+    dense = DenseCurvature("exact", blocks, matrix)
+    v = unflatten_blocks(
+        blocks, torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
+    rates = [0.3, 0.2, 0.2, 0.1]
+    fns = [Decay(2.0), Residual(2.0), DiscreteDecay(rates), DiscreteResidual(rates)]
+    refined = RefinedCurvature(ekfac, products, n)  # type: ignore[arg-type]
+    before = products.n_products
+    got = refined.apply_many(fns, v, shift)
+    assert products.n_products - before == n  # one basis serves the four functions
+    for g, w in zip(got, dense.apply_many(fns, v, shift), strict=True):
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=0, atol=1e3 * n * EPS64)
+
+
+@pytest.mark.parametrize("matrix_function", ["exp", "discrete"])
+def test_per_parameter_rates_match_the_dense_form_on_a_full_matrix(matrix_function: str) -> None:
+    # a full (not block-diagonal) symmetric matrix over the two blocks, and a bias that
+    # trains at its own rate without decay: the dense kinds' apply_rates is exact for it
+    eigen, _ = _two_blocks()
+    blocks = eigen.blocks
+    n = sum(b.n_params for b in blocks)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, n, generator=g, dtype=torch.float64)
+    matrix = x @ x.T / n
+    dense = DenseCurvature("exact", blocks, matrix)
+    bias = torch.zeros(3, 3, dtype=torch.bool)
+    bias[:, -1] = True
+    rates = SegmentRates(
+        {
+            "0": BlockRates(
+                [(~bias, np.array([0.1, 0.2, 0.05])), (bias, np.array([0.2, 0.4, 0.1]))],
+                torch.where(bias, 0.0, 0.05).to(torch.float64),
+                0.0,
+            ),
+            "2": BlockRates([(None, np.array([0.3, 0.6, 0.15]))], 0.0, 0.0),
+        },
+        matrix_function,
+    )
+    v = {b.name: torch.randn(2, b.d_out, b.d_in, generator=g, dtype=torch.float64) for b in blocks}
+    refined = RefinedCurvature(eigen, lambda y: y @ matrix, n)
+    got = refined.apply_rates(rates, Carried(v), 1e-3)
+    want = dense.apply_rates(rates, Carried(v), 1e-3)
+    for got_c, want_c in zip(got, want, strict=True):
+        for name, w in want_c.in_parameters().items():
+            torch.testing.assert_close(
+                got_c.in_parameters()[name], w, rtol=0, atol=1e3 * n * EPS64
+            )
+
+
+def test_refining_the_hessian_is_refused() -> None:
+    run, queries = _cases.trajectory("mlp_sgd"), _cases.queries("mlp_sgd")
+    source = SourceAttributor(n_segments=2, curvature="hessian", refine_steps=2, **KW).fit(run)
+    with pytest.raises(ValueError, match="refine_steps=2 refines with exact Gauss-Newton"):
+        source.transform(queries)
