@@ -52,7 +52,8 @@ def test_the_expensive_state_is_computed_once_per_setting(run):
     [
         (
             {"damping": -1.0},
-            r"'damping' parameter of SourceAttributor must be a float in \[0, inf\); got -1.0",
+            r"'damping' parameter of SourceAttributor must be a float in \[0, inf\) or one of 'auto'; "
+            r"got -1.0",
         ),
         ({"n_segments": 0}, r"'n_segments' parameter .* must be None or an int in \[1, inf\)"),
         ({"curvature": "full"}, r"'curvature' .* one of 'ekfac', 'kfac'"),
