@@ -106,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
     queries = task.test[: args.queries]
     predictions = trajectory.build_model().eval()(queries.inputs).argmax(dim=1).tolist()
     methods = {
-        "SOURCE": sourcekit.SourceAttributor(n_segments=3, damping=1e-3, progress=progress),
+        "SOURCE": sourcekit.SourceAttributor(n_segments=3, progress=progress),
         "influence": sourcekit.InfluenceAttributor(progress=progress),
         "exact unrolling": sourcekit.UnrolledAttributor(progress=progress),
     }
@@ -183,7 +183,7 @@ def _quick_evaluation(trajectory: Any, task: Any, cache: Path, progress: bool) -
         progress=progress,
     )
     methods = {
-        "SOURCE (damping 1e-3)": sourcekit.SourceAttributor(damping=1e-3),
+        "SOURCE (default damping)": sourcekit.SourceAttributor(),
         "influence (heuristic damping)": sourcekit.InfluenceAttributor(),
         "TracIn": sourcekit.TracInAttributor(),
         "TRAK (k=512)": sourcekit.TRAKAttributor(),

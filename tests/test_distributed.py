@@ -320,9 +320,13 @@ def condition(attributor: Any) -> float:
             # the residual (1 − e^{−sσ})/σ, of H̄ under SGD and of K̄ under Adam
             shift = damping + 1 / segment.lr_sum
             if segment.adam is None:
-                kappas.append(1 + largest_eigenvalue(segment.curvature) / (shift + segment.weight_decay))
+                kappas.append(
+                    1 + largest_eigenvalue(segment.curvature) / (shift + segment.weight_decay)
+                )
             else:
-                kappas.append(1 + largest_eigenvalue(segment.adam.curvature) / shift)  # K̄ holds λ_w
+                kappas.append(
+                    1 + largest_eigenvalue(segment.adam.curvature) / shift
+                )  # K̄ holds λ_w
         return max(kappas)
     return 1.0
 

@@ -189,8 +189,8 @@ def precondition(
         applied = curvature.apply_carried(fns, v, shift, dtype)
         return rounded(applied[0].in_parameters()), (applied[1].to(work) if carry else None)
     # Adam: K̄ + δ, in float64 whatever ``dtype`` says (p can span many orders of magnitude).
-    u, after = model.adam.apply((residual, decay), v, damping, carry)
-    return rounded(u), (after.to(work) if after is not None else None)
+    u, carried = model.adam.apply((residual, decay), v, damping, carry)
+    return rounded(u), (carried.to(work) if carried is not None else None)
 
 
 def source_scores(
