@@ -259,9 +259,18 @@ def _argument(name: str) -> dict[str, Any]:
         return {"action": "store_true", "default": None, "help": text}
     text += f" (default: {default})"
     choices = [v for c in constraints if isinstance(c, Options) for v in c.values]
+    intervals = [c for c in constraints if isinstance(c, Interval)]
+    if choices and intervals:  # a number or a named value (SOURCE's damping="auto")
+        kind, named = intervals[0].kind, list(dict.fromkeys(choices))
+
+        def number_or_named(value: str) -> Any:
+            return value if value in named else kind(value)
+
+        number_or_named.__name__ = kind.__name__
+        metavar = f"{kind.__name__.upper()}|{'|'.join(named)}"
+        return {"type": number_or_named, "metavar": metavar, "default": None, "help": text}
     if choices:
         return {"choices": list(dict.fromkeys(choices)), "default": None, "help": text}
-    intervals = [c for c in constraints if isinstance(c, Interval)]
     return {"type": intervals[0].kind if intervals else str, "default": None, "help": text}
 
 
