@@ -61,6 +61,9 @@ class SourceState(GradientState):
         The training-loss factors kept from fitting (never pickled).
     """
 
+    # 2: segments under Adam hold the preconditioned curvature (SegmentModel.adam)
+    FORMAT: ClassVar[int] = 2
+
     segments: list[SegmentModel]
     spans: list[Segment]
     averaged: dict[int, dict[str, torch.Tensor]]
