@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--recipe",
         default="early",
-        help="training recipe: early (stopped at a quarter of its schedule; default), standard or two_stage",
+        help="training recipe: early (stopped at a quarter of its schedule; default), standard, two_stage or adamw",
     )
     demo.add_argument(
         "--queries", type=int, default=3, help="number of test digits to attribute (default: 3)"
