@@ -3,8 +3,8 @@
 Run:  python benchmarks/evaluate_lds.py [--task digits] [--queries 100] [--subsets 100] [--seeds 3] [--n-jobs 2]
       python benchmarks/evaluate_lds.py --task text --queries 64
 
-For each recipe (digits: ``standard``, ``early``, ``two_stage``; text: ``standard``,
-``early``) it records the run, retrains the recipe on ``--subsets`` random halves of the
+For each recipe (digits: ``standard``, ``early``, ``two_stage``, ``adamw``; text:
+``standard``, ``early``) it records the run, retrains the recipe on ``--subsets`` random halves of the
 training set with ``--seeds`` seeds each (cached under ``--cache``, so a rerun only reads
 the files), and prints, for every method, the LDS over the test queries (mean over
 queries with a 95 % bootstrap interval) and the wall time of the method.
@@ -22,7 +22,9 @@ Damped methods choose their damping by ``GridSearchCV`` with ``LDSScorer`` on he
 query folds: the queries are split into 5 outer folds, and each fold's scores come from
 an estimator whose damping was chosen by an inner 4-fold search on the other queries,
 so no query's LDS is measured with a damping chosen on that query. The table lists the
-dampings chosen in the outer folds.
+dampings chosen in the outer folds. SOURCE also runs with its default damping
+(``damping="auto"``, 0.01/s per segment), which needs no search; and where exact unrolling
+runs, a second table gives each method's per-query Pearson correlation with it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def methods() -> Methods:
     """Name -> (estimator factory, damping grid or None), for the digits task."""
     return {
         "SOURCE (L=3, EK-FAC)": (lambda: sourcekit.SourceAttributor(n_segments=3), SOURCE_GRID),
+        "SOURCE (L=3, EK-FAC), default damping": (
+            lambda: sourcekit.SourceAttributor(n_segments=3),
+            None,
+        ),
         "SOURCE (L=3, averaged)": (
             lambda: sourcekit.SourceAttributor(n_segments=3, average_checkpoints=True),
             SOURCE_GRID,
@@ -121,6 +127,12 @@ def with_whole_example_fisher(
     return sourcekit.Trajectory.load(directory, loss=whole_example_cross_entropy)
 
 
+def pearson_per_query(scores: np.ndarray, reference: np.ndarray) -> float:
+    """The mean over queries of the Pearson correlation of two score rows."""
+    values = [np.corrcoef(a, b)[0, 1] for a, b in zip(scores, reference, strict=True)]
+    return float(np.mean(values))
+
+
 def scores_with_held_out_damping(
     make: Callable[[], Any], grid: list[float], X: Any, y: np.ndarray, masks: np.ndarray
 ) -> tuple[np.ndarray, list[float]]:
@@ -156,14 +168,14 @@ def main() -> None:
     parser.add_argument(
         "--recipes",
         nargs="+",
-        help="default: standard early two_stage (digits), standard early (text)",
+        help="default: standard early two_stage adamw (digits), standard early (text)",
     )
     parser.add_argument("--methods", nargs="+", help="only the methods whose names contain these")
     args = parser.parse_args()
 
     if args.task == "digits":
         task: Any = sourcekit.datasets.load_digits_task()
-        recipes = args.recipes or ["standard", "early", "two_stage"]
+        recipes = args.recipes or ["standard", "early", "two_stage", "adamw"]
         table = methods()
     else:
         task = sourcekit.datasets.load_text_task()
@@ -172,6 +184,7 @@ def main() -> None:
     if args.methods:
         table = {k: v for k, v in table.items() if any(m in k for m in args.methods)}
     rows = []
+    correlations: dict[str, dict[str, float]] = {}
     scratch = tempfile.TemporaryDirectory()
     for recipe in recipes:
         trajectory = task.record(recipe, progress=False)
@@ -189,6 +202,7 @@ def main() -> None:
         truth_seconds = time.perf_counter() - started
         y = truth.outputs
         variants = {None: trajectory.bind(queries)}
+        recipe_scores = {}
         for name, (make, grid) in table.items():
             variant = WHOLE_EXAMPLE if name.endswith(WHOLE_EXAMPLE) else None
             if variant not in variants:
@@ -202,12 +216,20 @@ def main() -> None:
             else:
                 scores, chosen = scores_with_held_out_damping(make, grid, X, y, masks)
             seconds = time.perf_counter() - started
+            recipe_scores[name] = scores
             result = linear_datamodeling_score(scores, masks, y, random_state=0)
             rows.append((recipe, name, result, chosen, seconds, truth_seconds))
             print(
                 f"{recipe:<10} {name:<44} LDS {result.mean:+.3f} [{result.confidence_interval[0]:+.3f}, {result.confidence_interval[1]:+.3f}]  {seconds:6.1f} s",
                 flush=True,
             )
+        if "exact unrolling" in recipe_scores:
+            exact = recipe_scores["exact unrolling"]
+            correlations[recipe] = {
+                name: pearson_per_query(scores, exact)
+                for name, scores in recipe_scores.items()
+                if name != "exact unrolling"
+            }
 
     print(
         f"\n{args.task} task, {args.queries} test queries, {args.subsets} subsets of {args.alpha:.0%} of the "
@@ -222,6 +244,11 @@ def main() -> None:
             f"{recipe:<10} {name:<44} {result.mean:>+7.3f} [{result.confidence_interval[0]:+.3f}, {result.confidence_interval[1]:+.3f}]"
             f"  {damping:<32} {seconds:>7.1f}"
         )
+    if correlations:
+        print("\nper-query Pearson correlation with exact unrolling (mean over queries):")
+        for recipe, values in correlations.items():
+            for name, r in values.items():
+                print(f"{recipe:<10} {name:<44} {r:+.3f}")
     print("\nground truth (retraining, cached after the first run):")
     for recipe in recipes:
         seconds = next(r[5] for r in rows if r[0] == recipe)

@@ -106,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
     queries = task.test[: args.queries]
     predictions = trajectory.build_model().eval()(queries.inputs).argmax(dim=1).tolist()
     methods = {
-        "SOURCE": sourcekit.SourceAttributor(n_segments=3, damping=1e-3, progress=progress),
+        "SOURCE": sourcekit.SourceAttributor(n_segments=3, progress=progress),
         "influence": sourcekit.InfluenceAttributor(progress=progress),
         "exact unrolling": sourcekit.UnrolledAttributor(progress=progress),
     }
@@ -183,7 +183,7 @@ def _quick_evaluation(trajectory: Any, task: Any, cache: Path, progress: bool) -
         progress=progress,
     )
     methods = {
-        "SOURCE (damping 1e-3)": sourcekit.SourceAttributor(damping=1e-3),
+        "SOURCE (default damping)": sourcekit.SourceAttributor(),
         "influence (heuristic damping)": sourcekit.InfluenceAttributor(),
         "TracIn": sourcekit.TracInAttributor(),
         "TRAK (k=512)": sourcekit.TRAKAttributor(),
@@ -259,9 +259,18 @@ def _argument(name: str) -> dict[str, Any]:
         return {"action": "store_true", "default": None, "help": text}
     text += f" (default: {default})"
     choices = [v for c in constraints if isinstance(c, Options) for v in c.values]
+    intervals = [c for c in constraints if isinstance(c, Interval)]
+    if choices and intervals:  # a number or a named value (SOURCE's damping="auto")
+        kind, named = intervals[0].kind, list(dict.fromkeys(choices))
+
+        def number_or_named(value: str) -> Any:
+            return value if value in named else kind(value)
+
+        number_or_named.__name__ = kind.__name__
+        metavar = f"{kind.__name__.upper()}|{'|'.join(named)}"
+        return {"type": number_or_named, "metavar": metavar, "default": None, "help": text}
     if choices:
         return {"choices": list(dict.fromkeys(choices)), "default": None, "help": text}
-    intervals = [c for c in constraints if isinstance(c, Interval)]
     return {"type": intervals[0].kind if intervals else str, "default": None, "help": text}
 
 
@@ -375,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--recipe",
         default="early",
-        help="training recipe: early (stopped at a quarter of its schedule; default), standard or two_stage",
+        help="training recipe: early (stopped at a quarter of its schedule; default), standard, two_stage or adamw",
     )
     demo.add_argument(
         "--queries", type=int, default=3, help="number of test digits to attribute (default: 3)"

@@ -36,6 +36,11 @@ mlp_dict, mlp_tuple
     inputs, :class:`MaskedMLP`) and ``model(a, b)`` (a tuple, :class:`TwoTowerMLP`),
     trained with SGD and momentum like ``mlp_sgd``.
 
+Besides the registry, :func:`stationary_run` builds full-batch runs that start at a
+stationary point of every stage's update rule, so that curvature, per-example gradients
+and Adam's moments are constant along the whole run (the regime in which SOURCE's
+discrete form must equal exact unrolling).
+
 Each stage keeps 3 checkpoints for attribution, at the midpoints of equal step intervals
 (steps 1, 4, 7 of the 9-step MLP runs). Every loss and measurement above is smooth in the
 parameters (tanh, not ReLU), so the cases can be checked against finite differences.
@@ -72,6 +77,7 @@ __all__ = [
     "rebuild",
     "record",
     "regression_data",
+    "stationary_run",
     "train_examples",
     "trajectory",
 ]
@@ -443,3 +449,106 @@ def rebuild(trajectory: Trajectory, **overrides: Any) -> Trajectory:
     """A copy of ``trajectory`` with some constructor arguments replaced (e.g.
     ``batches=None`` for a run recorded without batch indices)."""
     return Trajectory(**{**arguments(trajectory), **overrides})
+
+
+# --- stationary runs ------------------------------------------------------------------------
+def summed_output(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The sum of a model's outputs (a measurement linear in the outputs, for any width)."""
+    return outputs.reshape(len(outputs), -1).sum(dim=1)
+
+
+def stationary_gradient(spec: OptimizerSpec, theta: torch.Tensor) -> torch.Tensor:
+    """The mean training-loss gradient g at which ``spec``'s update leaves θ where it is.
+
+    SGD (any momentum) and Adam with coupled decay λ stop where the total gradient
+    g + λθ is 0. AdamW with decoupled decay λ_w stops where θ(1 − ηλ_w) = θ − η g/(|g| + ε)
+    for every η (Adam's moments of a constant gradient are m̂ = g and v̂ = g²), i.e.
+    g/(|g| + ε) = −λ_w θ, so g = −λ_w θ ε / (1 − λ_w |θ|) (needs λ_w |θ| < 1).
+    """
+    if spec.kind == "adamw":
+        scaled = spec.weight_decay * theta.abs()
+        if bool((scaled >= 1).any()):
+            raise ValueError("AdamW has no stationary point with weight_decay * |theta| >= 1.")
+        return -spec.weight_decay * theta * spec.eps / (1 - scaled)
+    return -spec.weight_decay * theta
+
+
+def stationary_run(
+    n: int,
+    d: int,
+    k: int,
+    stages: list[
+        tuple[OptimizerSpec | Callable[[float], OptimizerSpec], np.ndarray | None, int, str]
+    ],
+    *,
+    seed: int,
+    n_checkpoints: int = 3,
+) -> tuple[Trajectory, Examples]:
+    """A float64 ``nn.Linear(d, k)`` trained full-batch from a point where no stage moves it.
+
+    Every stage ``(optimizer, examples, steps, schedule)`` trains on its examples (None:
+    all ``n``) with one batch per step; ``optimizer`` may be a function of λ_max, the
+    largest eigenvalue of X̃ᵀX̃/n (to set a learning rate relative to the curvature). The targets are chosen so that at the initial
+    weights W̃ = [W, b] the mean gradient of ½‖W̃x̃ − y‖² over each stage's examples is
+    that stage's :func:`stationary_gradient`: the residuals r_i = W̃x̃_i − y_i are the
+    smallest change of random residuals that satisfies Σ_{i∈stage} r_i x̃_iᵀ = N_stage g
+    for every stage at once. The weights then never move (up to rounding), so the
+    curvature I_k ⊗ X̃ᵀX̃/N_stage (+ coupled decay), every example's gradient r_i x̃_iᵀ
+    and Adam's moments (m̂ = g, v̂ = g²) are constant along the run.
+
+    Returns the trajectory (loss ``"squared_error"``, measurement :func:`summed_output`)
+    and 3 queries drawn like the training inputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x_tilde = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    weights = 0.6 * torch.randn(k, d + 1, generator=g, dtype=torch.float64)
+    lam_max = float(torch.linalg.eigvalsh(x_tilde.T @ x_tilde / n).max())
+    stages = [(s if isinstance(s, OptimizerSpec) else s(lam_max), *rest) for s, *rest in stages]
+    rows, rhs = [], []
+    for spec, examples, _, _ in stages:
+        members = np.arange(n) if examples is None else np.asarray(examples)
+        target = len(members) * stationary_gradient(spec, weights)  # (k, d + 1)
+        # Σ_{i∈members} r_i x̃_iᵀ: linear in vec(R), R of shape (n, k)
+        for a in range(k):
+            for b in range(d + 1):
+                row = torch.zeros(n, k, dtype=torch.float64)
+                row[members, a] = x_tilde[members, b]
+                rows.append(row.reshape(-1))
+                rhs.append(target[a, b])
+    system = torch.stack(rows)
+    start = torch.randn(n * k, generator=g, dtype=torch.float64)
+    residuals = start + torch.linalg.pinv(system) @ (torch.stack(rhs) - system @ start)
+    targets = x_tilde @ weights.T - residuals.reshape(n, k)
+    model = nn.Linear(d, k).double()
+    with torch.no_grad():
+        model.weight.copy_(weights[:, :d])
+        model.bias.copy_(weights[:, d])
+    training = []
+    for i, (spec, examples, steps, schedule) in enumerate(stages):
+        assert isinstance(spec, OptimizerSpec)
+        size = n if examples is None else len(examples)
+        training.append(
+            TrainingStage(
+                spec,
+                epochs=steps,
+                batch_size=size,
+                name=f"stage{i}",
+                examples=examples,
+                schedule=schedule,
+                n_checkpoints=n_checkpoints,
+            )
+        )
+    run = sourcekit.train(
+        model,
+        Examples(x, targets),
+        training,
+        loss="squared_error",
+        measurement=summed_output,
+        progress=False,
+    )
+    queries = Examples(
+        torch.randn(3, d, generator=g, dtype=torch.float64),
+        torch.zeros(3, k, dtype=torch.float64),
+    )
+    return run, queries

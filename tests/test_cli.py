@@ -343,6 +343,29 @@ def test_attribute_passes_the_options_it_is_given_and_quiet_to_every_method(
     assert attributor.get_params() == {**defaults, "device": "cpu", "progress": False}
 
 
+@pytest.mark.parametrize(
+    ("method", "value", "expected"),
+    [("source", "auto", "auto"), ("source", "0.01", 0.01), ("influence", "0.5", 0.5)],
+)
+def test_damping_takes_a_number_or_sources_auto(method: str, value: str, expected: object) -> None:
+    from sourcekit.cli import _attributor
+
+    args = build_parser().parse_args(
+        ["attribute", "d", "--queries", "q", "--method", method, "--damping", value]
+    )
+    assert _attributor(args).damping == expected
+
+
+def test_damping_auto_is_refused_where_the_method_has_no_such_default() -> None:
+    from sourcekit.cli import _attributor
+
+    args = build_parser().parse_args(
+        ["attribute", "d", "--queries", "q", "--method", "influence", "--damping", "auto"]
+    )
+    with pytest.raises(ValueError, match="'damping' parameter of InfluenceAttributor"):
+        _attributor(args)
+
+
 def test_the_console_script_imports_a_factory_from_the_working_directory(  # type: ignore[no-untyped-def]
     tmp_path: Path, monkeypatch, capsys
 ) -> None:

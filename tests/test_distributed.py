@@ -316,11 +316,17 @@ def condition(attributor: Any) -> float:
         )
     if isinstance(attributor, sourcekit.SourceAttributor):
         kappas = []
-        for segment in attributor.state_.segments:
-            shift = attributor.damping + segment.weight_decay
-            if segment.preconditioner is None:  # the residual (1 − e^{−sσ})/σ
-                shift += 1 / segment.lr_sum
-            kappas.append(1 + largest_eigenvalue(segment.curvature) / shift)
+        for segment, damping in zip(attributor.state_.segments, attributor.damping_, strict=True):
+            # the residual (1 − e^{−sσ})/σ, of H̄ under SGD and of K̄ under Adam
+            shift = damping + 1 / segment.lr_sum
+            if segment.adam is None:
+                kappas.append(
+                    1 + largest_eigenvalue(segment.curvature) / (shift + segment.weight_decay)
+                )
+            else:
+                kappas.append(
+                    1 + largest_eigenvalue(segment.adam.curvature) / shift
+                )  # K̄ holds λ_w
         return max(kappas)
     return 1.0
 

@@ -16,11 +16,11 @@ from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import FittedState
 from ..curvature import Curvature
-from ..curvature._preconditioner import adam_preconditioner
+from ..curvature._preconditioner import adam_preconditioner, preconditioned_curvature
 from ..curvature._rates import block_rates
 from ..gradients._layers import LayerBlock
 from ..gradients._training import TrainingGradients
-from ..scoring._source import SegmentModel, source_scores
+from ..scoring._source import SegmentModel, default_damping, source_scores
 from ..trajectory import Segment, Trajectory
 from ..trajectory._averaged import averaged_states, with_states
 from ..trajectory._settings import effective_learning_rates, weight_decays
@@ -61,6 +61,9 @@ class SourceState(GradientState):
         The training-loss factors kept from fitting (never pickled).
     """
 
+    # 2: segments under Adam hold the preconditioned curvature (SegmentModel.adam)
+    FORMAT: ClassVar[int] = 2
+
     segments: list[SegmentModel]
     spans: list[Segment]
     averaged: dict[int, dict[str, torch.Tensor]]
@@ -80,7 +83,9 @@ class SourceAttributor(CurvatureAttributor):
     with S̄_ℓ = e^{−s_ℓ H̄_ℓ}, s_ℓ the segment's learning-rate sum (η/(1−β) under
     heavy-ball momentum), ḡ_ℓ(m) the mean gradient of example m over the segment's
     checkpoints and N_ℓ the size of its stage. Adam and AdamW use the recorded second
-    moments as a diagonal preconditioner; weight decay is added to the eigenvalues.
+    moments as a diagonal preconditioner P̄: their segments are descent on the
+    preconditioned curvature K̄ = P̄^½ H̄ P̄^½, with S̄_ℓ = P̄^½ e^{−s_ℓ K̄_ℓ} P̄^{−½}; weight
+    decay is added to the eigenvalues.
     Parameters that train at their own rates (parameter groups, clipped steps, layers
     frozen in a stage) enter with their own learning-rate sums and decays (see
     :mod:`sourcekit.curvature._rates` and the recording page of the documentation).
@@ -90,8 +95,13 @@ class SourceAttributor(CurvatureAttributor):
     n_segments : int or None, default=None
         Number of segments (at least one per stage, at most one per checkpoint); None
         means 3, or the segments ``boundaries`` define. Giving both is refused.
-    damping : float, default=1e-3
-        Added to every eigenvalue (σ → σ + damping). Read only by ``transform``, so
+    damping : float or "auto", default="auto"
+        Added to every eigenvalue of each segment's curvature (σ → σ + damping): of H̄
+        under SGD, of the preconditioned K̄ under Adam and AdamW. ``"auto"`` takes
+        0.01 / s_ℓ for segment ℓ, s_ℓ its learning-rate sum (a 1 % change of what the
+        segment carries, whatever the learning rate or the optimiser; the SOURCE page
+        of the documentation derives it and measures it against the best damping of a
+        grid), recorded in ``damping_``. Read only by ``transform``, so
         ``set_params(damping=...)`` needs no refit.
     curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
         The approximation of each segment's curvature H̄ ("exact": the dense Gauss-Newton
@@ -135,6 +145,11 @@ class SourceAttributor(CurvatureAttributor):
         scores approximate the standard variant's, more closely when a segment's
         checkpoints lie close together. Adam's second moments are still averaged over
         the recorded checkpoints.
+    adam_response : bool, default=False
+        Under Adam and AdamW, take the response of the second moment v̂ to the gradient
+        into the preconditioner: a lasting gradient change δg moves Adam's update by
+        P (1 − m̂²/(v̂ + ε√v̂)) δg rather than P δg, P = 1/(√v̂ + ε) (the SOURCE page
+        derives it and lists what it leaves out). False holds v̂ fixed.
     boundaries : list of int, optional
         Steps where segments start, strictly increasing (stage starts are added); the
         segments are then the ones they define, so ``n_segments`` must be left at None.
@@ -186,6 +201,9 @@ class SourceAttributor(CurvatureAttributor):
         factors kept for scoring (a cache, never pickled).
     segments_ : list of Segment
         The segments as recorded, with all their checkpoints.
+    damping_ : list of float
+        The damping of each segment, in training order: ``damping``, or what ``"auto"``
+        stands for.
     memory_limit_ : int
         The bytes ``memory_limit`` stood for in this fit.
     trajectory_, n_train_, fingerprint_
@@ -204,7 +222,7 @@ class SourceAttributor(CurvatureAttributor):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "n_segments": [None, Interval(int, 1, None)],
-        "damping": [Interval(float, 0, None)],
+        "damping": [Interval(float, 0, None), Options("auto")],
         "matrix_function": [Options("exp", "discrete")],
         "boundaries": [
             None,
@@ -212,6 +230,7 @@ class SourceAttributor(CurvatureAttributor):
         ],
         "query_rank": [None, Interval(int, 1, None)],
         "average_checkpoints": [InstanceOf((bool,), "True or False")],
+        "adam_response": [InstanceOf((bool,), "True or False")],
         **CurvatureAttributor._parameter_constraints,
     }
     _state_type: ClassVar[type[FittedState] | None] = SourceState
@@ -222,6 +241,7 @@ class SourceAttributor(CurvatureAttributor):
         "fisher",
         "curvature_examples",
         "average_checkpoints",
+        "adam_response",
         "modules",
         "random_state",
         "memory_limit",
@@ -233,7 +253,7 @@ class SourceAttributor(CurvatureAttributor):
     def __init__(
         self,
         n_segments: int | None = None,
-        damping: float = 1e-3,
+        damping: float | str = "auto",
         *,
         curvature: str = "ekfac",
         matrix_function: str = "exp",
@@ -241,6 +261,7 @@ class SourceAttributor(CurvatureAttributor):
         curvature_examples: int | None = None,
         refine_steps: int = 0,
         average_checkpoints: bool = False,
+        adam_response: bool = False,
         boundaries: Sequence[int] | None = None,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,
@@ -261,6 +282,7 @@ class SourceAttributor(CurvatureAttributor):
         self.curvature_examples = curvature_examples
         self.refine_steps = refine_steps
         self.average_checkpoints = average_checkpoints
+        self.adam_response = adam_response
         self.boundaries = boundaries
         self.modules = modules
         self.query_rank = query_rank
@@ -307,7 +329,9 @@ class SourceAttributor(CurvatureAttributor):
         curvatures, cache = self._fit_curvatures(trajectory, passes, blocks, jobs)
         # Learning rates and Adam's moments come from the recorded segments.
         models = [
-            _segment_model(trajectory, recorded, evaluated_segment, blocks, curvature)
+            _segment_model(
+                trajectory, recorded, evaluated_segment, blocks, curvature, self.adam_response
+            )
             for recorded, evaluated_segment, curvature in zip(
                 segments, evaluated, curvatures, strict=True
             )
@@ -322,6 +346,13 @@ class SourceAttributor(CurvatureAttributor):
     def segments_(self) -> list[Segment]:
         self._check_fitted()
         return list(self.state_.spans)
+
+    @property
+    def damping_(self) -> list[float]:
+        self._check_fitted()
+        if self.damping == "auto":
+            return default_damping(self.state_.segments)
+        return [float(self.damping)] * len(self.state_.segments)
 
     def _passes_trajectory(self) -> Trajectory:
         return with_states(self.trajectory_, self.state_.averaged)
@@ -340,7 +371,7 @@ class SourceAttributor(CurvatureAttributor):
             training,
             self._stage_examples(),
             n_train=self.trajectory_.n_train,
-            damping=float(self.damping),
+            damping=self.damping_,
             matrix_function=self.matrix_function,
             dtype=self._torch_dtype(),
             query_rank=self.query_rank,
@@ -374,6 +405,7 @@ def _segment_model(
     evaluated: Segment,
     blocks: list[LayerBlock],
     curvature: Curvature,
+    response: bool = False,
 ) -> SegmentModel:
     """A segment with its curvature and what the recorded optimiser did in it (its
     learning rates and Adam's second moments come from the ``recorded`` segment; the
@@ -385,15 +417,24 @@ def _segment_model(
     lrs = effective_learning_rates(trajectory, recorded.start, recorded.end, names=first)
     decays = weight_decays(trajectory, recorded.start, recorded.end, names=first)
     coupled, decoupled = decays[first[0]]
-    return SegmentModel(
+    model = SegmentModel(
         segment=evaluated,
         curvature=curvature,
         learning_rates=lrs[first[0]],
         n_examples=trajectory.stages[recorded.stage].n_examples,
         weight_decay=coupled,
         decoupled_decay=decoupled,
-        preconditioner=adam_preconditioner(trajectory, recorded, blocks)
-        if opt.is_adaptive
-        else None,
         rates=block_rates(trajectory, recorded, blocks),
     )
+    if not opt.is_adaptive:
+        return model
+    preconditioner = adam_preconditioner(trajectory, recorded, blocks, response=response)
+    adam = preconditioned_curvature(
+        curvature,
+        preconditioner,
+        coupled=coupled,
+        decoupled=decoupled,
+        rates=model.rates,
+        reference=float(model.sequence().sum()),
+    )
+    return replace(model, preconditioner=preconditioner, adam=adam)

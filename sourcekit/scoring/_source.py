@@ -13,11 +13,16 @@ contracted block by block with the training examples' layer inputs and output
 gradients (:func:`~sourcekit.scoring._contraction.gradient_dot`), optionally with each
 u_ℓ replaced by its best rank-r approximation per block (``query_rank``).
 
-Adam and AdamW segments use a diagonal preconditioner P̄ (from the recorded second
-moments) and the diagonal D of H̄ in the exponent, and the full curvature in the inverse:
-S̄ = exp(−s(P̄(D + λ) + λ_w)), r̄ = (I − S̄)(H̄ + λ + λ_w/P̄)⁻¹ ḡ / N_ℓ, where λ is the
-damping plus coupled weight decay and λ_w AdamW's decoupled decay (whose 1/P̄ is
-replaced by its mean over each block, the one approximation beyond METHOD.md).
+Adam and AdamW segments are preconditioned descent with a diagonal P̄ (from the recorded
+moments): in the coordinates x = p^{−½}δθ they are plain descent on the symmetric
+K̄ = p^½(H̄ + λ_c)p^½ + λ_w (``sourcekit.curvature._preconditioner``; λ_c the coupled
+decay, λ_w AdamW's decoupled decay, p = P̄ times each parameter's relative rate), so
+
+    S̄ = p^½ e^{−sK̄} p^{−½},   r̄(m) = p^½ F_r(K̄) p^½ ḡ(m) / N_ℓ,
+
+and the query side computes u = p^½ F_r(K̄ + δ) p^½ v and carries v ← S̄ᵀ v, the damping
+δ added to K̄'s eigenvalues. With P̄ and H̄ constant in a segment the discrete form with a
+dense curvature equals exact unrolling; the eigenbasis kinds project P̄ on their basis.
 
 Parameters that train at their own rates (parameter groups, layers frozen in a stage,
 clipping) enter with their own learning-rate sums and decays: the curvature applies a
@@ -35,13 +40,14 @@ import numpy as np
 import torch
 
 from ..curvature import Carried, Curvature
+from ..curvature._preconditioner import AdamForm
 from ..curvature._rates import BlockRates, SegmentRates
-from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
+from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Residual
 from ..gradients._training import GradientSource
 from ..trajectory import Segment
 from ._contraction import gradient_dot, query_matrices
 
-__all__ = ["SegmentModel", "precondition", "source_scores"]
+__all__ = ["SegmentModel", "default_damping", "precondition", "source_scores"]
 
 
 @dataclass
@@ -64,6 +70,9 @@ class SegmentModel:
     preconditioner : dict of block name to tensor, or None
         Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates
         (:func:`~sourcekit.curvature._preconditioner.adam_preconditioner`).
+    adam : DenseAdam or EigenbasisAdam, or None
+        Under Adam and AdamW, the preconditioned curvature K̄ the segment's updates see
+        (:func:`~sourcekit.curvature._preconditioner.preconditioned_curvature`).
     rates : dict of block name to BlockRates, or None
         Each block's own rates and decays when the parameters do not all share one
         sequence and one decay (parameter groups, frozen parameters: see
@@ -79,44 +88,50 @@ class SegmentModel:
     decoupled_decay: float = 0.0
     preconditioner: dict[str, torch.Tensor] | None = None
     rates: dict[str, BlockRates] | None = None
+    adam: AdamForm | None = None
 
     @property
     def lr_sum(self) -> float:
         return float(self.learning_rates.sum())
 
-
-def _multiply(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: a[k] * b[k].to(a[k].dtype) for k in a}
-
-
-def _diagonal_decay(
-    model: SegmentModel, damping: float, matrix_function: str
-) -> dict[str, torch.Tensor]:
-    """exp(−s(P̄(D + λ) + λ_w)) per parameter (or its finite-product form), each entry
-    with its own sums and decays where the parameters train at their own rates."""
-    assert model.preconditioner is not None
-    diag = model.curvature.diagonal()
-    out = {}
-    if model.rates is not None:
-        rates = SegmentRates(model.rates, matrix_function)
-        for name, d in diag.items():
-            r = model.rates[name]
-            coupled, decoupled = (
-                r.entrywise(x, torch.zeros_like(d)) for x in (r.coupled, r.decoupled)
-            )
-            rate = model.preconditioner[name].to(d) * (d + damping + coupled) + decoupled
-            out[name] = rates.entry_decay(name, rate)
-        return out
-    for name, d in diag.items():
-        rate = (
-            model.preconditioner[name].to(d) * (d + damping + model.weight_decay)
-            + model.decoupled_decay
+    def sequence(self) -> np.ndarray:
+        """The learning rates the segment's functions are formed from: its own, or where
+        parameters train at their own rates those of the fastest (the reference of
+        their relative rates)."""
+        if self.rates is None:
+            return self.learning_rates
+        return max(
+            (part[1] for r in self.rates.values() for part in r.parts),
+            key=lambda rates: float(rates.sum()),
         )
-        if matrix_function == "exp":
-            out[name] = torch.exp(-model.lr_sum * rate)
-        else:
-            out[name] = DiscreteDecay(model.learning_rates)(rate)
-    return out
+
+
+AUTO_DAMPING = 0.01
+"""c in the default damping δ_ℓ = c / s_ℓ (``damping="auto"``; docs/source.md, "Damping")."""
+
+
+def default_damping(segments: Sequence[SegmentModel]) -> list[float]:
+    """The default damping of each segment: δ_ℓ = 0.01 / s_ℓ, s_ℓ its learning-rate sum.
+
+    The damping shifts the curvature the segment's updates see (H̄ under SGD, K̄ under
+    Adam), and SOURCE's matrix functions read it only through s_ℓ σ:
+    F_S(σ + δ) = e^{−sδ} F_S(σ) and F_r(σ + δ) = (1 − e^{−s(σ+δ)})/(σ + δ). So δ_ℓ = c/s_ℓ
+    means the same under SGD and Adam, for any learning rate or loss scale: every
+    carried effect is multiplied by e^{−c}, and directions flatter than 1/s_ℓ keep a
+    residual of s_ℓ (1 − e^{−c})/c instead of s_ℓ; with c = 0.01 a 1 % and a 0.5 %
+    change. A segment with s_ℓ = 0 (no training) gets 0.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from sourcekit.scoring._source import default_damping
+    >>> import numpy as np
+    >>> segments = [SimpleNamespace(sequence=lambda r=r: np.array(r)) for r in ([1.0, 1.0], [0.25])]
+    >>> default_damping(segments)
+    [0.005, 0.04]
+    """
+    sums = [float(np.sum(m.sequence())) for m in segments]
+    return [AUTO_DAMPING / s if s > 0 else 0.0 for s in sums]
 
 
 def precondition(
@@ -132,19 +147,22 @@ def precondition(
     and v carried to the previous segment (None when ``carry`` is False: the first
     segment has no previous one).
 
+    Under SGD u = F_r(H̄ + λ) v and v_next = F_S(H̄ + λ) v, λ the damping plus the
+    coupled decay; under Adam u = p^½ F_r(K̄ + δ) p^½ v and v_next = S̄ᵀ v, δ the damping
+    (``sourcekit.curvature._preconditioner``).
+
     ``v`` comes as the previous step of the chain left it: in parameter coordinates or
     in a curvature's eigenbasis (:class:`~sourcekit.curvature.Carried`). A curvature
     with an eigenbasis of its own takes it from there with one change of basis and
-    leaves v_next in its basis (:meth:`~sourcekit.curvature.Curvature.apply_carried`);
-    Adam's preconditioner acts in parameter coordinates, so its segments take and hand
-    over v there.
+    leaves v_next in its basis (:meth:`~sourcekit.curvature.Curvature.apply_carried`),
+    under Adam too (the eigenbasis kinds project P̄ on it).
 
     ``dtype`` is the precision of the rotations into the curvature's eigenbasis and back
     (default float64); the matrix functions are evaluated in float64. It applies where
     those functions are bounded (the residual by s, the decay by 1), so that a rotation's
-    rounding is not amplified. Under Adam the residual is an inverse, 1/(σ + shift),
-    which amplifies the rounding of the small-σ directions by up to 1/shift: that path
-    rotates in float64 whatever ``dtype`` says, and only its results are rounded to it.
+    rounding is not amplified. Under Adam the residual is scaled by P̄, which spans
+    orders of magnitude (up to 1/ε): that path rotates in float64 whatever ``dtype``
+    says, and only its results are rounded to it.
     """
     curvature = model.curvature
     shift = damping + model.weight_decay
@@ -153,39 +171,26 @@ def precondition(
     def rounded(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.to(work) for k, t in vectors.items()}
 
-    if model.preconditioner is None and model.rates is not None:
+    if model.adam is None and model.rates is not None:
         scoring, after = curvature.apply_rates(
             SegmentRates(model.rates, matrix_function), v, damping, dtype
         )
         return rounded(scoring.in_parameters()), (after.to(work) if carry else None)
-    if model.preconditioner is None:
-        residual: Callable[[torch.Tensor], torch.Tensor]
-        decay: Callable[[torch.Tensor], torch.Tensor]
-        if matrix_function == "exp":
-            residual, decay = Residual(model.lr_sum), Decay(model.lr_sum)
-        else:
-            residual, decay = (
-                DiscreteResidual(model.learning_rates),
-                DiscreteDecay(model.learning_rates),
-            )
+    residual: Callable[[torch.Tensor], torch.Tensor]
+    decay: Callable[[torch.Tensor], torch.Tensor]
+    sequence = model.sequence()
+    if matrix_function == "exp":
+        total = float(sequence.sum())
+        residual, decay = Residual(total), Decay(total)
+    else:
+        residual, decay = DiscreteResidual(sequence), DiscreteDecay(sequence)
+    if model.adam is None:
         fns = (residual, decay) if carry else (residual,)
         applied = curvature.apply_carried(fns, v, shift, dtype)
         return rounded(applied[0].in_parameters()), (applied[1].to(work) if carry else None)
-    params = v.in_parameters()
-    decay_diag = _diagonal_decay(model, damping, matrix_function)
-    complement = {k: 1.0 - e for k, e in decay_diag.items()}
-    shifts: float | dict[str, float] = shift
-    if model.rates is not None:  # each block's mean decays in its inverse
-        inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
-        shifts = {
-            k: damping + r.mean(r.coupled) + r.mean(r.decoupled) * inv_p[k]
-            for k, r in model.rates.items()
-        }
-    elif model.decoupled_decay:
-        inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
-        shifts = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}
-    u = curvature.apply(Inverse(), _multiply(complement, params), shifts)
-    return rounded(u), (Carried(rounded(_multiply(decay_diag, params))) if carry else None)
+    # Adam: K̄ + δ, in float64 whatever ``dtype`` says (p can span many orders of magnitude).
+    u, carried = model.adam.apply((residual, decay), v, damping, carry)
+    return rounded(u), (carried.to(work) if carried is not None else None)
 
 
 def source_scores(
@@ -195,7 +200,7 @@ def source_scores(
     stage_examples: Sequence[np.ndarray],
     *,
     n_train: int,
-    damping: float,
+    damping: float | Sequence[float],
     matrix_function: str = "exp",
     dtype: torch.dtype = torch.float32,
     query_rank: int | None = None,
@@ -213,6 +218,9 @@ def source_scores(
         with the gradients ∇L(z_m, θ_step) of the given examples (each example once).
     stage_examples : sequence of int arrays
         The examples of each stage (examples outside a segment's stage score 0 there).
+    damping : float or sequence of float
+        Added to the eigenvalues of every segment's curvature (H̄ under SGD, K̄ under
+        Adam), or one value per segment, in training order.
     query_rank : int, optional
         Replace each preconditioned query matrix u_ℓ of a block by its best rank-r
         approximation (truncated SVD) before contracting (None: exact).
@@ -225,10 +233,20 @@ def source_scores(
     # float32 round each entry by about eps32 √d of the vector's scale.
     v: Carried | None = Carried({k: g.to(dtype) for k, g in query_gradients.items()})
     ordered = list(segments)
+    dampings = (
+        [float(damping)] * len(ordered)
+        if isinstance(damping, (int, float))
+        else [float(d) for d in damping]
+    )
+    if len(dampings) != len(ordered):
+        raise ValueError(
+            f"SOURCE got {len(dampings)} dampings for {len(ordered)} segments; give one per segment."
+        )
     for position, model in enumerate(reversed(ordered)):
         assert v is not None
         last = position == len(ordered) - 1  # the first segment carries nothing further back
-        u, v = precondition(model, v, damping, matrix_function, dtype=dtype, carry=not last)
+        damped = dampings[len(ordered) - 1 - position]
+        u, v = precondition(model, v, damped, matrix_function, dtype=dtype, carry=not last)
         queries = query_matrices(u, model.curvature.blocks, query_rank, dtype)
         del u  # dropped once used: the chain holds about three vectors (query_slices)
         weight = 1.0 / (model.n_examples * len(model.segment.checkpoints))

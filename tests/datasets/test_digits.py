@@ -100,7 +100,7 @@ def test_bad_options(kwargs: dict, match: str) -> None:
 def test_unknown_recipe(digits_task: DigitsTask) -> None:
     with pytest.raises(
         ValueError,
-        match=r"'recipe' parameter must be one of \('standard', 'early', 'two_stage'\); got 'long'",
+        match=r"'recipe' parameter must be one of \('standard', 'early', 'two_stage', 'adamw'\); got 'long'",
     ):
         digits_task.record("long", progress=False)
 
@@ -118,6 +118,7 @@ def recorded(digits_task: DigitsTask, digits_early: sourcekit.Trajectory) -> dic
         "standard": digits_task.record("standard", progress=False),
         "early": digits_early,
         "two_stage": digits_task.record("two_stage", progress=False),
+        "adamw": digits_task.record("adamw", progress=False),
     }
 
 
@@ -156,6 +157,24 @@ def test_recipe_settings(recorded: dict) -> None:
     assert stage.batch_size == 64
     assert recorded["standard"].loss_spec == "cross_entropy"
     assert recorded["standard"].measurement_spec == "margin"
+
+
+def test_the_adamw_recipe(recorded: dict, digits_task: DigitsTask) -> None:
+    trajectory = recorded["adamw"]
+    (stage,) = trajectory.stages
+    assert stage.optimizer == sourcekit.OptimizerSpec("adamw", lr=0.003, weight_decay=0.1)
+    assert trajectory.n_steps == 10 * 23
+    # The cosine schedule decays to 0 over the run; Adam's moments are recorded.
+    assert trajectory.learning_rates[0] == pytest.approx(0.003)
+    assert trajectory.learning_rates[-1] < 1e-5
+    state = trajectory.checkpoint(trajectory.checkpoint_steps[-1]).optimizer
+    assert {"step", "exp_avg", "exp_avg_sq"} <= set(state)
+    model = trajectory.build_model().eval()
+    with torch.no_grad():
+        accuracy = (
+            (model(digits_task.test.inputs).argmax(1) == digits_task.test.targets).float().mean()
+        )
+    assert accuracy > 0.9  # it learns (about 95% on the test split)
 
 
 def test_two_stage_uses_disjoint_halves(recorded: dict) -> None:

@@ -117,7 +117,7 @@ def test_damping_set_after_fit_is_validated_by_transform(cls, value) -> None:  #
     attributor.set_params(damping=value)
     with pytest.raises(
         ValueError,
-        match=rf"The 'damping' parameter of {cls.__name__} must be (None or )?a float in \[0, inf\); "
+        match=rf"The 'damping' parameter of {cls.__name__} must be (None or )?a float in \[0, inf\)( or one of 'auto')?; "
         r"got .*\.set_params\(damping=\.\.\.\)",
     ):
         attributor.transform(queries)

@@ -57,7 +57,8 @@ def test_the_expensive_state_is_computed_once_per_setting(run):
     [
         (
             {"damping": -1.0},
-            r"'damping' parameter of SourceAttributor must be a float in \[0, inf\); got -1.0",
+            r"'damping' parameter of SourceAttributor must be a float in \[0, inf\) or one of 'auto'; "
+            r"got -1.0",
         ),
         ({"n_segments": 0}, r"'n_segments' parameter .* must be None or an int in \[1, inf\)"),
         ({"curvature": "full"}, r"'curvature' .* one of 'ekfac', 'kfac'"),
@@ -350,3 +351,18 @@ def test_influence_default_damping_is_floored_for_a_layer_without_curvature():
     with pytest.warns(UserWarning, match=r"layer\(s\) \['0'\]"):
         scores = influence.transform(_cases.classification_data(4, seed=1))
     assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("case", ["mlp_momentum", "mlp_adamw"])
+def test_auto_damping_is_a_hundredth_of_each_segments_learning_rate_sum(case: str) -> None:
+    run, queries = _cases.trajectory(case), _cases.queries(case)
+    source = SourceAttributor(n_segments=3, device="cpu", dtype="float64").fit(run)
+    assert source.damping == "auto"
+    sums = [float(m.learning_rates.sum()) for m in source.state_.segments]
+    assert source.damping_ == pytest.approx([0.01 / s for s in sums], rel=1e-12)
+    automatic = source.transform(queries)
+    # the same scores as those dampings given per segment to the kernel, and a float
+    # damping is one value for every segment
+    assert source.set_params(damping=0.5).damping_ == [0.5, 0.5, 0.5]
+    np.testing.assert_array_equal(source.set_params(damping="auto").transform(queries), automatic)
+    assert not np.allclose(source.set_params(damping=0.0).transform(queries), automatic)
