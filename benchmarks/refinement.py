@@ -27,7 +27,9 @@ training recipes and sizes), SOURCE's time with the defaults and refined at ``--
 floor of ``benchmarks/scale.py`` (C forward and backward passes over the training set),
 and the Pearson correlation (mean over queries) of each one's scores with those of a
 long refinement (``--reference`` steps over the same curvature subset as the first
-setting). Everything runs in this one process, one setting after the other.
+setting). A run with Adam or AdamW stages (the transformer) is measured with
+``InfluenceAttributor`` instead: SOURCE refuses ``refine_steps`` there. Everything runs in
+this one process, one setting after the other.
 """
 
 from __future__ import annotations
@@ -173,9 +175,18 @@ def run_scale(args: argparse.Namespace) -> None:
         n = trajectory.n_train
         settings = [parse_setting(text, n) for text in args.settings]
 
-        make = functools.partial(
-            sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
-        )
+        # SOURCE's functions under Adam are of the preconditioned curvature, which the
+        # refinement does not form (refine_steps is refused there): such runs are
+        # measured with influence functions, whose refined inverse serves any optimiser.
+        adaptive = any(stage.optimizer.is_adaptive for stage in trajectory.stages)
+        if adaptive:
+            make = functools.partial(
+                sourcekit.InfluenceAttributor, damping=1e-3, modules=workload.modules
+            )
+        else:
+            make = functools.partial(
+                sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
+            )
 
         results: dict[str, tuple[np.ndarray, float]] = {
             "default": timed(make, trajectory, queries)
@@ -191,7 +202,12 @@ def run_scale(args: argparse.Namespace) -> None:
             queries,
         )
         long = results[f"long: k={k_ref}, m={m_ref}"][0]
-        print(workloads.describe(workload), f"; floor {floor['floor_s']:.2f} s", flush=True)
+        method = "influence" if adaptive else "SOURCE"
+        print(
+            workloads.describe(workload),
+            f"; {method}; floor {floor['floor_s']:.2f} s",
+            flush=True,
+        )
         for name, (scores, secs) in results.items():
             print(
                 f"{workload.name:<13} {name:<24} {secs:>8.2f} {secs / floor['floor_s']:>8.2f}"

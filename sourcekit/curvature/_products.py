@@ -27,13 +27,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._distributed import all_reduce_sum
 from ..gradients._layers import LayerBlock, squared_gradient_sum
 from ..gradients._per_example import FisherNoise, checkpoint_batches, model_at, position_weights
 from ..trajectory import Trajectory
+from ..trajectory._inputs import ModelInputs, call_model, functional_forward, n_rows
 from ._passes import fisher_seed, sum_over_ranks
 
 __all__ = ["GaussNewtonProducts", "flatten_blocks", "unflatten_blocks"]
@@ -162,7 +163,7 @@ class GaussNewtonProducts:
             )
         return self._models[step]
 
-    def _activation_numbers(self, model: nn.Module, inputs: torch.Tensor) -> int:
+    def _activation_numbers(self, model: nn.Module, inputs: ModelInputs) -> int:
         """Numbers the leaf modules output per example (measured once, on one batch)."""
         if self._activations is None:
             total = [0]
@@ -175,11 +176,11 @@ class GaussNewtonProducts:
             handles = [m.register_forward_hook(count) for m in leaves]
             try:
                 with torch.no_grad():
-                    model(inputs)
+                    call_model(model, inputs)
             finally:
                 for h in handles:
                     h.remove()
-            n = _batch_length(inputs)
+            n = n_rows(inputs)
             self._activations = max(1, total[0] // max(1, n))
         return self._activations
 
@@ -284,21 +285,11 @@ def _drop_padding_row(
         tangents[block.weight] = tangent
 
 
-def _batch_length(inputs: object) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0])
-    if isinstance(inputs, dict):
-        return _batch_length(next(iter(inputs.values())))
-    if isinstance(inputs, (list, tuple)):
-        return _batch_length(inputs[0])
-    raise TypeError(f"Cannot tell the batch length of inputs of type {type(inputs).__name__}.")
-
-
 def _gauss_newton_batch(
     model: nn.Module,
     params: dict[str, torch.Tensor],
     fixed: dict[str, torch.Tensor],
-    inputs: torch.Tensor,
+    inputs: ModelInputs,
     targets: torch.Tensor,
     tangents: dict[str, torch.Tensor],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -307,7 +298,7 @@ def _gauss_newton_batch(
     (per parameter, with a leading vector axis)."""
 
     def forward(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(model, {**fixed, **p}, (inputs,))
+        return functional_forward(model, {**fixed, **p}, inputs)
 
     # Attention through its plain (math) kernel: the fused ones have no forward mode.
     with sdpa_kernel([SDPBackend.MATH]):

@@ -128,10 +128,9 @@ class SourceAttributor(CurvatureAttributor):
         matrix functions are then those of the exact Gauss-Newton matrix H̄ (the one
         ``curvature="exact"`` forms densely), averaged over the segment's checkpoints
         and its ``curvature_examples``, applied to the query-side vectors by
-        ``refine_steps`` Lanczos steps (the residual and the decay share them; Adam's
-        residual inverse takes as many conjugate-gradient steps, preconditioned by the
-        fitted curvature, and its diagonal decay the diagonal of H̄ as ``fisher``
-        estimates it). Each step is one pass over the curvature subset at each of the
+        ``refine_steps`` Lanczos steps (the residual and the decay share them). Runs
+        with Adam or AdamW segments are refused: their functions are of the
+        preconditioned curvature P^½ H̄ P^½, which the refinement does not form. Each step is one pass over the curvature subset at each of the
         segment's checkpoints, carrying all the queries at once. 0 (the default)
         applies the fitted curvature's own functions. Read only by ``transform``; not
         with ``curvature="hessian"``. The curvature page of the documentation gives the
@@ -383,6 +382,15 @@ class SourceAttributor(CurvatureAttributor):
         variant, or every checkpoint of the segment)."""
         if not self.refine_steps:
             return self.state_.segments
+        adaptive = [m.segment.stage for m in self.state_.segments if m.adam is not None]
+        if adaptive:
+            raise ValueError(
+                f"refine_steps={self.refine_steps} refines the curvature of segments trained "
+                f"with SGD, but stage {adaptive[0]} was trained with Adam or AdamW, whose "
+                "segments are functions of the preconditioned curvature P^1/2 H P^1/2, which "
+                "the refinement does not form. Use refine_steps=0 (EK-FAC), or "
+                "curvature='exact' for a dense reference."
+            )
         trajectory = self._passes_trajectory()
         stages = self.trajectory_.stages
         return [
