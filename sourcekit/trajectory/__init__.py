@@ -4,6 +4,7 @@ from ._architecture import Architecture
 from ._examples import Examples
 from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
+from ._runs import Runs, RunsTask
 from ._segments import Segment
 from ._stages import Stage
 from ._storage import Checkpoint
@@ -16,6 +17,8 @@ __all__ = [
     "Checkpoint",
     "Examples",
     "OptimizerSpec",
+    "Runs",
+    "RunsTask",
     "Segment",
     "Stage",
     "TrainingStage",
