@@ -18,15 +18,19 @@ CUDA each rank uses the GPU numbered by its LOCAL_RANK and the NCCL backend; wit
 the CPU and gloo.
 
 The trajectory must be readable by every rank. Here rank 0 records it and saves it to a
-directory (``SOURCEKIT_TRAJECTORY``, default ``digits_early_trajectory`` in the working
-directory) before the process group is set up, and every rank loads it; across
-machines, put it on a shared filesystem or copy it to the same path on every node first.
+directory before the process group is set up, and every rank loads it: by default a
+folder in the system's temporary directory, named after the launching process (the same
+for every rank on this machine) and removed at the end; across machines, set
+``SOURCEKIT_TRAJECTORY`` to a path on a shared filesystem (or copy the saved directory to
+the same path on every node first), which is then kept.
 Recording first also keeps the optimiser's lazy import of ``torch._dynamo`` out of the
 process group's lifetime (with gloo, a group created before that import can outlive
 ``destroy_process_group`` and abort the process on exit).
 """
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +43,15 @@ rank = int(os.environ.get("RANK", 0))
 
 # 1. One rank records the run and saves it where every rank can read it.
 task = sourcekit.datasets.load_digits_task()
-directory = Path(os.environ.get("SOURCEKIT_TRAJECTORY", "digits_early_trajectory"))
+given = os.environ.get("SOURCEKIT_TRAJECTORY")
+# Without a path, a temporary folder shared by this machine's ranks (torchrun is their
+# common parent process), removed at the end.
+directory = (
+    Path(given)
+    if given
+    else Path(tempfile.gettempdir())
+    / f"sourcekit-distributed-{os.getppid() if launched else os.getpid()}"
+)
 if rank == 0 and not (directory / "manifest.json").exists():
     task.record("early", progress=False).save(directory)
 
@@ -75,3 +87,5 @@ finally:
     if launched:
         dist.barrier()  # nobody leaves while another rank still exchanges scores
         dist.destroy_process_group()
+    if rank == 0 and not given:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -37,6 +37,7 @@ from .estimators import (
     TRAKAttributor,
     UnrolledAttributor,
 )
+from .estimators._source import DEFAULT_SEGMENTS
 
 __all__ = ["METHODS", "OPTIONS", "build_parser", "main"]
 
@@ -51,7 +52,7 @@ METHODS: dict[str, type[BaseAttributor]] = {
 
 OPTIONS: dict[str, tuple[str, str]] = {
     "damping": ("damping added to the curvature's eigenvalues", "the method's heuristic"),
-    "n_segments": ("number of segments of the run", ""),
+    "n_segments": ("number of segments of the run", str(DEFAULT_SEGMENTS)),
     "curvature": ("the curvature approximation", ""),
     "fisher": ("targets of the curvature's output gradients", ""),
     "curvature_examples": (

@@ -24,6 +24,35 @@ def _pyplot() -> Any:
     return plt
 
 
+def _as_images(images: Any, name: str) -> np.ndarray:
+    """Images as (n, h, w) grey or (n, h, w, 3) colour arrays, from the forms people pass."""
+    if hasattr(images, "detach"):  # a torch tensor
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim == 2:  # flat rows: a square of pixels each
+        side = round(float(np.sqrt(images.shape[1])))
+        if side * side != images.shape[1]:
+            raise ValueError(
+                f"The {name} are flat rows of {images.shape[1]} values, which is not a square "
+                "number of pixels; pass images of shape (n, h, w) or (n, c, h, w)."
+            )
+        return images.reshape(len(images), side, side)
+    if images.ndim == 3:
+        return images
+    if images.ndim == 4:
+        if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = np.moveaxis(images, 1, -1)  # PyTorch's channels first
+        if images.shape[-1] == 1:
+            return images[..., 0]
+        if images.shape[-1] == 3:
+            low, high = float(images.min()), float(images.max())
+            return (images - low) / (high - low) if high > low else np.zeros_like(images)
+    raise ValueError(
+        f"The {name} have shape {images.shape}; pass images of shape (n, h, w), (n, 1, h, w), "
+        "(n, 3, h, w), (n, h, w, 3) or flat rows (n, s*s)."
+    )
+
+
 def proponents_figure(
     query_images: np.ndarray,
     train_images: np.ndarray,
@@ -38,8 +67,11 @@ def proponents_figure(
 
     Parameters
     ----------
-    query_images : array of shape (n_queries, h, w)
-    train_images : array of shape (n_train, h, w)
+    query_images : array of shape (n_queries, h, w), (n_queries, c, h, w) or (n_queries, d)
+        Images as arrays or tensors: grey (h, w), PyTorch's channels-first (1, h, w) or
+        (3, h, w), channels-last (h, w, 3), or flat rows of d = s² pixels (shown as s x s).
+    train_images : array of shape (n_train, ...)
+        The training images, in any of the same forms.
     scores : array of shape (n_queries, n_train)
         An attributor's scores for these queries.
     path : str or Path
@@ -69,6 +101,14 @@ def proponents_figure(
     plt = _pyplot()
     scores = np.asarray(scores)
     n_queries = scores.shape[0]
+    query_images = _as_images(query_images, "query_images")
+    train_images = _as_images(train_images, "train_images")
+    if len(query_images) < n_queries or len(train_images) < scores.shape[1]:
+        raise ValueError(
+            f"The scores have shape {scores.shape}, but there are {len(query_images)} query "
+            f"images and {len(train_images)} training images; pass one image per row and per "
+            "column of the scores."
+        )
     fig, axes = plt.subplots(
         n_queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.6 * n_queries), squeeze=False
     )
@@ -78,7 +118,7 @@ def proponents_figure(
         columns += [("+", m, train_images[m]) for m in order[:k]]
         columns += [("-", m, train_images[m]) for m in order[::-1][:k]]
         for ax, (kind, m, image) in zip(axes[q], columns, strict=True):
-            ax.imshow(image, cmap="gray_r")
+            ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None)
             ax.set_xticks([])
             ax.set_yticks([])
             if m is None:

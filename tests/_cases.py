@@ -59,6 +59,7 @@ __all__ = [
     "arguments",
     "classification_data",
     "make_batchnorm_mlp",
+    "make_dropout_mlp",
     "make_linear",
     "make_tanh_mlp",
     "queries",
@@ -94,6 +95,15 @@ def make_batchnorm_mlp(n_features: int = N_FEATURES, n_classes: int = N_CLASSES)
         nn.BatchNorm1d(HIDDEN),
         nn.Tanh(),
         nn.Linear(HIDDEN, n_classes),
+    )
+
+
+def make_dropout_mlp(
+    n_features: int = N_FEATURES, hidden: int = HIDDEN, n_classes: int = N_CLASSES, p: float = 0.3
+) -> nn.Sequential:
+    """The tanh classifier with dropout after its hidden layer: a random forward pass."""
+    return nn.Sequential(
+        nn.Linear(n_features, hidden), nn.Tanh(), nn.Dropout(p), nn.Linear(hidden, n_classes)
     )
 
 
@@ -334,6 +344,8 @@ def arguments(trajectory: Trajectory) -> dict[str, Any]:
         "loss": trajectory.loss_spec,
         "measurement": trajectory.measurement_spec,
         "train_mode": trajectory.train_mode,
+        "clipping": trajectory.clipping,
+        "random_states": trajectory.random_states,
     }
 
 

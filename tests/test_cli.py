@@ -321,6 +321,14 @@ def test_attribute_options_come_from_the_attributors() -> None:
     assert curvature.choices == list(sourcekit.curvature.CURVATURES)
 
 
+def test_an_option_whose_default_is_none_says_what_none_stands_for() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["attribute"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert helps["n_segments"].endswith("(default: 3)")  # SourceAttributor(n_segments=None)
+    assert helps["curvature_examples"].endswith("(default: all of them)")
+
+
 @pytest.mark.parametrize("method", ["source", "influence", "tracin", "trak", "unrolled"])
 def test_attribute_passes_the_options_it_is_given_and_quiet_to_every_method(
     method: str,

@@ -77,6 +77,56 @@ def test_bfloat16_gradients_on_cuda_agree_with_cpu_float64() -> None:
     assert pearson > PEARSON_BF16
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["dropout", "conv"])
+def test_a_loop_recorded_on_cuda_passes_the_self_check_and_replays(feature: str) -> None:
+    # The self-check replays the step's gradient with the same kernels on the GPU (TF32
+    # convolutions included, whatever cuDNN's setting), and exact unrolling replays the
+    # dropout masks from the CUDA generator's recorded states, in float64.
+    from torch import nn
+    from torch.nn import functional as F
+
+    from sourcekit import Examples, TrajectoryRecorder
+    from sourcekit.trajectory._replay import replay
+
+    g = torch.Generator().manual_seed(0)
+    if feature == "conv":
+        data = Examples(
+            torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        )
+        make = lambda: nn.Sequential(  # noqa: E731
+            nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3)
+        )
+    else:
+        data = Examples(torch.randn(32, 3, generator=g), torch.randint(0, 3, (32,), generator=g))
+        make = _cases.make_dropout_mlp
+    torch.manual_seed(0)
+    model = make().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = TrajectoryRecorder(model, data, checkpoint_every=2)
+    with recorder.stage(optimizer):
+        for start in range(0, 64, 8):
+            idx = torch.arange(start, start + 8) % 32
+            optimizer.zero_grad()
+            batch = data[idx].to("cuda")
+            F.cross_entropy(model(batch.inputs), batch.targets).backward()
+            optimizer.step()
+            recorder.step(idx)
+    trajectory = recorder.finish()
+    assert trajectory.n_steps == 8  # the self-check passed at every step
+    if feature == "conv":
+        return  # (a float64 replay differs from TF32 convolutions by TF32's rounding)
+    assert trajectory.random_states.device == "cuda"
+    replayed, _ = replay(trajectory, device="cuda")
+    # float64 replay of T = 8 float32 steps: within 8 T eps32 of the parameters' scale
+    # (tests/trajectory/test_replay.py), with the same dropout masks.
+    scale = max(1.0, max(float(p.abs().max()) for p in model.parameters()))
+    tolerance = 8 * trajectory.n_steps * float(np.finfo(np.float32).eps) * scale
+    for name, value in model.named_parameters():
+        error = float((replayed[name].detach() - value.detach().double()).abs().max())
+        assert error <= tolerance, (name, error, tolerance)
+
+
 # --- devices this build cannot use -------------------------------------------------------------
 @pytest.mark.parametrize("cls", ATTRIBUTORS, ids=lambda c: c.__name__)
 def test_a_device_torch_does_not_know_is_refused_at_fit(cls: type[BaseAttributor]) -> None:

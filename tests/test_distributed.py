@@ -307,7 +307,7 @@ def largest_eigenvalue(curvature: Any) -> float:
 def condition(attributor: Any) -> float:
     """κ of the module docstring: the amplification of a relative change of the curvature."""
     if isinstance(attributor, sourcekit.InfluenceAttributor):
-        shift = attributor.damping + attributor._weight_decay()
+        shift = attributor.damping + min(attributor._weight_decay().values())  # per block
         return 1 + largest_eigenvalue(attributor.state_.curvature) / shift
     if isinstance(attributor, sourcekit.TRAKAttributor):
         return max(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import runpy
 import subprocess
 import sys
@@ -22,11 +24,27 @@ def test_documentation_code_blocks_run(page: Path) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_examples_run(example: Path, tmp_path: Path) -> None:
+    work, temporary = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    temporary.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.pop("SOURCEKIT_TRAJECTORY", None)
+    env["TMPDIR"] = str(temporary)  # where the examples' temporary files go
     result = subprocess.run(
-        [sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(example)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "an example should print what it found"
+    # Figures may be written where the example runs; a saved run (a directory with a
+    # manifest) may not be left behind, there or in the temporary directory (the
+    # distributed example saves one for its ranks).
+    assert not list(work.rglob("manifest.json"))
+    assert not list(temporary.rglob("manifest.json"))
 
 
 def test_documentation_site_builds_strictly(tmp_path: Path) -> None:
@@ -60,3 +78,20 @@ def test_the_lds_figure_reads_the_benchmarks_table() -> None:
     assert all(r.low <= r.lds <= r.high for r in rows)
     assert (ROOT / "docs" / "img" / "lds.png").is_file()
     assert "](img/lds.png)" in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_the_readme_demo_command_installs_what_the_demo_needs() -> None:
+    # The demo draws a figure with matplotlib: the command the README shows installs the
+    # extra that holds it (and getting-started shows the same command).
+    commands = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.endswith("&& sourcekit demo")
+    ]
+    assert len(commands) == 1
+    installed = re.findall(r'pip install "\.\[(\w+)\]"', commands[0])
+    assert installed
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib needs Python 3.11)
+    extra = re.search(rf"^{installed[0]} = \[(.*)\]$", pyproject, re.MULTILINE)
+    assert extra is not None and '"matplotlib' in extra.group(1)
+    assert commands[0] in (ROOT / "docs" / "getting-started.md").read_text()

@@ -20,8 +20,9 @@ from ..exceptions import NonFiniteError
 from ..gradients._layers import LayerBlock
 from ..gradients._per_example import checkpoint_batches, model_at
 from ._gauss_newton import GaussNewtonSum
-from ._objects import Curvature, Shift, SpectralFunction, shift_of
+from ._objects import Carried, Curvature, Shift, SpectralFunction, shift_of
 from ._passes import CurvaturePasses, sum_over_ranks
+from ._rates import SegmentRates
 from ._spectral import Inverse
 
 __all__ = ["DenseCurvature", "fit_gauss_newton", "fit_hessian"]
@@ -139,6 +140,36 @@ class DenseCurvature(Curvature):
             q = self.eigenvectors
         rotated = v @ q
         return [self.unflatten((rotated * fn(lam)) @ q.T) for fn in fns]
+
+    def apply_rates(
+        self,
+        rates: SegmentRates,
+        carried: Carried,
+        shift: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Carried, Carried]:
+        """:meth:`Curvature.apply_rates` exactly, for any per-parameter rates.
+
+        K = P^½ (H̄ + Λ) P^½ is formed and eigendecomposed, with P = s_p / s each
+        parameter's learning-rate sum relative to the fastest parameter's, s, and R the
+        residual of that parameter's sequence; in float64, like :meth:`apply_many`.
+        """
+        sums, decays = [], []
+        for b in self.blocks:
+            like = torch.zeros(b.d_out, b.d_in, dtype=self.matrix.dtype, device=self.matrix.device)
+            r = rates.blocks[b.name]
+            sums.append(r.entry_sums(like).reshape(-1))
+            decays.append(r.entrywise(r.coupled, like).reshape(-1))
+        s_p, decay = torch.cat(sums), torch.cat(decays)
+        total, residual = rates.reference()
+        p = s_p / total if total > 0 else torch.zeros_like(s_p)
+        root = p.sqrt()
+        shifted = self.matrix + torch.diag(decay + shift)
+        k = root[:, None] * shifted * root[None, :]
+        lam, q = torch.linalg.eigh(0.5 * (k + k.T))
+        flat = self.flatten(carried.in_parameters()).to(self.matrix.dtype)
+        u = (((flat * root) @ q) * residual(lam)) @ q.T * root
+        return Carried(self.unflatten(u)), Carried(self.unflatten(flat - u @ shifted))
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         """The diagonal of the matrix, per block (d_out, d_in)."""

@@ -12,6 +12,8 @@ of) the curvature H̄ of the training objective and offers:
 - ``apply_carried(fns, carried, shift)``: the same for vectors carried along a chain of
   curvatures (SOURCE's query side, :class:`Carried`), whose results may stay in the
   curvature's own eigenbasis until the next curvature of the chain takes them;
+- ``apply_rates(rates, carried, shift)``: a segment of that chain whose parameters train
+  at their own rates (parameter groups, frozen layers: ``sourcekit.curvature._rates``);
 - ``diagonal()``: the diagonal of H̄ in parameter coordinates, per block (d_out, d_in);
 - ``mean_eigenvalues()``: the mean eigenvalue of each block (trace / dimension);
 - ``to(device)``: a copy on another device.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gradients._layers import LayerBlock
+from ._rates import SegmentRates
 
 __all__ = ["Carried", "Curvature", "EigenbasisCurvature", "KroneckerFactors", "Shift"]
 
@@ -129,8 +132,8 @@ class Curvature(ABC):
     """What every curvature offers to scoring (see the module notes).
 
     A new kind subclasses it (or returns an :class:`EigenbasisCurvature`) and implements
-    ``apply_many``, ``diagonal``, ``mean_eigenvalues`` and ``to``; ``apply`` and
-    ``apply_carried`` follow from ``apply_many``.
+    ``apply_many``, ``diagonal``, ``mean_eigenvalues`` and ``to``; ``apply``,
+    ``apply_carried`` and ``apply_rates`` follow from ``apply_many``.
 
     Attributes
     ----------
@@ -202,6 +205,33 @@ class Curvature(ABC):
         return [
             Carried(out) for out in self.apply_many(fns, carried.in_parameters(), shift, dtype)
         ]
+
+    def apply_rates(
+        self,
+        rates: SegmentRates,
+        carried: Carried,
+        shift: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Carried, Carried]:
+        """(u, v_next) of a segment whose parameters train at their own rates.
+
+        u = P^½ R(K) P^½ v and v_next = v − (H̄ + Λ) u with K = P^½ (H̄ + Λ) P^½, P the
+        parameters' rates relative to a reference and Λ their coupled decays plus
+        ``shift`` (``sourcekit.curvature._rates``). Here each block takes the functions
+        of its own rates and decay (their means over its entries where they differ),
+        applied to that block's vectors alone, in parameter coordinates: exact for a
+        block-diagonal curvature whose blocks each keep one sequence and one decay.
+        """
+        v = carried.in_parameters()
+        u: dict[str, torch.Tensor] = {}
+        after: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            alone = {k: t if k == block.name else torch.zeros_like(t) for k, t in v.items()}
+            residual, decay = self.apply_many(
+                rates.block_functions(block.name), alone, shift, dtype
+            )
+            u[block.name], after[block.name] = residual[block.name], decay[block.name]
+        return Carried(u), Carried(after)
 
     @abstractmethod
     def diagonal(self) -> dict[str, torch.Tensor]:
@@ -414,6 +444,35 @@ class EigenbasisCurvature(Curvature):
         """
         rotated = carried.in_basis(self, dtype)
         return [Carried(rotated, self, self.spectrum(fn, shift)) for fn in fns]
+
+    def apply_rates(
+        self,
+        rates: SegmentRates,
+        carried: Carried,
+        shift: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Carried, Carried]:
+        """:meth:`Curvature.apply_rates` in this eigenbasis, with the results left in it.
+
+        The curvature is block-diagonal, so each block takes the functions of its own
+        rates; where a block's eigenbasis is the identity (the diagonal forms) they act
+        entry by entry, each entry with its own rates and decay, and elsewhere they are
+        those of the block's mean rates and decay. The vectors are brought into this
+        eigenbasis once, as :meth:`apply_carried` does.
+        """
+        rotated = carried.in_basis(self, dtype)
+        scales: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+        for block in self.blocks:
+            f = self.factors[block.name]
+            fns = (
+                rates.entry_functions(block.name, f.eigenvalues)
+                if f.q_s is None and f.q_a is None
+                else rates.block_functions(block.name)
+            )
+            sigma = f.eigenvalues + shift
+            for scale, fn in zip(scales, fns, strict=True):
+                scale[block.name] = fn(sigma)
+        return Carried(rotated, self, scales[0]), Carried(rotated, self, scales[1])
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         """The diagonal of H̄ in parameter coordinates, per block (d_out, d_in)."""

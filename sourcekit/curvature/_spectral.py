@@ -27,13 +27,18 @@ __all__ = ["Decay", "DiscreteDecay", "DiscreteResidual", "Inverse", "Residual"]
 _SERIES_BELOW = 1e-3
 
 
+def _describe(s: float | torch.Tensor) -> str:
+    return f"{s:g}" if isinstance(s, float) else f"<{tuple(s.shape)} per entry>"
+
+
 class Decay:
     """σ ↦ exp(−sσ): what a segment with learning-rate sum s does to an earlier effect.
 
     Parameters
     ----------
-    s : float
-        The segment's learning-rate sum (effective rates under momentum).
+    s : float or tensor
+        The segment's learning-rate sum (effective rates under momentum); a tensor
+        shaped like the eigenvalues gives each its own.
 
     Examples
     --------
@@ -45,14 +50,16 @@ class Decay:
     tensor([1.0000e+00, 3.6788e-01, 4.5400e-05], dtype=torch.float64)
     """
 
-    def __init__(self, s: float) -> None:
-        self.s = float(s)
+    def __init__(self, s: float | torch.Tensor) -> None:
+        # A tensor s holds one sum per eigenvalue (parameters training at their own rates
+        # where the eigenbasis is the identity).
+        self.s = s if isinstance(s, torch.Tensor) else float(s)
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.exp(-self.s * sigma)
 
     def __repr__(self) -> str:
-        return f"Decay(s={self.s:g})"
+        return f"Decay(s={_describe(self.s)})"
 
 
 class Residual:
@@ -65,8 +72,8 @@ class Residual:
 
     Parameters
     ----------
-    s : float
-        The segment's learning-rate sum.
+    s : float or tensor
+        The segment's learning-rate sum (or one per eigenvalue).
 
     Examples
     --------
@@ -76,8 +83,8 @@ class Residual:
     tensor([2.0000, 2.0000, 1.2642, 0.0100], dtype=torch.float64)
     """
 
-    def __init__(self, s: float) -> None:
-        self.s = float(s)
+    def __init__(self, s: float | torch.Tensor) -> None:
+        self.s = s if isinstance(s, torch.Tensor) else float(s)
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         x = self.s * sigma
@@ -88,7 +95,7 @@ class Residual:
         return torch.where(small, series, direct)
 
     def __repr__(self) -> str:
-        return f"Residual(s={self.s:g})"
+        return f"Residual(s={_describe(self.s)})"
 
 
 class DiscreteDecay:

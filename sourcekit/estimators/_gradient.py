@@ -259,8 +259,11 @@ class GradientAttributor(BaseAttributor, ABC):
 
     # --- fitting -----------------------------------------------------------------------
     def _blocks(self, trajectory: Trajectory) -> list[LayerBlock]:
-        """The layer blocks of the run's model (``modules``, or every supported layer)."""
-        return find_blocks(trajectory.architecture.build(), self.modules)
+        """The layer blocks of the run's model (``modules``, or every supported layer),
+        without the layers the run never trained (frozen in every stage)."""
+        return find_blocks(
+            trajectory.architecture.build(), self.modules, trajectory.trained_parameters
+        )
 
     def _training_gradients(
         self,

@@ -15,6 +15,7 @@ from ..curvature import Curvature
 from ..gradients._training import TrainingGradients
 from ..scoring._influence import default_damping, influence_scores
 from ..trajectory import Trajectory
+from ..trajectory._settings import weight_decays
 from ._curvature import CurvatureAttributor
 from ._gradient import GradientState, QueryGradients
 
@@ -43,7 +44,9 @@ class InfluenceAttributor(CurvatureAttributor):
     ----------
     damping : float or None, default=None
         λ added to every eigenvalue. None uses 0.1 × the mean eigenvalue of each layer
-        (a per-layer damping, recorded in ``damping_``). Read only by ``transform``.
+        (a per-layer damping, recorded in ``damping_``), at least 1e-3 of the largest
+        layer's (a layer without curvature, all of its ReLUs dead, is raised to it with a
+        warning). Read only by ``transform``.
     curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
         The approximation of the curvature at the final parameters (as in
         :class:`~sourcekit.SourceAttributor`).
@@ -176,9 +179,19 @@ class InfluenceAttributor(CurvatureAttributor):
         )
         return InfluenceState(blocks, curvature, cache=cache)
 
-    def _weight_decay(self) -> float:
-        opt = self.trajectory_.stages[-1].optimizer
-        return opt.weight_decay if opt.kind != "adamw" else 0.0
+    def _weight_decay(self) -> dict[str, float]:
+        """Each block's coupled weight decay in the final stage (the mean over its entries)."""
+        trajectory = self.trajectory_
+        stage = trajectory.stages[-1]
+        decays = weight_decays(trajectory, stage.start, stage.end)
+        out = {}
+        for block in self.state_.blocks:
+            own = [n for n in (block.weight, block.bias) if n is not None]
+            sizes = [int(np.prod(trajectory._param_shapes[n])) for n in own]
+            out[block.name] = sum(decays[n][0] * k for n, k in zip(own, sizes, strict=True)) / sum(
+                sizes
+            )
+        return out
 
     @property
     def damping_(self) -> float | dict[str, float]:
@@ -190,9 +203,7 @@ class InfluenceAttributor(CurvatureAttributor):
 
     def _score_block(self, queries: QueryGradients, training: TrainingGradients) -> torch.Tensor:
         damping, wd = self.damping_, self._weight_decay()
-        shift = (
-            {k: v + wd for k, v in damping.items()} if isinstance(damping, dict) else damping + wd
-        )
+        shift = {k: (damping[k] if isinstance(damping, dict) else damping) + wd[k] for k in wd}
         return influence_scores(
             queries.final(),
             self.state_.curvature,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -16,20 +17,27 @@ from .._validation import InstanceOf, Interval, Options
 from ..base import FittedState
 from ..curvature import Curvature
 from ..curvature._preconditioner import adam_preconditioner
+from ..curvature._rates import block_rates
 from ..gradients._layers import LayerBlock
 from ..gradients._training import TrainingGradients
 from ..scoring._source import SegmentModel, source_scores
 from ..trajectory import Segment, Trajectory
 from ..trajectory._averaged import averaged_states, with_states
+from ..trajectory._settings import effective_learning_rates, weight_decays
 from ._curvature import CurvatureAttributor
 from ._gradient import GradientState, QueryGradients
 
 __all__ = ["SourceAttributor", "SourceState"]
 
+DEFAULT_SEGMENTS = 3
+"""The number of segments when neither ``n_segments`` nor ``boundaries`` is given."""
+
 
 def _boundaries(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    return (
+        isinstance(value, (list, tuple))
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+        and all(a < b for a, b in itertools.pairwise(value))
     )
 
 
@@ -73,11 +81,15 @@ class SourceAttributor(CurvatureAttributor):
     heavy-ball momentum), ḡ_ℓ(m) the mean gradient of example m over the segment's
     checkpoints and N_ℓ the size of its stage. Adam and AdamW use the recorded second
     moments as a diagonal preconditioner; weight decay is added to the eigenvalues.
+    Parameters that train at their own rates (parameter groups, clipped steps, layers
+    frozen in a stage) enter with their own learning-rate sums and decays (see
+    :mod:`sourcekit.curvature._rates` and the recording page of the documentation).
 
     Parameters
     ----------
-    n_segments : int, default=3
-        Number of segments (at least one per stage, at most one per checkpoint).
+    n_segments : int or None, default=None
+        Number of segments (at least one per stage, at most one per checkpoint); None
+        means 3, or the segments ``boundaries`` define. Giving both is refused.
     damping : float, default=1e-3
         Added to every eigenvalue (σ → σ + damping). Read only by ``transform``, so
         ``set_params(damping=...)`` needs no refit.
@@ -111,7 +123,8 @@ class SourceAttributor(CurvatureAttributor):
         checkpoints lie close together. Adam's second moments are still averaged over
         the recorded checkpoints.
     boundaries : list of int, optional
-        Steps where segments start (overrides ``n_segments``; stage starts are added).
+        Steps where segments start, strictly increasing (stage starts are added); the
+        segments are then the ones they define, so ``n_segments`` must be left at None.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types
@@ -177,10 +190,13 @@ class SourceAttributor(CurvatureAttributor):
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
-        "n_segments": [Interval(int, 1, None)],
+        "n_segments": [None, Interval(int, 1, None)],
         "damping": [Interval(float, 0, None)],
         "matrix_function": [Options("exp", "discrete")],
-        "boundaries": [None, InstanceOf((list, tuple), "a list of int steps", _boundaries)],
+        "boundaries": [
+            None,
+            InstanceOf((list, tuple), "a strictly increasing list of int steps", _boundaries),
+        ],
         "query_rank": [None, Interval(int, 1, None)],
         "average_checkpoints": [InstanceOf((bool,), "True or False")],
         **CurvatureAttributor._parameter_constraints,
@@ -203,7 +219,7 @@ class SourceAttributor(CurvatureAttributor):
 
     def __init__(
         self,
-        n_segments: int = 3,
+        n_segments: int | None = None,
         damping: float = 1e-3,
         *,
         curvature: str = "ekfac",
@@ -245,9 +261,16 @@ class SourceAttributor(CurvatureAttributor):
     state_: SourceState
 
     def _fit_state(self, trajectory: Trajectory) -> SourceState:
+        if self.boundaries is not None and self.n_segments is not None:
+            raise ValueError(
+                f"SourceAttributor got both n_segments={self.n_segments} and "
+                f"boundaries={list(self.boundaries)}; the boundaries define the segments, so "
+                "n_segments would be ignored. Pass one of them (n_segments=None with boundaries)."
+            )
         blocks = self._blocks(trajectory)
         segments = trajectory.segments(
-            None if self.boundaries is not None else self.n_segments, self.boundaries
+            None if self.boundaries is not None else (self.n_segments or DEFAULT_SEGMENTS),
+            self.boundaries,
         )
         # The fast variant: each segment's checkpoints averaged into one state, standing
         # at its first checkpoint; curvature and gradients are taken there only.
@@ -320,15 +343,21 @@ def _segment_model(
     learning rates and Adam's second moments come from the ``recorded`` segment; the
     model keeps the ``evaluated`` one, the checkpoints its gradients are taken at)."""
     opt = trajectory.stages[recorded.stage].optimizer
-    lrs = trajectory.learning_rates[recorded.start : recorded.end] * opt.effective_lr_factor
+    # The first block's rates and decays stand for the segment; ``rates`` holds every
+    # block's where they differ (parameter groups, frozen layers).
+    first = [blocks[0].weight]
+    lrs = effective_learning_rates(trajectory, recorded.start, recorded.end, names=first)
+    decays = weight_decays(trajectory, recorded.start, recorded.end, names=first)
+    coupled, decoupled = decays[first[0]]
     return SegmentModel(
         segment=evaluated,
         curvature=curvature,
-        learning_rates=lrs,
+        learning_rates=lrs[first[0]],
         n_examples=trajectory.stages[recorded.stage].n_examples,
-        weight_decay=0.0 if opt.kind == "adamw" else opt.weight_decay,
-        decoupled_decay=opt.weight_decay if opt.kind == "adamw" else 0.0,
+        weight_decay=coupled,
+        decoupled_decay=decoupled,
         preconditioner=adam_preconditioner(trajectory, recorded, blocks)
         if opt.is_adaptive
         else None,
+        rates=block_rates(trajectory, recorded, blocks),
     )

@@ -137,7 +137,9 @@ class TracInAttributor(GradientAttributor):
     def checkpoints_(self) -> list[TracInCheckpoint]:
         self._check_fitted()
         return tracin_checkpoints(
-            self.trajectory_, momentum_correction=bool(self.momentum_correction)
+            self.trajectory_,
+            momentum_correction=bool(self.momentum_correction),
+            blocks=self.state_.blocks,
         )
 
     def _examples_per_block(self) -> int:

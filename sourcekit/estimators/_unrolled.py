@@ -34,8 +34,10 @@ class UnrolledAttributor(BaseAttributor):
     This is the reference every approximation is checked against, meant for small
     models: the autograd graph of every recorded step is kept in memory, so memory grows
     linearly with the number of steps (about the activations and parameters of each
-    step, several times over). The trajectory must hold the batch indices of every step,
-    and the forward pass must be deterministic (no dropout).
+    step, several times over). The trajectory must hold the batch indices of every step.
+    Parameter groups, frozen parameters, clipping and per-step settings are replayed as
+    recorded, and a forward pass that drew random numbers (dropout) draws the same ones
+    from the recorded generator states, on the kind of device the run used.
 
     It does not shard across ``torch.distributed`` ranks: the replay is one sequential
     computation over the whole run, which does not split by training example. Under a

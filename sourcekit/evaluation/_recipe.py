@@ -184,6 +184,9 @@ class RecipeReplay:
             architecture_kwargs=self.architecture_kwargs or None,
             random_state=int(seed),
             progress=False,
+            # The built-in trainer's own recipe: nothing the record could miss, so the
+            # self-check would only add its cost to every retraining.
+            verify=False,
         )
         return retrained.build_model()
 

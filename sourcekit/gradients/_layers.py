@@ -119,6 +119,37 @@ def _block(name: str, module: nn.Module) -> LayerBlock | None:
     )
 
 
+def _without_frozen(
+    named: dict[str, nn.Module], trained: set[str], modules: Sequence[str] | None
+) -> dict[str, nn.Module]:
+    """The modules without those whose own parameters were all frozen."""
+    kept = {}
+    for name, module in named.items():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        frozen = [p for p in own if p not in trained]
+        if own and len(frozen) == len(own):
+            if modules is not None and name in modules:
+                raise ValueError(
+                    f"The 'modules' parameter names {name!r}, whose parameters the run never "
+                    "trained (they were frozen in every stage). Name trained layers only."
+                )
+            continue
+        if frozen:
+            raise UnsupportedModuleError(
+                f"The layer {name!r} has trained parameters "
+                f"{[p for p in own if p in trained]} and frozen ones {frozen}; sourcekit "
+                "attributes through whole layers. Train or freeze all of its parameters, or "
+                "leave it out with modules=[...]."
+            )
+        kept[name] = module
+    if not any(list(m.parameters(recurse=False)) for m in kept.values()):
+        raise UnsupportedModuleError(
+            "No parameter of the model was trained (every one was frozen in every stage), so "
+            "there is nothing to attribute through."
+        )
+    return kept
+
+
 def _check_not_tied(name: str, module: nn.Module, owners: dict[int, list[str]]) -> None:
     for p in module.parameters(recurse=False):
         others = [o for o in owners[id(p)] if o != name]
@@ -132,7 +163,11 @@ def _check_not_tied(name: str, module: nn.Module, owners: dict[int, list[str]]) 
             )
 
 
-def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[LayerBlock]:
+def find_blocks(
+    model: nn.Module,
+    modules: Sequence[str] | None = None,
+    trained: Sequence[str] | None = None,
+) -> list[LayerBlock]:
     """The attribution blocks of ``model``.
 
     Without ``modules`` every module that owns parameters must be of a registered layer
@@ -141,8 +176,16 @@ def find_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[
     :class:`UnsupportedModuleError` names it. With ``modules`` (a list of module names
     as in ``model.named_modules()``), only those are used and the other parameters are
     treated as fixed.
+
+    ``trained`` names the parameters the run trained (a trajectory's
+    ``trained_parameters``; None: all). Modules whose parameters were all frozen are
+    left out, whatever their type: attribution goes through the trained parameters
+    only. A module with both trained and frozen parameters is refused, since a block
+    holds a layer's weight and bias together.
     """
     named = dict(model.named_modules())
+    if trained is not None:
+        named = _without_frozen(named, set(trained), modules)
     kinds = ", ".join(LAYER_TYPES)
     if modules is not None:
         missing = [m for m in modules if m not in named]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -189,16 +189,21 @@ def position_weights(
 ) -> torch.Tensor | None:
     """The weights w (n, T) of a loss over T output positions, L = Σ_t w_t ℓ_t, or None.
 
-    None when the outputs have no positions (shape (n, C)), or when the loss does not
-    describe its positions (``loss.per_position``): its per-example value then counts
-    as one position.
+    None when the loss does not describe its positions (``loss.per_position``): its
+    per-example value then counts as one position; and None for outputs without
+    positions (shape (n, C)) whose weights are all 1 (the plain losses), so that their
+    passes stay as simple as before. Outputs without positions get their weights (n, 1)
+    where they differ from 1: a class-weighted cross-entropy, or ``"mse_loss"``'s 2/D.
     """
     per_position = getattr(loss, "per_position", None)
-    if per_position is None or _n_positions(outputs) == 1:
+    if per_position is None:
         return None
     with torch.no_grad():
         _, weights = per_position(outputs.detach(), targets)
-    return weights.detach().to(torch.float64)
+    weights = weights.detach().to(torch.float64)
+    if _n_positions(outputs) == 1 and bool((weights == 1).all()):
+        return None
+    return weights
 
 
 def _fisher_totals(
@@ -216,7 +221,8 @@ def _fisher_totals(
     outputs). Each pass backpropagates Σ_t √w_t ψ_t, so that the outer products of the
     per-example gradients it yields average to that curvature:
 
-    - ``"true"``: ψ_t = ℓ_t(y_t) with y_t drawn from the model at every position. The
+    - ``"true"``: ψ_t = ℓ_t(y_t) with y_t drawn from the model at every position (ℓ from
+      ``loss.fisher_loss`` where the loss names one). The
       draws of different positions are independent with zero-mean gradients, so the
       cross-position terms vanish in expectation and E[G Gᵀ] = Σ_t w_t J_tᵀ H_t J_t,
       the Gauss-Newton matrix (a whole-example gradient of the weighted loss would give
@@ -239,9 +245,12 @@ def _fisher_totals(
         noise_shape = getattr(loss, "noise_shape", None) or (lambda shape: shape)
         u = uniforms(noise_shape(tuple(outputs.shape[1:])))
         sampled = loss.sample_targets(outputs, u)  # type: ignore[attr-defined]
+        # Drawn targets are scored with the loss whose curvature per_position describes
+        # (a label-smoothed cross-entropy names the plain one: loss.fisher_loss).
+        scorer: Any = getattr(loss, "fisher_loss", loss)
         if root is None:
-            return [loss(outputs, sampled).sum()]
-        values, _ = per_position(outputs, sampled)  # type: ignore[misc]
+            return [scorer(outputs, sampled).sum()]
+        values, _ = scorer.per_position(outputs, sampled)
         return [(values * root).sum()]
     if fisher == "empirical":
         if root is None:

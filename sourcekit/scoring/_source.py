@@ -18,6 +18,12 @@ moments) and the diagonal D of H̄ in the exponent, and the full curvature in th
 S̄ = exp(−s(P̄(D + λ) + λ_w)), r̄ = (I − S̄)(H̄ + λ + λ_w/P̄)⁻¹ ḡ / N_ℓ, where λ is the
 damping plus coupled weight decay and λ_w AdamW's decoupled decay (whose 1/P̄ is
 replaced by its mean over each block, the one approximation beyond METHOD.md).
+
+Parameters that train at their own rates (parameter groups, layers frozen in a stage,
+clipping) enter with their own learning-rate sums and decays: the curvature applies a
+segment's functions through :meth:`~sourcekit.curvature.Curvature.apply_rates`
+(``sourcekit.curvature._rates`` derives it), and Adam's diagonal decay takes each
+entry's own sums.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 
 from ..curvature import Carried, Curvature
+from ..curvature._rates import BlockRates, SegmentRates
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
 from ..gradients._training import GradientSource
 from ..trajectory import Segment
@@ -57,6 +64,11 @@ class SegmentModel:
     preconditioner : dict of block name to tensor, or None
         Adam's P̄ = mean_c 1/(√v̂_c + ε) per block, in parameter coordinates
         (:func:`~sourcekit.curvature._preconditioner.adam_preconditioner`).
+    rates : dict of block name to BlockRates, or None
+        Each block's own rates and decays when the parameters do not all share one
+        sequence and one decay (parameter groups, frozen parameters: see
+        :mod:`sourcekit.curvature._rates`); ``learning_rates`` and the decays above are
+        then those of the first block, for reporting.
     """
 
     segment: Segment
@@ -66,6 +78,7 @@ class SegmentModel:
     weight_decay: float = 0.0
     decoupled_decay: float = 0.0
     preconditioner: dict[str, torch.Tensor] | None = None
+    rates: dict[str, BlockRates] | None = None
 
     @property
     def lr_sum(self) -> float:
@@ -79,10 +92,21 @@ def _multiply(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
 def _diagonal_decay(
     model: SegmentModel, damping: float, matrix_function: str
 ) -> dict[str, torch.Tensor]:
-    """exp(−s(P̄(D + λ) + λ_w)) per parameter (or its finite-product form)."""
+    """exp(−s(P̄(D + λ) + λ_w)) per parameter (or its finite-product form), each entry
+    with its own sums and decays where the parameters train at their own rates."""
     assert model.preconditioner is not None
     diag = model.curvature.diagonal()
     out = {}
+    if model.rates is not None:
+        rates = SegmentRates(model.rates, matrix_function)
+        for name, d in diag.items():
+            r = model.rates[name]
+            coupled, decoupled = (
+                r.entrywise(x, torch.zeros_like(d)) for x in (r.coupled, r.decoupled)
+            )
+            rate = model.preconditioner[name].to(d) * (d + damping + coupled) + decoupled
+            out[name] = rates.entry_decay(name, rate)
+        return out
     for name, d in diag.items():
         rate = (
             model.preconditioner[name].to(d) * (d + damping + model.weight_decay)
@@ -129,6 +153,11 @@ def precondition(
     def rounded(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.to(work) for k, t in vectors.items()}
 
+    if model.preconditioner is None and model.rates is not None:
+        scoring, after = curvature.apply_rates(
+            SegmentRates(model.rates, matrix_function), v, damping, dtype
+        )
+        return rounded(scoring.in_parameters()), (after.to(work) if carry else None)
     if model.preconditioner is None:
         residual: Callable[[torch.Tensor], torch.Tensor]
         decay: Callable[[torch.Tensor], torch.Tensor]
@@ -146,7 +175,13 @@ def precondition(
     decay_diag = _diagonal_decay(model, damping, matrix_function)
     complement = {k: 1.0 - e for k, e in decay_diag.items()}
     shifts: float | dict[str, float] = shift
-    if model.decoupled_decay:
+    if model.rates is not None:  # each block's mean decays in its inverse
+        inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
+        shifts = {
+            k: damping + r.mean(r.coupled) + r.mean(r.decoupled) * inv_p[k]
+            for k, r in model.rates.items()
+        }
+    elif model.decoupled_decay:
         inv_p = {k: float((1.0 / p).mean()) for k, p in model.preconditioner.items()}
         shifts = {k: shift + model.decoupled_decay * inv_p[k] for k in inv_p}
     u = curvature.apply(Inverse(), _multiply(complement, params), shifts)

@@ -6,6 +6,13 @@ from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
 from ._runs import Runs, RunsTask
 from ._segments import Segment
+from ._settings import (
+    GradientClipping,
+    ParameterGroup,
+    RandomStates,
+    effective_learning_rates,
+    weight_decays,
+)
 from ._stages import Stage
 from ._storage import Checkpoint
 from ._trainer import TrainingStage, learning_rate_schedule, train
@@ -16,7 +23,10 @@ __all__ = [
     "AttributionTask",
     "Checkpoint",
     "Examples",
+    "GradientClipping",
     "OptimizerSpec",
+    "ParameterGroup",
+    "RandomStates",
     "Runs",
     "RunsTask",
     "Segment",
@@ -24,7 +34,9 @@ __all__ = [
     "TrainingStage",
     "Trajectory",
     "TrajectoryRecorder",
+    "effective_learning_rates",
     "learning_rate_schedule",
     "optimizer_step",
     "train",
+    "weight_decays",
 ]

@@ -39,6 +39,23 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         ) from err
 
 
+def _check_finite(tensor: torch.Tensor, part: str) -> None:
+    """Refuse NaN or infinity, naming the first example that holds one."""
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    rows = (~finite).reshape(tensor.shape[0], -1).any(dim=1)
+    index = int(torch.nonzero(rows)[0, 0])
+    value = tensor[index].reshape(-1)[~finite[index].reshape(-1)][0]
+    raise ValueError(
+        f"The {part} of example {index} hold {float(value)!r} ({int(rows.sum())} example(s) hold "
+        "NaN or infinity). Training on them, or measuring them, would give NaN scores that are "
+        "blamed on the model; remove or repair those examples first."
+    )
+
+
 def _normalise_key(key: Any, n: int) -> Any:
     if isinstance(key, tuple):
         # scikit-learn indexes arrays as ``X[key, ...]``.
@@ -90,6 +107,12 @@ class Examples:
     targets : tensor or array-like, shape (n, ...)
         What the loss and the measurement compare the model's outputs with.
 
+    Raises
+    ------
+    ValueError
+        If the inputs or targets hold NaN or infinity (the error names the first such
+        example), or their numbers of examples differ.
+
     Attributes
     ----------
     shape : tuple of int
@@ -117,8 +140,18 @@ class Examples:
                 f"Examples need as many targets as inputs; got {inputs.shape[0]} inputs and "
                 f"{targets.shape[0]} targets. Pass matching arrays."
             )
+        for part, tensor in (("inputs", inputs), ("targets", targets)):
+            _check_finite(tensor, part)
         self.inputs = inputs
         self.targets = targets
+
+    @classmethod
+    def _of_checked(cls, inputs: torch.Tensor, targets: torch.Tensor) -> Examples:
+        """Examples of tensors taken from checked ones (a slice, a copy): no new checks."""
+        out = cls.__new__(cls)
+        out.inputs = inputs
+        out.targets = targets
+        return out
 
     # --- the sample axis -------------------------------------------------------------
     @property
@@ -130,7 +163,7 @@ class Examples:
 
     def __getitem__(self, key: Any) -> Examples:
         key = _normalise_key(key, len(self))
-        return Examples(self.inputs[key], self.targets[key])
+        return Examples._of_checked(self.inputs[key], self.targets[key])
 
     # --- conveniences ----------------------------------------------------------------
     def to(
@@ -143,7 +176,7 @@ class Examples:
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        return Examples(move(self.inputs), move(self.targets))
+        return Examples._of_checked(move(self.inputs), move(self.targets))
 
     @classmethod
     def concat(cls, parts: Sequence[Examples]) -> Examples:

@@ -6,8 +6,10 @@ A saved trajectory is a directory:
   shapes of its parameters and buffers, the loss and measurement names, the stages,
   the checkpoint steps, every file with its sha256, and the content fingerprint;
 - ``data.pt``: the training inputs and targets;
-- ``schedule.pt``: the learning rate of every step, each stage's examples and the batch
-  indices of every step (:func:`schedule_payload`, also what the fingerprint hashes);
+- ``schedule.pt``: the learning rate of every step, each stage's examples, the batch
+  indices of every step, and where the run had them the per-step settings of each
+  parameter group, the clipping of every step and the generator states of random
+  forward passes (:func:`schedule_payload`, also what the fingerprint hashes);
 - ``checkpoints/step_XXXXXXXX.pt``: one file per stored state.
 
 Tensor files are read with ``torch.load(weights_only=True)`` after their sha256 is
@@ -39,6 +41,8 @@ from ..exceptions import TrajectoryError
 from ..objectives import LOSSES, MEASUREMENTS, function_spec
 from ._architecture import Architecture
 from ._examples import Examples
+from ._optimizer import OptimizerSpec
+from ._settings import GradientClipping, ParameterGroup, RandomStates
 from ._stages import Stage
 from ._storage import Checkpoint, DirectoryStore, load_tensors, sha256_file
 
@@ -58,10 +62,18 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+_CLIPPING = ("max_norm", "norm_type", "coefficient")
+
+
 def schedule_payload(
-    learning_rates: np.ndarray, stages: Sequence[Stage], batches: Sequence[np.ndarray] | None
+    learning_rates: np.ndarray,
+    stages: Sequence[Stage],
+    batches: Sequence[np.ndarray] | None,
+    clipping: GradientClipping | None = None,
+    random_states: RandomStates | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The schedule as tensors: learning rates, each stage's examples, the batch indices."""
+    """The schedule as tensors: learning rates, each stage's examples, the batch indices,
+    and the per-step records a run may hold (group settings, clipping, random states)."""
     payload = {"learning_rates": torch.from_numpy(learning_rates.copy())}
     for i, stage in enumerate(stages):
         payload[f"stage_examples.{i}"] = torch.from_numpy(stage.examples.copy())
@@ -69,7 +81,49 @@ def schedule_payload(
         lengths = np.array([b.size for b in batches], dtype=np.int64)
         payload["batch_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
         payload["batch_indices"] = torch.from_numpy(np.concatenate(batches))
+    for i, stage in enumerate(stages):
+        for j, group in enumerate(stage.groups or ()):
+            for key, values in group.schedule.items():
+                payload[f"stage.{i}.group.{j}.{key}"] = torch.from_numpy(values.copy())
+    if clipping is not None:
+        for name in _CLIPPING:
+            payload[f"clipping.{name}"] = torch.from_numpy(getattr(clipping, name).copy())
+    if random_states is not None:
+        payload["random.steps"] = torch.from_numpy(random_states.steps.copy())
+        payload["random.states"] = random_states.states.clone()
     return payload
+
+
+def _stage_groups(
+    description: dict[str, Any], schedule: dict[str, torch.Tensor], index: int
+) -> tuple[ParameterGroup, ...] | None:
+    """The parameter groups of saved stage ``index``: the manifest's description and the
+    per-step settings from the schedule file."""
+    if description.get("groups") is None:
+        return None
+    return tuple(
+        ParameterGroup(
+            tuple(g["parameters"]),
+            OptimizerSpec.from_dict(g["optimizer"]),
+            {key: schedule[f"stage.{index}.group.{j}.{key}"].numpy() for key in g["scheduled"]},
+        )
+        for j, g in enumerate(description["groups"])
+    )
+
+
+def _step_records(schedule: dict[str, torch.Tensor], random_device: str | None) -> dict[str, Any]:
+    """The clipping and random states of a saved schedule (None where it holds none)."""
+    clipping = None
+    if "clipping.coefficient" in schedule:
+        clipping = GradientClipping(*(schedule[f"clipping.{n}"].numpy() for n in _CLIPPING))
+    random_states = None
+    if "random.steps" in schedule:
+        random_states = RandomStates(
+            str(random_device or "cpu"),
+            schedule["random.steps"].numpy(),
+            schedule["random.states"],
+        )
+    return {"clipping": clipping, "random_states": random_states}
 
 
 class _Store(Protocol):
@@ -91,6 +145,8 @@ class _Run(Protocol):
     measurement_spec: str | Callable
     train_mode: bool
     n_steps: int
+    clipping: GradientClipping | None
+    random_states: RandomStates | None
 
     @property
     def n_train(self) -> int: ...
@@ -141,7 +197,7 @@ def _fresh_directory(parent: Path, prefix: str) -> Path:
         return path
 
 
-def _importable_specs(run: _Run) -> tuple[dict[str, Any], dict[str, str]]:
+def _importable_specs(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
     architecture = run.architecture.spec()
     if architecture is None:
         raise TrajectoryError(
@@ -187,7 +243,12 @@ def write_trajectory(
         files: dict[str, dict[str, str]] = {}
         for name, payload in (
             ("data", {"inputs": run.train.inputs, "targets": run.train.targets}),
-            ("schedule", schedule_payload(run.learning_rates, run.stages, run.batches)),
+            (
+                "schedule",
+                schedule_payload(
+                    run.learning_rates, run.stages, run.batches, run.clipping, run.random_states
+                ),
+            ),
         ):
             path = staging / f"{name}.pt"
             torch.save(payload, path)
@@ -213,6 +274,7 @@ def write_trajectory(
             "loss": functions["loss"],
             "measurement": functions["measurement"],
             "train_mode": run.train_mode,
+            **({} if run.random_states is None else {"random_device": run.random_states.device}),
             "n_train": run.n_train,
             "n_steps": run.n_steps,
             "has_batches": run.batches is not None,
@@ -308,7 +370,9 @@ def read_trajectory(
             root / files["schedule"]["file"], files["schedule"]["sha256"], "schedule"
         )
         stages = [
-            Stage.from_description(desc, schedule[f"stage_examples.{i}"].numpy())
+            Stage.from_description(
+                desc, schedule[f"stage_examples.{i}"].numpy(), _stage_groups(desc, schedule, i)
+            )
             for i, desc in enumerate(manifest["stages"])
         ]
         batches = None
@@ -335,6 +399,7 @@ def read_trajectory(
             "loss": manifest["loss"] if loss is None else loss,
             "measurement": manifest["measurement"] if measurement is None else measurement,
             "train_mode": manifest.get("train_mode", True),
+            **_step_records(schedule, manifest.get("random_device")),
         }
     except (KeyError, TypeError) as err:
         raise TrajectoryError(

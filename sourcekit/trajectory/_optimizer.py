@@ -15,7 +15,13 @@ import torch
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["OptimizerSpec", "initial_state", "optimizer_step"]
+__all__ = [
+    "OptimizerSpec",
+    "initial_state",
+    "optimizer_step",
+    "state_from_checkpoint",
+    "update_magnitude",
+]
 
 _KINDS = ("sgd", "adam", "adamw")
 
@@ -129,41 +135,50 @@ class OptimizerSpec:
         return cls(**data)
 
     @classmethod
-    def from_torch(cls, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
-        """Describe a ``torch.optim`` optimiser; raise for settings replay cannot follow."""
+    def from_torch(
+        cls, optimizer: torch.optim.Optimizer, group: int | None = None
+    ) -> OptimizerSpec:
+        """Describe a ``torch.optim`` optimiser; raise for settings replay cannot follow.
+
+        With ``group=None`` every parameter group must share its settings (the first
+        group's are returned); with ``group=i`` the settings of group ``i`` are.
+        """
         name = type(optimizer).__name__
         groups = optimizer.param_groups
-        keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps")
-        first = {k: groups[0].get(k) for k in keys}
-        for g in groups[1:]:
-            if any(g.get(k) != first[k] for k in keys):
-                raise TrajectoryError(
-                    f"The optimizer has {len(groups)} parameter groups with different "
-                    "hyperparameters; sourcekit records one setting per stage. Use a single "
-                    "parameter group (the learning rate may follow a schedule)."
-                )
-        group = groups[0]
+        if group is None:
+            keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps")
+            first = {k: groups[0].get(k) for k in keys}
+            for g in groups[1:]:
+                if any(g.get(k) != first[k] for k in keys):
+                    raise TrajectoryError(
+                        f"The optimizer has {len(groups)} parameter groups with different "
+                        "hyperparameters; describe one group at a time with "
+                        "OptimizerSpec.from_torch(optimizer, group=i)."
+                    )
+        settings = groups[0 if group is None else group]
         for flag in ("maximize", "amsgrad", "capturable", "differentiable"):
-            if group.get(flag):
+            if settings.get(flag):
                 raise TrajectoryError(
                     f"The optimizer uses {flag}=True, which sourcekit cannot replay. "
                     f"Train with {name}({flag}=False)."
                 )
         # The base learning rate: a scheduler's starting value (a warm-up may start at 0).
-        lr = float(group.get("initial_lr", group["lr"]))
+        lr = float(settings.get("initial_lr", settings["lr"]))
+        if lr <= 0:  # the rate of every step is recorded; the base must only be positive
+            lr = 1.0
         if isinstance(optimizer, torch.optim.SGD):
             return cls(
                 "sgd",
                 lr=lr,
-                momentum=float(group["momentum"]),
-                dampening=float(group["dampening"]),
-                nesterov=bool(group["nesterov"]),
-                weight_decay=float(group["weight_decay"]),
+                momentum=float(settings["momentum"]),
+                dampening=float(settings["dampening"]),
+                nesterov=bool(settings["nesterov"]),
+                weight_decay=float(settings["weight_decay"]),
             )
         if isinstance(optimizer, torch.optim.AdamW):
             kind = "adamw"
         elif isinstance(optimizer, torch.optim.Adam):
-            kind = "adamw" if group.get("decoupled_weight_decay") else "adam"
+            kind = "adamw" if settings.get("decoupled_weight_decay") else "adam"
         else:
             raise TrajectoryError(
                 f"The optimizer is a {name}; sourcekit records torch.optim.SGD, Adam and AdamW. "
@@ -172,9 +187,9 @@ class OptimizerSpec:
         return cls(
             kind,
             lr=lr,
-            weight_decay=float(group["weight_decay"]),
-            betas=(float(group["betas"][0]), float(group["betas"][1])),
-            eps=float(group["eps"]),
+            weight_decay=float(settings["weight_decay"]),
+            betas=(float(settings["betas"][0]), float(settings["betas"][1])),
+            eps=float(settings["eps"]),
         )
 
     def build(self, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
@@ -196,6 +211,27 @@ class OptimizerSpec:
 def initial_state(spec: OptimizerSpec) -> dict[str, Any]:
     """The optimiser state at the start of a stage (nothing accumulated yet)."""
     return {"step": 0, "buffers": {}}
+
+
+def state_from_checkpoint(spec: OptimizerSpec, saved: dict[str, Any]) -> dict[str, Any]:
+    """The replay state ``{"step", "buffers"}`` of an optimiser state kept in a checkpoint.
+
+    ``saved`` is :attr:`Checkpoint.optimizer`: ``"momentum_buffer"`` by parameter name for
+    SGD, ``"step"``, ``"exp_avg"`` and ``"exp_avg_sq"`` for Adam and AdamW; empty before
+    the stage's first update.
+    """
+    if not saved:
+        return initial_state(spec)
+    if spec.kind == "sgd":
+        return {
+            "step": int(saved.get("step", 0)),
+            "buffers": dict(saved.get("momentum_buffer", {})),
+        }
+    first, second = saved.get("exp_avg", {}), saved.get("exp_avg_sq", {})
+    return {
+        "step": int(saved.get("step", 0)),
+        "buffers": {name: (first[name], second[name]) for name in first},
+    }
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -289,3 +325,53 @@ def optimizer_step(
         denom = _safe_sqrt(v) / (bias2**0.5) + spec.eps
         new_params[name] = theta - (lr / bias1) * m / denom
     return new_params, {"step": step, "buffers": new_buffers}
+
+
+def update_magnitude(
+    spec: OptimizerSpec,
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    lr: float,
+) -> dict[str, torch.Tensor]:
+    """Per entry, the sum of the magnitudes of the terms that form one update.
+
+    The same formulas as :func:`optimizer_step` with every term taken by its absolute
+    value, so that an update computed in floating point with unit roundoff u (by
+    ``torch.optim``, a few operations per entry) is within a small multiple of u times
+    this magnitude of the exact one: |θ| + η(|g| + λ|θ| + β|b|) (SGD, Nesterov adding
+    its look-ahead), or |θ|(1 + ηλ_w) + (η/(1 − β₁ᵗ)) (β₁|m| + (1 − β₁)(|g| + λ|θ|)) /
+    (√v̂ + ε) (Adam, AdamW's decoupled λ_w). Cancellations between the terms (a momentum
+    buffer against the new gradient) do not shrink it, as they do not shrink the
+    rounding errors.
+    """
+    step = state["step"] + 1
+    buffers = state["buffers"]
+    out = {}
+    for name, theta in params.items():
+        a_theta, g = theta.abs(), grads[name]
+        a_g = g.abs()
+        if spec.kind == "sgd":
+            decayed = a_g + spec.weight_decay * a_theta
+            total = decayed
+            if spec.momentum:
+                buf = buffers.get(name)
+                held = torch.zeros_like(a_g) if buf is None else spec.momentum * buf.abs()
+                total = held + decayed
+                if spec.nesterov:
+                    total = decayed + spec.momentum * total
+            out[name] = a_theta + lr * total
+            continue
+        beta1, beta2 = spec.betas
+        coupled = spec.kind == "adam" and spec.weight_decay
+        decayed = a_g + spec.weight_decay * a_theta if coupled else a_g
+        m, v = buffers.get(name, (None, None))
+        held = torch.zeros_like(a_g) if m is None else beta1 * m.abs()
+        g2 = (g + spec.weight_decay * theta) ** 2 if coupled else g * g
+        v_new = (1 - beta2) * g2 if v is None else beta2 * v + (1 - beta2) * g2
+        denom = _safe_sqrt(v_new) / (1 - beta2**step) ** 0.5 + spec.eps
+        shrink = lr * spec.weight_decay * a_theta if spec.kind == "adamw" else 0.0
+        out[name] = (
+            a_theta + shrink + (lr / (1 - beta1**step)) * (held + (1 - beta1) * decayed) / denom
+        )
+    return out

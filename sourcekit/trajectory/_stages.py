@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._optimizer import OptimizerSpec
+from ._settings import ParameterGroup
 
 __all__ = ["Stage"]
 
@@ -30,6 +31,11 @@ class Stage:
         How the built-in trainer produced the stage (epochs, schedule, seed...), so that
         the stage can be retrained on a subset of its examples; None for runs recorded
         from a user's own loop.
+    groups : tuple of ParameterGroup, or None
+        The optimiser's parameter groups, each with the parameters it trains and its
+        settings at every step; parameters in no group stay fixed during the stage.
+        None: one group trains every parameter with ``optimizer``'s settings and the
+        trajectory's ``learning_rates`` (see :mod:`sourcekit.trajectory._settings`).
     n_steps : int
         ``end - start``.
     n_examples : int
@@ -60,6 +66,7 @@ class Stage:
     examples: np.ndarray = field(repr=False)
     batch_size: int
     recipe: dict[str, Any] | None = field(default=None, repr=False)
+    groups: tuple[ParameterGroup, ...] | None = field(default=None, repr=False)
 
     @property
     def n_steps(self) -> int:
@@ -79,11 +86,18 @@ class Stage:
             "batch_size": self.batch_size,
             "n_examples": self.n_examples,
             "recipe": self.recipe,
+            **({} if self.groups is None else {"groups": [g.describe() for g in self.groups]}),
         }
 
     @classmethod
-    def from_description(cls, description: dict[str, Any], examples: np.ndarray) -> Stage:
-        """The stage that :meth:`describe` described, with its ``examples``."""
+    def from_description(
+        cls,
+        description: dict[str, Any],
+        examples: np.ndarray,
+        groups: tuple[ParameterGroup, ...] | None = None,
+    ) -> Stage:
+        """The stage that :meth:`describe` described, with its ``examples`` and ``groups``
+        (whose per-step settings a saved run keeps beside the description)."""
         return cls(
             name=description["name"],
             optimizer=OptimizerSpec.from_dict(description["optimizer"]),
@@ -92,4 +106,5 @@ class Stage:
             examples=examples,
             batch_size=int(description["batch_size"]),
             recipe=description.get("recipe"),
+            groups=groups,
         )

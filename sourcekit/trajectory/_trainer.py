@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._device import resolve_device
-from ..objectives import LOSSES, resolve_function
+from ..objectives import LOSSES, check_class_targets, resolve_function
 from ._architecture import Architecture
 from ._examples import Examples, check_training_set
 from ._optimizer import OptimizerSpec
@@ -186,6 +186,7 @@ def train(
     random_state: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    verify: bool = True,
 ) -> Trajectory:
     """Train a model stage by stage and return the recorded :class:`Trajectory`.
 
@@ -199,6 +200,10 @@ def train(
     ``torch.device``); batches are moved there one at a time, and checkpoints are always
     stored on the CPU. Runs on different devices round differently, so a run is
     reproducible on the device it was recorded on.
+
+    ``verify`` runs the recorder's self-check (see :class:`TrajectoryRecorder`): the
+    first and last steps of every stage are replayed from the record and compared with
+    the trained model; ``verify=False`` skips it.
 
     Examples
     --------
@@ -217,6 +222,7 @@ def train(
         raise ValueError("train() needs at least one TrainingStage.")
     arch = Architecture(architecture, architecture_kwargs)
     loss_fn = resolve_function(loss, LOSSES, "loss")
+    check_class_targets(loss_fn, train.targets, "training targets")
     try:
         where = resolve_device(device)
     except (RuntimeError, TypeError) as err:
@@ -260,6 +266,7 @@ def train(
         architecture=arch.source,
         architecture_kwargs=arch.kwargs or None,
         checkpoint_steps=checkpoint_steps,
+        verify=verify,
     )
     bar = tqdm(total=start, desc="training", disable=not progress, unit="step", leave=False)
     try:

@@ -36,11 +36,18 @@ import torch
 from torch import nn
 
 from ..exceptions import TrajectoryError
-from ..objectives import LOSSES, MEASUREMENTS, function_spec, resolve_function
+from ..objectives import (
+    LOSSES,
+    MEASUREMENTS,
+    check_class_targets,
+    function_spec,
+    resolve_function,
+)
 from ._architecture import Architecture, shape_summary, state_shapes
 from ._examples import Examples, check_training_set
 from ._format import read_trajectory, schedule_payload, write_trajectory
 from ._segments import Segment, split_segments
+from ._settings import GradientClipping, RandomStates
 from ._stages import Stage
 from ._storage import Checkpoint, DirectoryStore, MemoryStore, hash_value
 
@@ -145,6 +152,11 @@ class Trajectory:
         explains.
     train_mode : bool, default=True
         Whether the model was in training mode during the run.
+    clipping : GradientClipping, optional
+        The gradient-norm clipping of every step, when the run clipped.
+    random_states : RandomStates, optional
+        torch's generator state before every forward pass that drew random numbers
+        (dropout), so that exact unrolling replays the same masks.
 
     Attributes
     ----------
@@ -157,6 +169,10 @@ class Trajectory:
     checkpoint_steps : tuple of int
     stored_steps : tuple of int
         Every step with a stored state, 0 and T included.
+    parameter_names : tuple of str
+        The model's parameters, in ``named_parameters()`` order.
+    trained_parameters : tuple of str
+        Those that some stage trains (the others stay at their initial values).
     fingerprint : str
         sha256 of the run's content.
 
@@ -209,6 +225,8 @@ class Trajectory:
         loss: str | Callable = "cross_entropy",
         measurement: str | Callable = "margin",
         train_mode: bool = True,
+        clipping: GradientClipping | None = None,
+        random_states: RandomStates | None = None,
     ) -> None:
         self.architecture = Architecture(architecture)
         check_training_set(train)
@@ -217,6 +235,7 @@ class Trajectory:
         self.measurement_spec = measurement
         self.loss = resolve_function(loss, LOSSES, "loss")
         self.measurement = resolve_function(measurement, MEASUREMENTS, "measurement")
+        check_class_targets(self.loss, train.targets, "training targets")
         self.train_mode = bool(train_mode)
         self.stages = tuple(self._check_stages(stages))
         self.n_steps = self.stages[-1].end
@@ -229,6 +248,10 @@ class Trajectory:
         model = self.architecture.build()
         self._param_shapes = state_shapes(model)
         self._store.check_fits(model, self.architecture.describe())
+        self.parameter_names = tuple(name for name, _ in model.named_parameters())
+        self._check_groups()
+        self.clipping = self._check_clipping(clipping)
+        self.random_states = self._check_random_states(random_states)
         self._fingerprint: str | None = None
 
     # --- validation ------------------------------------------------------------------
@@ -270,6 +293,74 @@ class Trajectory:
             checked.append(replace(stage, examples=unique))
             expected_start = stage.end
         return checked
+
+    def _check_groups(self) -> None:
+        known = set(self.parameter_names)
+        for stage in self.stages:
+            if stage.groups is None:
+                continue
+            if not stage.groups:
+                raise TrajectoryError(
+                    f"Stage {stage.name!r} has an empty tuple of parameter groups; give at least "
+                    "one group, or groups=None for one group of every parameter."
+                )
+            seen: set[str] = set()
+            kinds = {g.optimizer.kind for g in stage.groups}
+            if len(kinds) > 1:
+                raise TrajectoryError(
+                    f"The parameter groups of stage {stage.name!r} use different optimisers "
+                    f"{sorted(kinds)}; one optimiser trains a stage."
+                )
+            for group in stage.groups:
+                unknown = [n for n in group.parameters if n not in known]
+                twice = [n for n in group.parameters if n in seen]
+                if unknown or twice:
+                    raise TrajectoryError(
+                        f"A parameter group of stage {stage.name!r} names "
+                        + (f"parameters the model does not have {unknown[:5]}" if unknown else "")
+                        + (f"parameters of another group {twice[:5]}" if twice else "")
+                        + f"; the model's parameters are {list(self.parameter_names)[:8]}."
+                    )
+                seen.update(group.parameters)
+                if group.n_steps != stage.n_steps:
+                    raise TrajectoryError(
+                        f"A parameter group of stage {stage.name!r} records {group.n_steps} steps, "
+                        f"but the stage has {stage.n_steps}; record every setting at every step."
+                    )
+            first = stage.groups[0].schedule["lr"]
+            if not np.array_equal(first, self.learning_rates[stage.start : stage.end]):
+                raise TrajectoryError(
+                    f"The learning rates of stage {stage.name!r} differ from those of its first "
+                    "parameter group; the trajectory's learning_rates are the first group's."
+                )
+
+    def _check_clipping(self, clipping: GradientClipping | None) -> GradientClipping | None:
+        if clipping is None:
+            return None
+        if not isinstance(clipping, GradientClipping):
+            raise TypeError(
+                f"The 'clipping' must be a GradientClipping; got {type(clipping).__name__}."
+            )
+        if clipping.coefficient.size != self.n_steps:
+            raise TrajectoryError(
+                f"The clipping record covers {clipping.coefficient.size} steps, but the run has "
+                f"{self.n_steps}; record every step (coefficient 1 where a step did not clip)."
+            )
+        return clipping
+
+    def _check_random_states(self, states: RandomStates | None) -> RandomStates | None:
+        if states is None:
+            return None
+        if not isinstance(states, RandomStates):
+            raise TypeError(
+                f"The 'random_states' must be a RandomStates; got {type(states).__name__}."
+            )
+        if states.steps.size and (states.steps[0] < 0 or states.steps[-1] >= self.n_steps):
+            raise TrajectoryError(
+                f"The random states name steps from {states.steps[0]} to {states.steps[-1]}, "
+                f"outside the run's steps [0, {self.n_steps})."
+            )
+        return states
 
     def _check_learning_rates(self, learning_rates: Any) -> np.ndarray:
         lrs = np.asarray(
@@ -370,6 +461,7 @@ class Trajectory:
                     f"{theirs.dtype}. Pass {kind} query {part}, like the training examples "
                     f"(for instance {part}.astype(np.{str(theirs.dtype).removeprefix('torch.')}))."
                 )
+        check_class_targets(self.measurement, queries.targets, "query targets")
         return queries
 
     # --- access ----------------------------------------------------------------------
@@ -381,6 +473,14 @@ class Trajectory:
     @property
     def has_batches(self) -> bool:
         return self.batches is not None
+
+    @property
+    def trained_parameters(self) -> tuple[str, ...]:
+        """The parameters some stage trains, in ``named_parameters()`` order."""
+        if any(stage.groups is None for stage in self.stages):
+            return self.parameter_names
+        trained = {n for stage in self.stages for g in stage.groups or () for n in g.parameters}
+        return tuple(n for n in self.parameter_names if n in trained)
 
     @property
     def stored_steps(self) -> tuple[int, ...]:
@@ -489,9 +589,15 @@ class Trajectory:
             "stages": [s.describe() for s in self.stages],
             "checkpoint_steps": list(self.checkpoint_steps),
         }
+        # Fields that older trajectories lack enter only when present, so that their
+        # fingerprints (and the caches keyed by them) stay as they were.
+        if self.random_states is not None:
+            header["random_device"] = self.random_states.device
         h.update(json.dumps(header, sort_keys=True, default=str).encode())
         h.update(self.train.fingerprint().encode())
-        schedule = schedule_payload(self.learning_rates, self.stages, self.batches)
+        schedule = schedule_payload(
+            self.learning_rates, self.stages, self.batches, self.clipping, self.random_states
+        )
         h.update(hash_value(schedule).encode())
         for step in self.stored_steps:
             h.update(f"{step}:{self._store.digest(step)}".encode())
@@ -559,6 +665,22 @@ class Trajectory:
                 f"  stage {stage.name!r}: steps {stage.start}..{stage.end - 1}, {stage.n_examples} "
                 f"examples, batch {stage.batch_size}, {opt.kind} ({extra}, weight decay "
                 f"{opt.weight_decay:g}), lr {lrs.min():.3g}..{lrs.max():.3g}"
+            )
+            if stage.groups is not None:
+                trained = sum(len(g.parameters) for g in stage.groups)
+                changing = sorted({k for g in stage.groups for k in g.schedule} - {"lr"})
+                lines.append(
+                    f"    {len(stage.groups)} parameter group(s) training {trained} of "
+                    f"{len(self.parameter_names)} parameters"
+                    + (f"; per-step {', '.join(changing)}" if changing else "")
+                )
+        if self.clipping is not None:
+            clipped = int(np.sum(self.clipping.coefficient < 1))
+            lines.append(f"  gradient norms clipped at {clipped} of {self.n_steps} steps")
+        if self.random_states is not None:
+            lines.append(
+                f"  random forward pass (dropout) at {self.random_states.steps.size} steps, "
+                f"generator states recorded ({self.random_states.device})"
             )
         lines.append(f"  checkpoints for attribution at steps {list(self.checkpoint_steps)}")
         return "\n".join(lines)

@@ -65,7 +65,12 @@ def causal_lm(vocabulary: int = 6, width: int = 4) -> nn.Module:
 
 
 def masked_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """½‖z_t − y_t‖² averaged over the positions whose target is finite (NaN: ignored)."""
+    """½‖z_t − y_t‖² averaged over the counted positions.
+
+    The targets carry one more channel than the outputs: 1 where the position counts,
+    0 where it is ignored (targets shaped like the outputs, as Fisher targets drawn
+    from the model are, count everywhere).
+    """
     values, weights = _masked_per_position(outputs, targets)
     return (values * weights).sum(dim=1)
 
@@ -73,8 +78,11 @@ def masked_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.
 def _masked_per_position(
     outputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    counted = torch.isfinite(targets).all(dim=-1)
-    diff = torch.where(counted[..., None], outputs - targets.nan_to_num(), 0.0)
+    if targets.shape[-1] == outputs.shape[-1]:
+        counted = torch.ones(targets.shape[:-1], dtype=torch.bool, device=targets.device)
+    else:
+        counted, targets = targets[..., -1] > 0, targets[..., :-1]
+    diff = torch.where(counted[..., None], outputs - targets, 0.0)
     values = 0.5 * diff.pow(2).sum(dim=-1)
     weights = counted.to(outputs.dtype)
     return values, weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -126,9 +134,11 @@ def run(name: str) -> Trajectory:
     if name == "masked_regression":  # one Linear layer, masked mean squared error
         x = torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
         y = torch.randn(6, 5, 2, generator=g, dtype=torch.float64)
-        y[:3, 3:] = float("nan")
-        y[0, 1:] = float("nan")
-        return custom_trajectory(nn.Linear(3, 2), Examples(x, y), masked_squared_error)
+        counted = torch.ones(6, 5, 1, dtype=torch.float64)
+        counted[:3, 3:] = 0.0
+        counted[0, 1:] = 0.0
+        targets = torch.cat([y, counted], dim=-1)
+        return custom_trajectory(nn.Linear(3, 2), Examples(x, targets), masked_squared_error)
     raise KeyError(name)
 
 

@@ -54,7 +54,7 @@ def test_the_expensive_state_is_computed_once_per_setting(run):
             {"damping": -1.0},
             r"'damping' parameter of SourceAttributor must be a float in \[0, inf\); got -1.0",
         ),
-        ({"n_segments": 0}, r"'n_segments' parameter .* must be an int in \[1, inf\)"),
+        ({"n_segments": 0}, r"'n_segments' parameter .* must be None or an int in \[1, inf\)"),
         ({"curvature": "full"}, r"'curvature' .* one of 'ekfac', 'kfac'"),
         ({"matrix_function": "taylor"}, r"'matrix_function' .* one of 'exp', 'discrete'"),
         ({"fisher": "sampled"}, r"'fisher' .* one of 'true', 'empirical', 'expected'"),
@@ -298,3 +298,44 @@ def test_a_curvature_without_an_eigenbasis_takes_part_in_parameter_coordinates()
     want = dense.apply(residual, v, 1e-3)
     for name, w in want.items():
         torch.testing.assert_close(out.values[name], w, rtol=0, atol=1e-13 * float(w.abs().max()))
+
+
+def test_boundaries_must_increase(run):
+    with pytest.raises(
+        ValueError,
+        match=r"'boundaries' parameter .* strictly increasing list of int steps; got \[5, 2\]",
+    ):
+        SourceAttributor(boundaries=[5, 2], **CPU).fit(run)
+
+
+def test_boundaries_and_n_segments_together_are_refused(run):
+    with pytest.raises(
+        ValueError,
+        match=r"both n_segments=5 and boundaries=\[5\]; the boundaries define the segments",
+    ):
+        SourceAttributor(boundaries=[5], n_segments=5, **CPU).fit(run)
+    assert SourceAttributor(**CPU).get_params()["n_segments"] is None  # 3 unless boundaries
+    assert len(SourceAttributor(**CPU).fit(run).segments_) == 3
+
+
+def make_dead_relu_mlp() -> nn.Sequential:
+    """An MLP whose hidden units are all inactive: the first layer has no curvature."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    return model
+
+
+def test_influence_default_damping_is_floored_for_a_layer_without_curvature():
+    data = _cases.classification_data(12, seed=0)
+    stage = TrainingStage(OptimizerSpec("sgd", lr=0.1), epochs=2, batch_size=4)
+    run = sourcekit.train(make_dead_relu_mlp, data, [stage], progress=False)
+    influence = InfluenceAttributor(**CPU).fit(run)
+    means = influence.state_.curvature.mean_eigenvalues()
+    assert means["0"] == 0.0 and means["2"] > 0  # dead ReLUs: no curvature in layer 0
+    with pytest.warns(UserWarning, match=r"The curvature of layer\(s\) \['0'\] is zero"):
+        damping = influence.damping_
+    assert damping["0"] == pytest.approx(1e-3 * damping["2"])
+    with pytest.warns(UserWarning, match=r"layer\(s\) \['0'\]"):
+        scores = influence.transform(_cases.classification_data(4, seed=1))
+    assert np.isfinite(scores).all()

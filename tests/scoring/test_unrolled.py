@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from sourcekit import Examples, Trajectory
+from sourcekit import Examples, Trajectory, TrajectoryRecorder
 from sourcekit.exceptions import TrajectoryError
 from sourcekit.scoring import unrolled_scores
 from sourcekit.trajectory._replay import replay
@@ -32,8 +33,48 @@ def _retrained_measurements(
 
 @pytest.mark.parametrize("name", _cases.CASE_NAMES)
 def test_unrolled_scores_match_finite_differences_of_retraining(name: str) -> None:
-    trajectory = _cases.trajectory(name)
-    queries = _cases.queries(name)
+    assert_finite_differences(_cases.trajectory(name), _cases.queries(name))
+
+
+def _fine_tuning_run(feature: str) -> Trajectory:
+    """A user loop (6 steps of 4 of 12 examples) with one fine-tuning feature, recorded."""
+    data = _cases.classification_data(12, seed=0)
+    torch.manual_seed(0)
+    model = _cases.make_dropout_mlp() if feature == "dropout" else _cases.make_tanh_mlp()
+    if feature == "groups and a frozen layer":
+        model[0].bias.requires_grad_(False)  # frozen: the layer's weight trains, not its bias
+        optimizer = torch.optim.SGD(
+            [
+                {"params": [model[0].weight], "lr": 0.2, "momentum": 0.5},
+                {"params": model[2].parameters(), "lr": 0.4, "weight_decay": 0.1},
+            ]
+        )
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = TrajectoryRecorder(model, data, checkpoint_every=2)
+    with recorder.stage(optimizer):
+        for start in range(0, 24, 4):
+            idx = torch.arange(start, start + 4) % 12
+            optimizer.zero_grad()
+            F.cross_entropy(model(data.inputs[idx]), data.targets[idx]).backward()
+            if feature == "clipping":
+                recorder.clip_grad_norm_(0.2)
+            optimizer.step()
+            recorder.step(idx)
+    return recorder.finish()
+
+
+@pytest.mark.parametrize("feature", ["dropout", "clipping", "groups and a frozen layer"])
+def test_unrolled_scores_of_fine_tuning_runs_match_finite_differences(feature: str) -> None:
+    # The replay draws the recorded dropout masks, differentiates through the clip, and
+    # follows the groups and the frozen parameter: the derivative of what it computes.
+    trajectory = _fine_tuning_run(feature)
+    if feature == "clipping":
+        assert np.all(trajectory.clipping.coefficient < 1)
+    assert_finite_differences(trajectory, _cases.classification_data(4, seed=1))
+
+
+def assert_finite_differences(trajectory: Trajectory, queries: Examples) -> None:
     scores = unrolled_scores(trajectory, queries)  # (n_queries, n_train), float64
     n = trajectory.n_train
     ones = torch.ones(n, dtype=torch.float64)

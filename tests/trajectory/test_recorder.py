@@ -285,60 +285,161 @@ def test_optimizer_that_already_took_steps() -> None:
             pass
 
 
-def test_optimizer_not_covering_every_parameter() -> None:
+def test_an_optimizer_over_a_subset_trains_only_it() -> None:
     data, model = _data(), _model()
     optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
     recorder = _recorder(model, data)
-    with pytest.raises(
-        TrajectoryError,
-        match=r"does not train exactly the model's parameters \(not trained: \['0\.weight', '0\.bias'\]\).*build the optimizer from model\.parameters\(\)",
-    ):
-        with recorder.stage(optimizer):
-            pass
+    _run(recorder, model, optimizer, data)
+    trajectory = recorder.finish()
+    assert trajectory.trained_parameters == ("2.weight", "2.bias")
+    (group,) = trajectory.stages[0].groups
+    assert group.parameters == ("2.weight", "2.bias")
+    replayed, _ = replay(trajectory)
+    assert torch.equal(
+        replayed["0.weight"].detach().float(), trajectory.checkpoint(0).params["0.weight"]
+    )
+    # float64 replay of 6 float32 steps (tests/trajectory/test_replay.py).
+    np.testing.assert_allclose(
+        replayed["2.weight"].detach().float(), model[2].weight.detach(), rtol=0, atol=1e-6
+    )
 
 
-def test_parameter_groups_with_different_learning_rates() -> None:
+def test_parameter_groups_with_their_own_settings() -> None:
     data, model = _data(), _model()
     optimizer = torch.optim.SGD(
         [
-            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[0].parameters(), "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2},
             {"params": model[2].parameters(), "lr": 0.2},
         ]
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda k: 1.0, lambda k: 0.5**k])
     recorder = _recorder(model, data)
-    with pytest.raises(TrajectoryError, match="recorded no steps"), recorder.stage(optimizer):
-        with pytest.raises(
-            TrajectoryError,
-            match=r"parameter groups use different learning rates \[0\.1, 0\.2\]; sourcekit records one learning rate per step",
-        ):
-            _update(model, optimizer, data, BATCHES[0])
+    _run(recorder, model, optimizer, data, after_step=scheduler.step)
+    trajectory = recorder.finish()
+    body, head = trajectory.stages[0].groups
+    assert body.parameters == ("0.weight", "0.bias")
+    assert (body.optimizer.momentum, body.optimizer.weight_decay) == (0.9, 1e-2)
+    assert head.optimizer.momentum == 0.0
+    np.testing.assert_array_equal(body.schedule["lr"], np.full(6, 0.1))
+    np.testing.assert_allclose(head.schedule["lr"], 0.2 * 0.5 ** np.arange(6))
+    np.testing.assert_array_equal(
+        trajectory.learning_rates, body.schedule["lr"]
+    )  # the first group's
+    replayed, _ = replay(trajectory)
+    for name, value in model.named_parameters():
+        np.testing.assert_allclose(
+            replayed[name].detach().float(), value.detach(), rtol=0, atol=1e-6
+        )
 
 
-def test_parameter_groups_with_different_settings() -> None:
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_one_cycle_with_its_defaults_records_momentum_at_every_step(kind: str) -> None:
     data, model = _data(), _model()
-    optimizer = torch.optim.SGD(
-        [{"params": model[0].parameters(), "momentum": 0.9}, {"params": model[2].parameters()}],
-        lr=0.1,
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=0.01)
     )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)
+    recorder = _recorder(model, data)
+    _run(recorder, model, optimizer, data, after_step=scheduler.step)
+    trajectory = recorder.finish()
+    (group,) = trajectory.stages[0].groups
+    changing = "momentum" if kind == "sgd" else "beta1"
+    assert set(group.schedule) == {"lr", changing}
+    assert len(set(group.schedule[changing].tolist())) > 1  # cycled
+    replayed, _ = replay(trajectory)
+    for name, value in model.named_parameters():
+        np.testing.assert_allclose(
+            replayed[name].detach().float(), value.detach(), rtol=0, atol=1e-6
+        )
+
+
+def test_a_plain_run_keeps_the_plain_form() -> None:
+    data, model = _data(), _model()
+    recorder = _recorder(model, data)
+    _run(recorder, model, torch.optim.SGD(model.parameters(), lr=0.1), data)
+    trajectory = recorder.finish()
+    assert trajectory.stages[0].groups is None
+    assert trajectory.clipping is None and trajectory.random_states is None
+
+
+def test_an_optimizer_over_tensors_outside_the_model() -> None:
+    data, model = _data(), _model()
+    extra = torch.nn.Parameter(torch.zeros(3))
     recorder = _recorder(model, data)
     with pytest.raises(
         TrajectoryError,
-        match=r"2 parameter groups with different hyperparameters.*Use a single parameter group",
+        match=r"trains 1 tensor\(s\) that are not parameters of the model \(shapes \[\(3,\)\]\)",
     ):
-        with recorder.stage(optimizer):
+        with recorder.stage(torch.optim.SGD([*model.parameters(), extra], lr=0.1)):
             pass
 
 
-def test_hyperparameters_changing_inside_a_stage() -> None:
+def test_a_trained_parameter_without_a_gradient() -> None:
     data, model = _data(), _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     recorder = _recorder(model, data)
-    with pytest.raises(
-        TrajectoryError,
-        match=r"hyperparameters changed during stage 'stage0' \(momentum 0\.9.* -> 0\.8.*\).*OneCycleLR\(\.\.\., cycle_momentum=False\)",
-    ):
-        _run(recorder, model, optimizer, data, after_step=scheduler.step)
+    with pytest.raises(TrajectoryError, match="recorded no steps"), recorder.stage(optimizer):
+        optimizer.zero_grad()
+        batch = torch.as_tensor(BATCHES[0])
+        model[2](
+            torch.tanh(data.inputs[batch] @ torch.ones(3, 5))
+        ).sum().backward()  # layer 0 unused
+        with pytest.raises(
+            TrajectoryError,
+            match=r"parameters \['0\.weight', '0\.bias'\] have no gradient at step 0.*optimizer skips them",
+        ):
+            optimizer.step()
+
+
+def test_several_random_forward_passes_in_one_step() -> None:
+    data = _data()
+    torch.manual_seed(0)
+    model = _cases.make_dropout_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = TrajectoryRecorder(model, data, checkpoint_every=2)
+    with pytest.raises(TrajectoryError, match="recorded no steps"), recorder.stage(optimizer):
+        optimizer.zero_grad()
+        for half in np.array_split(BATCHES[0], 2):  # gradient accumulation with dropout
+            batch = torch.as_tensor(half)
+            (0.5 * cross_entropy(model(data.inputs[batch]), data.targets[batch]).mean()).backward()
+        with pytest.raises(
+            TrajectoryError,
+            match=r"drew random numbers 2 times during step 0.*one forward pass per step",
+        ):
+            optimizer.step()
+
+
+def test_clip_grad_norm_misuse() -> None:
+    data, model = _data(), _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = _recorder(model, data)
+    with pytest.raises(TrajectoryError, match=r"clip_grad_norm_\(\) was called outside a stage"):
+        recorder.clip_grad_norm_(1.0)
+    with recorder.stage(optimizer):
+        optimizer.zero_grad()
+        batch = torch.as_tensor(BATCHES[0])
+        cross_entropy(model(data.inputs[batch]), data.targets[batch]).mean().backward()
+        with pytest.raises(
+            ValueError,
+            match=r"'max_norm' parameter of clip_grad_norm_ must be a float > 0; got -1",
+        ):
+            recorder.clip_grad_norm_(-1)
+        norm = recorder.clip_grad_norm_(0.5)
+        want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        assert float(norm) > 0.5 and float(want) <= 0.5 + 1e-6  # the norm before, clipped to 0.5
+        with pytest.raises(
+            TrajectoryError, match=r"called twice before step 0; clip once per step"
+        ):
+            recorder.clip_grad_norm_(0.5)
+        optimizer.step()
+        with pytest.raises(TrajectoryError, match=r"called after optimizer\.step\(\)"):
+            recorder.clip_grad_norm_(0.5)
+        recorder.step(BATCHES[0])
+    trajectory = recorder.finish()
+    assert trajectory.clipping.max_norm.tolist() == [0.5]
+    assert 0 < trajectory.clipping.coefficient[0] < 1
 
 
 @pytest.mark.parametrize(

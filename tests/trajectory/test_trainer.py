@@ -207,12 +207,18 @@ def test_bad_train_arguments() -> None:
     with pytest.raises(
         ValueError, match=r"TrainingStage 'train' has no training examples\. Pass examples=None"
     ):
-        train(_cases.make_linear, data, [TrainingStage(SGD, examples=[])], progress=False)
+        train(
+            _cases.make_linear,
+            data,
+            [TrainingStage(SGD, examples=[])],
+            loss="squared_error",
+            progress=False,
+        )
     with pytest.raises(
         TypeError,
         match=r"The 'architecture' must be a 'module:factory' string, a callable returning an nn\.Module, or an nn\.Module; got int",
     ):
-        train(3, data, [TrainingStage(SGD)], progress=False)  # type: ignore[arg-type]
+        train(3, data, [TrainingStage(SGD)], loss="squared_error", progress=False)  # type: ignore[arg-type]
 
 
 def test_empty_training_set() -> None:
@@ -234,7 +240,13 @@ def test_factory_returning_something_else() -> None:
         sourcekit.exceptions.TrajectoryError,
         match=r"returned a dict, not an nn\.Module\. Make it return the model",
     ):
-        train(lambda: {}, _cases.train_examples("linear_gd"), [TrainingStage(SGD)], progress=False)
+        train(
+            lambda: {},
+            _cases.train_examples("linear_gd"),
+            [TrainingStage(SGD)],
+            loss="squared_error",
+            progress=False,
+        )
 
 
 def test_steps_per_epoch() -> None:

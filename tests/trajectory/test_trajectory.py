@@ -263,7 +263,7 @@ def test_build_model_is_the_callers() -> None:
 def test_unknown_loss_names_the_choices() -> None:
     with pytest.raises(
         ValueError,
-        match=r"'loss' parameter must be one of 'cross_entropy', 'squared_error', an importable 'module:function' string, or a callable.*got 'hinge'",
+        match=r"'loss' parameter must be one of 'cross_entropy', 'mse_loss', 'squared_error', an importable 'module:function' string, or a callable.*got 'hinge'",
     ):
         Trajectory(**_parts(loss="hinge"))
 
