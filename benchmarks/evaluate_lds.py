@@ -19,10 +19,12 @@ before it formed the Fisher per position (T times too small for a mean over T
 positions).
 
 ``--table ensembles`` prints instead the LDS of SOURCE and of exact unrolling averaged
-over 1, 3 and 5 runs of each recipe (``--runs``), through ``EnsembleAttributor``: run r
-is the recipe trained with ``random_state=r`` (run 0 is the run of the main table; the
-two-stage recipe keeps the split of run 0 in every run, the split the ground truth
-retrains with). ``--table fisher`` prints the LDS of SOURCE and of EK-FAC influence with
+over 1, 3 and 5 runs of each recipe (``--runs``), the scores ``EnsembleAttributor``
+returns (the mean of each run's score matrix; each run is fitted and scored once and the
+rows average the first R, each row's times the sums over its runs): run r is the recipe
+trained with ``random_state=r`` (run 0 is the run of the main table; the two-stage
+recipe keeps the split of run 0 in every run, the split the ground truth retrains
+with). The damping of an ensemble is chosen on its averaged scores. ``--table fisher`` prints the LDS of SOURCE and of EK-FAC influence with
 each Fisher (``fisher="true"``, with two seeds of its sampled targets, ``"expected"``,
 ``"empirical"``) and the time of fitting each one's state (the Fisher's cost) beside the
 time of the damping search.
