@@ -27,7 +27,8 @@ recipe keeps the split of run 0 in every run, the split the ground truth retrain
 with). The damping of an ensemble is chosen on its averaged scores. ``--table fisher`` prints the LDS of SOURCE and of EK-FAC influence with
 each Fisher (``fisher="true"``, with two seeds of its sampled targets, ``"expected"``,
 ``"empirical"``) and the time of fitting each one's state (the Fisher's cost) beside the
-time of the damping search.
+time of the damping search; ``--table fisher-cost`` times those fits alone, interleaved
+and repeated (``--repeats``), without the ground truth.
 
 Damped methods choose their damping by ``GridSearchCV`` with ``LDSScorer`` on held-out
 query folds: the queries are split into 5 outer folds, and each fold's scores come from
@@ -274,6 +275,25 @@ def fisher_rows() -> list[tuple[str, Callable[[], Any], list[float]]]:
     return rows
 
 
+def fisher_costs(task: Any, recipes: list[str], repeats: int) -> None:
+    """The time of fitting each Fisher's state, interleaved, median of ``repeats``."""
+    import statistics
+
+    entries = [(name, make) for name, make, _ in fisher_rows() if "seed 1" not in name]
+    print(f"fit seconds from an empty state cache, median of {repeats} interleaved repeats")
+    for recipe in recipes:
+        trajectory = task.record(recipe, progress=False)
+        seconds: dict[str, list[float]] = {name: [] for name, _ in entries}
+        for _ in range(repeats):
+            for name, make in entries:
+                sourcekit.base.clear_state_cache()
+                seconds[name].append(timed(lambda make=make, run=trajectory: make().fit(run))[1])
+        for name, _ in entries:
+            median = statistics.median(seconds[name])
+            true = statistics.median(seconds[name.split(", fisher")[0] + ", fisher true, seed 0"])
+            print(f"{recipe:<10} {name:<44} {median:7.2f} s  {median / true:5.1f} x true")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,9 +315,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only the methods whose names contain these")
     parser.add_argument(
         "--table",
-        choices=["methods", "ensembles", "fisher"],
+        choices=["methods", "ensembles", "fisher", "fisher-cost"],
         default="methods",
-        help="every method (default), ensembles over runs, or the Fisher of SOURCE and influence",
+        help="every method (default), ensembles over runs, the Fisher of SOURCE and influence, "
+        "or the time of fitting each Fisher",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats (--table fisher-cost)"
     )
     parser.add_argument(
         "--runs", type=int, nargs="+", default=[1, 3, 5], help="ensemble sizes (--table ensembles)"
@@ -314,6 +338,9 @@ def main() -> None:
         table = text_methods()
     if args.methods:
         table = {k: v for k, v in table.items() if any(m in k for m in args.methods)}
+    if args.table == "fisher-cost":
+        fisher_costs(task, recipes, args.repeats)
+        return
     rows = []
     scratch = tempfile.TemporaryDirectory()
     for recipe in recipes:
