@@ -18,6 +18,18 @@ formed from whole-sequence gradients: the curvature sourcekit fitted for sequenc
 before it formed the Fisher per position (T times too small for a mean over T
 positions).
 
+``--table ensembles`` prints instead the LDS of SOURCE and of exact unrolling averaged
+over 1, 3 and 5 runs of each recipe (``--runs``), the scores ``EnsembleAttributor``
+returns (the mean of each run's score matrix; each run is fitted and scored once and the
+rows average the first R, each row's times the sums over its runs): run r is the recipe
+trained with ``random_state=r`` (run 0 is the run of the main table; the two-stage
+recipe keeps the split of run 0 in every run, the split the ground truth retrains
+with). The damping of an ensemble is chosen on its averaged scores. ``--table fisher`` prints the LDS of SOURCE and of EK-FAC influence with
+each Fisher (``fisher="true"``, with two seeds of its sampled targets, ``"expected"``,
+``"empirical"``) and the time of fitting each one's state (the Fisher's cost) beside the
+time of the damping search; ``--table fisher-cost`` times those fits alone, interleaved
+and repeated (``--repeats``), without the ground truth.
+
 Damped methods choose their damping by ``GridSearchCV`` with ``LDSScorer`` on held-out
 query folds: the queries are split into 5 outer folds, and each fold's scores come from
 an estimator whose damping was chosen by an inner 4-fold search on the other queries,
@@ -38,11 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.model_selection import KFold
 
 import sourcekit
 from sourcekit.evaluation import (
-    LDSScorer,
     linear_datamodeling_score,
     make_subset_masks,
     retrain_measurements,
@@ -133,23 +144,166 @@ def pearson_per_query(scores: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def scores_with_held_out_damping(
-    make: Callable[[], Any], grid: list[float], X: Any, y: np.ndarray, masks: np.ndarray
+def held_out_damping(
+    per_damping: list[np.ndarray], grid: list[float], masks: np.ndarray, y: np.ndarray
 ) -> tuple[np.ndarray, list[float]]:
-    """Scores of every query from an estimator whose damping was chosen without it."""
-    scores = np.zeros((len(X), X.trajectory.n_train))
+    """Scores of every query at a damping chosen without it, from each damping's scores.
+
+    The choice of ``GridSearchCV(..., scoring=LDSScorer(masks), cv=KFold(4))`` on the
+    other queries of each of 5 outer folds, made from the score matrices of all queries
+    at every damping of ``grid`` (``per_damping``): a query's LDS depends on its own
+    scores only, and a fitted attributor scores a subset of queries as it scores them
+    all, so each damping needs one scoring instead of one per fold and candidate.
+    """
+    per_query = [linear_datamodeling_score(s, masks, y).per_query for s in per_damping]
+    n_queries = len(per_damping[0])
+    scores = np.zeros_like(per_damping[0], dtype=np.float64)
     chosen = []
-    for train_rows, test_rows in KFold(5, shuffle=True, random_state=0).split(np.arange(len(X))):
-        search = GridSearchCV(
-            make(),
-            {"damping": grid},
-            scoring=LDSScorer(masks),
-            cv=KFold(4, shuffle=True, random_state=1),
-        )
-        search.fit(X[train_rows], y[train_rows])
-        chosen.append(search.best_params_["damping"])
-        scores[test_rows] = search.best_estimator_.transform(X[test_rows])
+    for train_rows, test_rows in KFold(5, shuffle=True, random_state=0).split(
+        np.arange(n_queries)
+    ):
+        inner = KFold(4, shuffle=True, random_state=1).split(train_rows)
+        folds = [train_rows[rows] for _, rows in inner]
+        # GridSearchCV's mean test score: the mean over folds of each fold's mean LDS
+        # (undefined queries left out), the first of equal means winning.
+        means = [np.mean([np.nanmean(lds[fold]) for fold in folds]) for lds in per_query]
+        best = int(np.nanargmax(means))
+        chosen.append(grid[best])
+        scores[test_rows] = per_damping[best][test_rows]
     return scores, chosen
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def scores_at(fitted: Any, grid: list[float] | None, parameter: str, X: Any) -> list[np.ndarray]:
+    """The fitted attributor's scores of ``X`` at every damping of ``grid`` (or once)."""
+    if grid is None:
+        return [fitted.transform(X)]
+    return [fitted.set_params(**{parameter: d}).transform(X) for d in grid]
+
+
+def choose(
+    per_damping: list[np.ndarray], grid: list[float] | None, masks: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, list[float]]:
+    if grid is None:
+        return per_damping[0], []
+    return held_out_damping(per_damping, grid, masks, y)
+
+
+def record_runs(task: Any, recipe: str, seeds: range) -> list[sourcekit.Trajectory]:
+    """The recipe trained with each seed; the stages (a two-stage split) are run 0's."""
+    if isinstance(task, sourcekit.datasets.DigitsTask):
+        stages = task.stages(recipe, random_state=0)
+    else:
+        stages = task.stages(recipe)
+    return [
+        sourcekit.train(
+            task.architecture,
+            task.train,
+            stages,
+            loss=task.loss,
+            measurement=task.measurement,
+            architecture_kwargs=task.architecture_kwargs,
+            random_state=seed,
+            progress=False,
+        )
+        for seed in seeds
+    ]
+
+
+# A row of a table: (name, scores, dampings chosen, fit seconds, total seconds)
+Result = tuple[str, np.ndarray, list[float], float, float]
+
+
+def evaluate(
+    name: str, make: Callable[[], Any], grid: list[float] | None, X: Any, masks: Any, y: Any
+) -> Result:
+    """Fit once (from an empty state cache), score at every damping, choose held out."""
+    sourcekit.base.clear_state_cache()
+    fitted, fit_seconds = timed(lambda: clone(make()).fit(X))
+    per_damping, score_seconds = timed(lambda: scores_at(fitted, grid, "damping", X))
+    scores, chosen = choose(per_damping, grid, masks, y)
+    return name, scores, chosen, fit_seconds, fit_seconds + score_seconds
+
+
+def ensemble_results(
+    task: Any, recipe: str, queries: Any, counts: list[int], masks: Any, y: Any
+) -> list[Result]:
+    """SOURCE and exact unrolling averaged over the first R runs, for R in ``counts``.
+
+    The score matrix of ``EnsembleAttributor`` over R runs is the mean of its R fitted
+    clones' (tests/estimators/test_ensemble.py): each run is fitted and scored once
+    here, and the rows average the first R of them; a row's times are the sums over its
+    runs.
+    """
+    runs = record_runs(task, recipe, range(max(counts)))
+    results: list[Result] = []
+    for name, make, grid in (
+        ("SOURCE (L=3, EK-FAC)", lambda: sourcekit.SourceAttributor(n_segments=3), SOURCE_GRID),
+        ("exact unrolling", lambda: sourcekit.UnrolledAttributor(), None),
+    ):
+        sourcekit.base.clear_state_cache()
+        members = []
+        for run in runs:
+            fitted, fit_seconds = timed(lambda run=run, make=make: make().fit(run))
+            per_damping, seconds = timed(
+                lambda fitted=fitted, grid=grid: scores_at(fitted, grid, "damping", queries)
+            )
+            members.append((per_damping, fit_seconds, seconds))
+        for count in counts:
+            chosen_members = members[:count]
+            per_damping = [
+                np.mean([m[0][i].astype(np.float64) for m in chosen_members], axis=0)
+                for i in range(len(chosen_members[0][0]))
+            ]
+            scores, chosen = choose(per_damping, grid, masks, y)
+            fit_seconds = sum(m[1] for m in chosen_members)
+            total = fit_seconds + sum(m[2] for m in chosen_members)
+            label = f"{name}, {count} run{'s' if count > 1 else ''}"
+            results.append((label, scores, chosen, fit_seconds, total))
+    return results
+
+
+def fisher_rows() -> list[tuple[str, Callable[[], Any], list[float]]]:
+    """SOURCE and EK-FAC influence with each Fisher (two seeds of the sampled one)."""
+    rows = []
+    for name, cls, grid, extra in (
+        ("SOURCE (L=3, EK-FAC)", sourcekit.SourceAttributor, SOURCE_GRID, {"n_segments": 3}),
+        ("influence (EK-FAC)", sourcekit.InfluenceAttributor, GRID, {}),
+    ):
+        for fisher, seed in (("true", 0), ("true", 1), ("expected", 0), ("empirical", 0)):
+            label = f"{fisher}, seed {seed}" if fisher == "true" else fisher
+
+            def make(
+                cls: Any = cls, fisher: str = fisher, seed: int = seed, extra: dict = extra
+            ) -> Any:
+                return cls(fisher=fisher, random_state=seed, **extra)
+
+            rows.append((f"{name}, fisher {label}", make, grid))
+    return rows
+
+
+def fisher_costs(task: Any, recipes: list[str], repeats: int) -> None:
+    """The time of fitting each Fisher's state, interleaved, median of ``repeats``."""
+    import statistics
+
+    entries = [(name, make) for name, make, _ in fisher_rows() if "seed 1" not in name]
+    print(f"fit seconds from an empty state cache, median of {repeats} interleaved repeats")
+    for recipe in recipes:
+        trajectory = task.record(recipe, progress=False)
+        seconds: dict[str, list[float]] = {name: [] for name, _ in entries}
+        for _ in range(repeats):
+            for name, make in entries:
+                sourcekit.base.clear_state_cache()
+                seconds[name].append(timed(lambda make=make, run=trajectory: make().fit(run))[1])
+        for name, _ in entries:
+            median = statistics.median(seconds[name])
+            true = statistics.median(seconds[name.split(", fisher")[0] + ", fisher true, seed 0"])
+            print(f"{recipe:<10} {name:<44} {median:7.2f} s  {median / true:5.1f} x true")
 
 
 def main() -> None:
@@ -171,6 +325,19 @@ def main() -> None:
         help="default: standard early two_stage adamw (digits), standard early (text)",
     )
     parser.add_argument("--methods", nargs="+", help="only the methods whose names contain these")
+    parser.add_argument(
+        "--table",
+        choices=["methods", "ensembles", "fisher", "fisher-cost"],
+        default="methods",
+        help="every method (default), ensembles over runs, the Fisher of SOURCE and influence, "
+        "or the time of fitting each Fisher",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats (--table fisher-cost)"
+    )
+    parser.add_argument(
+        "--runs", type=int, nargs="+", default=[1, 3, 5], help="ensemble sizes (--table ensembles)"
+    )
     args = parser.parse_args()
 
     if args.task == "digits":
@@ -183,6 +350,9 @@ def main() -> None:
         table = text_methods()
     if args.methods:
         table = {k: v for k, v in table.items() if any(m in k for m in args.methods)}
+    if args.table == "fisher-cost":
+        fisher_costs(task, recipes, args.repeats)
+        return
     rows = []
     correlations: dict[str, dict[str, float]] = {}
     scratch = tempfile.TemporaryDirectory()
@@ -201,29 +371,34 @@ def main() -> None:
         )
         truth_seconds = time.perf_counter() - started
         y = truth.outputs
-        variants = {None: trajectory.bind(queries)}
-        recipe_scores = {}
-        for name, (make, grid) in table.items():
-            variant = WHOLE_EXAMPLE if name.endswith(WHOLE_EXAMPLE) else None
-            if variant not in variants:
-                run = with_whole_example_fisher(trajectory, f"{scratch.name}/{recipe}")
-                variants[variant] = run.bind(queries)
-            X = variants[variant]
-            sourcekit.base.clear_state_cache()
-            started = time.perf_counter()
-            if grid is None:
-                scores, chosen = clone(make()).fit(X).transform(X), []
+        if args.table == "ensembles":
+            results = ensemble_results(task, recipe, queries, sorted(args.runs), masks, y)
+        else:
+            if args.table == "fisher":
+                entries = fisher_rows()
             else:
-                scores, chosen = scores_with_held_out_damping(make, grid, X, y, masks)
-            seconds = time.perf_counter() - started
-            recipe_scores[name] = scores
+                entries = [(name, make, grid) for name, (make, grid) in table.items()]
+            variants = {None: trajectory.bind(queries)}
+            results = []
+            for name, make, grid in entries:
+                if args.methods and not any(m in name for m in args.methods):
+                    continue
+                variant = WHOLE_EXAMPLE if name.endswith(WHOLE_EXAMPLE) else None
+                if variant not in variants:
+                    run = with_whole_example_fisher(trajectory, f"{scratch.name}/{recipe}")
+                    variants[variant] = run.bind(queries)
+                results.append(evaluate(name, make, grid, variants[variant], masks, y))
+        recipe_scores = {name: scores for name, scores, *_ in results}
+        for name, scores, chosen, fit_seconds, seconds in results:
+            if args.methods and not any(m in name for m in args.methods):
+                continue
             result = linear_datamodeling_score(scores, masks, y, random_state=0)
-            rows.append((recipe, name, result, chosen, seconds, truth_seconds))
+            rows.append((recipe, name, result, chosen, fit_seconds, seconds, truth_seconds))
             print(
                 f"{recipe:<10} {name:<44} LDS {result.mean:+.3f} [{result.confidence_interval[0]:+.3f}, {result.confidence_interval[1]:+.3f}]  {seconds:6.1f} s",
                 flush=True,
             )
-        if "exact unrolling" in recipe_scores:
+        if args.table == "methods" and "exact unrolling" in recipe_scores:
             exact = recipe_scores["exact unrolling"]
             correlations[recipe] = {
                 name: pearson_per_query(scores, exact)
@@ -236,13 +411,13 @@ def main() -> None:
         f"training set, {args.seeds} seeds per subset; LDS mean over queries with a 95 % bootstrap interval\n"
     )
     print(
-        f"{'recipe':<10} {'method':<44} {'LDS':>7} {'interval':>17}  {'damping chosen (5 folds)':<32} {'time s':>7}"
+        f"{'recipe':<10} {'method':<44} {'LDS':>7} {'interval':>17}  {'damping chosen (5 folds)':<32} {'fit s':>7} {'time s':>7}"
     )
-    for recipe, name, result, chosen, seconds, _ in rows:
+    for recipe, name, result, chosen, fit_seconds, seconds, _ in rows:
         damping = ", ".join(f"{d:g}" for d in chosen) if chosen else "-"
         print(
             f"{recipe:<10} {name:<44} {result.mean:>+7.3f} [{result.confidence_interval[0]:+.3f}, {result.confidence_interval[1]:+.3f}]"
-            f"  {damping:<32} {seconds:>7.1f}"
+            f"  {damping:<32} {fit_seconds:>7.1f} {seconds:>7.1f}"
         )
     if correlations:
         print("\nper-query Pearson correlation with exact unrolling (mean over queries):")
@@ -251,7 +426,7 @@ def main() -> None:
                 print(f"{recipe:<10} {name:<44} {r:+.3f}")
     print("\nground truth (retraining, cached after the first run):")
     for recipe in recipes:
-        seconds = next(r[5] for r in rows if r[0] == recipe)
+        seconds = next(r[6] for r in rows if r[0] == recipe)
         print(f"  {recipe:<10} {seconds:6.1f} s")
 
 

@@ -13,6 +13,7 @@ measurement of query q (positive: m pushed it up), with the 1/N scale included.
 from . import datasets, evaluation, exceptions, objectives
 from .base import BaseAttributor, __version__
 from .estimators import (
+    EnsembleAttributor,
     GradientSimilarityAttributor,
     InfluenceAttributor,
     RepresentationSimilarityAttributor,
@@ -27,6 +28,7 @@ from .trajectory import (
     AttributionTask,
     Examples,
     OptimizerSpec,
+    Runs,
     TrainingStage,
     Trajectory,
     TrajectoryRecorder,
@@ -36,12 +38,14 @@ from .trajectory import (
 __all__ = [
     "AttributionTask",
     "BaseAttributor",
+    "EnsembleAttributor",
     "Examples",
     "GradientSimilarityAttributor",
     "InfluenceAttributor",
     "LDSScorer",
     "OptimizerSpec",
     "RepresentationSimilarityAttributor",
+    "Runs",
     "SourceAttributor",
     "TRAKAttributor",
     "TopKProponents",

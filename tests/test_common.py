@@ -56,6 +56,8 @@ TEST_PARAMS: dict[str, dict[str, Any]] = {
     "TRAKAttributor": {"projection_dim": 16, "checkpoints": "all"},
     "GradientSimilarityAttributor": {},
     "RepresentationSimilarityAttributor": {},
+    # an ensemble over one run here (tests/estimators/test_ensemble.py: several runs)
+    "EnsembleAttributor": {"estimator": sourcekit.TracInAttributor(progress=False, device="cpu")},
 }
 
 CASE = "mlp_momentum"  # one stage, 9 steps, checkpoints at 1, 4 and 7
@@ -110,6 +112,22 @@ def _assert_same_scores(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(want))
 
 
+def _comparable(params: dict[str, Any]) -> dict[str, Any]:
+    """``get_params()`` with nested estimators (a meta-estimator's ``estimator``) replaced
+    by their class and parameters: a clone holds an equal copy, not the same object."""
+    return {
+        k: (type(v), _comparable(v.get_params())) if isinstance(v, BaseAttributor) else v
+        for k, v in params.items()
+    }
+
+
+def _fitted_runs(attributor: BaseAttributor) -> tuple[sourcekit.Trajectory, ...]:
+    """The runs an attributor was fitted to (an ensemble's, or its one trajectory)."""
+    if isinstance(attributor, sourcekit.EnsembleAttributor):
+        return attributor.runs_.trajectories
+    return (attributor.trajectory_,)
+
+
 def test_attributors_are_discovered() -> None:
     names = {cls.__name__ for cls in ATTRIBUTORS}
     assert "UnrolledAttributor" in names
@@ -140,10 +158,10 @@ def test_get_and_set_params_round_trip(cls: type[BaseAttributor]) -> None:
     attributor = _make(cls)
     params = attributor.get_params()
     assert attributor.set_params(**params) is attributor
-    assert attributor.get_params() == params
+    assert _comparable(attributor.get_params()) == _comparable(params)
     other = cls()
     other.set_params(**params)
-    assert other.get_params() == params
+    assert _comparable(other.get_params()) == _comparable(params)
     with pytest.raises(ValueError, match="Invalid parameter"):
         attributor.set_params(no_such_parameter=1)
 
@@ -153,7 +171,7 @@ def test_clone(cls: type[BaseAttributor]) -> None:
     attributor, _ = _fitted(cls)
     copy = clone(attributor)
     assert type(copy) is cls and copy is not attributor
-    assert copy.get_params() == attributor.get_params()
+    assert _comparable(copy.get_params()) == _comparable(attributor.get_params())
     assert not [k for k in vars(copy) if k.endswith("_")]  # clones are unfitted
 
 
@@ -197,7 +215,7 @@ def test_fit_returns_self_and_sets_fitted_attributes(cls: type[BaseAttributor]) 
     trajectory = _trajectory()
     assert attributor.fit(trajectory) is attributor
     check_is_fitted(attributor)
-    assert attributor.trajectory_ is trajectory
+    assert len(_fitted_runs(attributor)) == 1 and _fitted_runs(attributor)[0] is trajectory
     assert attributor.n_train_ == trajectory.n_train
     assert attributor.fingerprint_ == trajectory.fingerprint
 
@@ -263,14 +281,15 @@ def test_transform_leaves_the_state_unchanged(cls: type[BaseAttributor]) -> None
     attributor = _make(cls).fit(_trajectory())
     queries = _queries()
     inputs, targets = queries.inputs.clone(), queries.targets.clone()
+    names = set(vars(attributor))
     before = {k: _snapshot(v) for k, v in vars(attributor).items() if k != "trajectory_"}
-    trajectory = attributor.trajectory_
+    (trajectory,) = _fitted_runs(attributor)
     attributor.transform(queries)
     attributor.transform(queries[:2])
-    assert set(vars(attributor)) == set(before) | {"trajectory_"}
+    assert set(vars(attributor)) == names
     for key, snapshot in before.items():
         _assert_unchanged(snapshot, getattr(attributor, key), key)
-    assert attributor.trajectory_ is trajectory
+    assert _fitted_runs(attributor) == (trajectory,)
     assert trajectory._compute_fingerprint() == trajectory.fingerprint  # the run is untouched
     assert torch.equal(queries.inputs, inputs) and torch.equal(queries.targets, targets)
 
@@ -304,7 +323,7 @@ def test_bound_tasks(cls: type[BaseAttributor]) -> None:
 def test_pickle_round_trip(cls: type[BaseAttributor]) -> None:
     attributor, scores = _fitted(cls)
     restored = pickle.loads(pickle.dumps(attributor))
-    assert restored.get_params() == attributor.get_params()
+    assert _comparable(restored.get_params()) == _comparable(attributor.get_params())
     assert restored.fingerprint_ == attributor.fingerprint_
     np.testing.assert_array_equal(restored.transform(_queries()), scores)
 

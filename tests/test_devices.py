@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
 from sourcekit import BaseAttributor
 
@@ -32,10 +33,18 @@ RELATIVE_TOLERANCE = 1e-8
 
 
 def _on(cls: type[BaseAttributor], device: str) -> BaseAttributor:
-    params = {**_params(cls), "device": device}
-    if "dtype" in params or "dtype" in cls().get_params(deep=False):
-        params["dtype"] = "float64"
-    return cls(**params)
+    params = _params(cls)
+    if "estimator" in params:
+        # A meta-estimator (EnsembleAttributor) computes on its estimator's device.
+        params["estimator"] = _with_device(params["estimator"], device)
+        return cls(**params)
+    return _with_device(cls(**params), device)
+
+
+def _with_device(estimator: BaseAttributor, device: str) -> BaseAttributor:
+    names = estimator.get_params(deep=False)
+    settings = {"device": device, **({"dtype": "float64"} if "dtype" in names else {})}
+    return clone(estimator).set_params(**settings)
 
 
 @pytest.mark.gpu

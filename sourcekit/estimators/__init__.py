@@ -1,5 +1,6 @@
 """Attributors: thin scikit-learn estimators over the scoring functions."""
 
+from ._ensemble import EnsembleAttributor
 from ._influence import InfluenceAttributor
 from ._similarity import GradientSimilarityAttributor, RepresentationSimilarityAttributor
 from ._source import SourceAttributor
@@ -8,6 +9,7 @@ from ._trak import TRAKAttributor
 from ._unrolled import UnrolledAttributor
 
 __all__ = [
+    "EnsembleAttributor",
     "GradientSimilarityAttributor",
     "InfluenceAttributor",
     "RepresentationSimilarityAttributor",

@@ -113,9 +113,11 @@ class SourceAttributor(CurvatureAttributor):
         each segment).
     fisher : {"true", "empirical", "expected"}, default="true"
         Targets of the curvature's output gradients: sampled from the model ("true"
-        Fisher, seeded by ``random_state``), the recorded ones, or the exact expectation.
-        Ignored by the dense kinds ("exact" is the expectation, "hessian" uses the
-        recorded targets).
+        Fisher, seeded by ``random_state``), the recorded ones, or the exact expectation
+        (one backward pass per output). Ignored by the dense kinds ("exact" is the
+        expectation, "hessian" uses the recorded targets). On the digits recipes SOURCE
+        scored the same LDS with the true and the expected Fisher, and up to 0.07 less
+        with the empirical one (docs/benchmarks.md).
     curvature_examples : int or None, default=None
         Estimate each curvature from at most this many examples of its stage, a random
         subset drawn from ``random_state`` (the same for every checkpoint of the stage);

@@ -322,11 +322,13 @@ def gradient_dot(
     >>> import torch
     >>> from sourcekit.gradients._layers import FactoredGradients, LayerBlock
     >>> block = LayerBlock("fc", "linear", "fc.weight", None, d_out=3, d_in=4)
-    >>> a, s = torch.randn(5, 2, 4), torch.randn(5, 2, 3)  # 5 examples, 2 positions
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(5, 2, 4, generator=g, dtype=torch.float64)  # 5 examples, 2 positions
+    >>> s = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
     >>> grads = FactoredGradients([block], {"fc": a}, {"fc": s})
-    >>> u = {"fc": torch.randn(6, 3, 4)}  # 6 query matrices
+    >>> u = {"fc": torch.randn(6, 3, 4, generator=g, dtype=torch.float64)}  # 6 query matrices
     >>> dots = gradient_dot(u, grads, torch.float64)
-    >>> formed = u["fc"].reshape(6, -1).double() @ grads["fc"].reshape(5, -1).double().T
+    >>> formed = u["fc"].reshape(6, -1) @ grads["fc"].reshape(5, -1).T
     >>> dots.shape, bool(torch.allclose(dots, formed))
     (torch.Size([6, 5]), True)
     """

@@ -4,6 +4,7 @@ from ._architecture import Architecture
 from ._examples import Examples
 from ._optimizer import OptimizerSpec, optimizer_step
 from ._recorder import TrajectoryRecorder
+from ._runs import Runs, RunsTask
 from ._segments import Segment
 from ._settings import (
     GradientClipping,
@@ -29,6 +30,8 @@ __all__ = [
     "OptimizerSpec",
     "ParameterGroup",
     "RandomStates",
+    "Runs",
+    "RunsTask",
     "Segment",
     "Stage",
     "TrainingStage",

@@ -29,6 +29,7 @@ from sourcekit.curvature import (
     Residual,
     fit_curvature,
 )
+from sourcekit.curvature._gauss_newton import GAUSS_NEWTON_PATHS, gauss_newton_path
 from sourcekit.curvature._passes import FitSettings, fisher_seed
 from sourcekit.exceptions import NonFiniteError
 from sourcekit.gradients._layers import LayerBlock, find_blocks
@@ -283,11 +284,15 @@ DENSE_RUNS = [
 ]
 
 
+@pytest.mark.parametrize("path", GAUSS_NEWTON_PATHS)
 @pytest.mark.parametrize(("name", "steps", "modules"), DENSE_RUNS)
 def test_exact_curvature_is_the_gauss_newton_matrix(
-    name: str, steps: Steps, modules: Modules
+    name: str, steps: Steps, modules: Modules, path: str
 ) -> None:
-    curvature = fit("exact", name, steps, modules)
+    # Every form of the sum (by arithmetic, per-example Jacobians, Kronecker factors of
+    # the blocks with dense inputs) against the reference.
+    with gauss_newton_path(path):
+        curvature = fit("exact", name, steps, modules)
     assert isinstance(curvature, DenseCurvature)
     trajectory = run(name)
     want = reference("gauss_newton", trajectory, blocks_of(trajectory, modules), steps)

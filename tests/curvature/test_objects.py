@@ -268,5 +268,12 @@ def test_apply_many_equals_apply_for_each_function(name: str, per_block: bool) -
     assert len(many) == len(fns)
     for fn, out in zip(fns, many, strict=True):
         one = curvature.apply(fn, grads, shift)
+        if per_block and isinstance(curvature, DenseCurvature) and isinstance(fn, Inverse):
+            # Alone, the inverse under unequal per-block shifts is a Cholesky solve rather
+            # than the eigendecomposition the other functions share: the same product in
+            # float64, to rounding (the shifted matrix's eigenvalues are at least 0.6).
+            for b in curvature.blocks:
+                torch.testing.assert_close(out[b.name], one[b.name], rtol=1e-10, atol=1e-12)
+            continue
         # The same operations on the same rotated gradients: identical results.
         assert all(torch.equal(out[b.name], one[b.name]) for b in curvature.blocks)

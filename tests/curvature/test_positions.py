@@ -21,6 +21,7 @@ from torch.func import functional_call, jacrev
 
 from sourcekit import Examples, Trajectory
 from sourcekit.curvature import DenseCurvature, EigenbasisCurvature, fit_curvature
+from sourcekit.curvature._gauss_newton import GAUSS_NEWTON_PATHS, gauss_newton_path
 from sourcekit.objectives import IGNORE_INDEX, cross_entropy
 
 from ..gradients.test_layers import parameter_names, sequence_mlp
@@ -194,9 +195,11 @@ def gauss_newton(name: str) -> torch.Tensor:
 
 
 # --- the dense kinds, the diagonal and EK-FAC with the expected Fisher: rounding -----------------
+@pytest.mark.parametrize("path", GAUSS_NEWTON_PATHS)
 @pytest.mark.parametrize("name", SEQUENCE_RUNS)
-def test_exact_curvature_is_the_gauss_newton_matrix_of_the_mean_loss(name: str) -> None:
-    exact = fit("exact", name)
+def test_exact_curvature_is_the_gauss_newton_matrix_of_the_mean_loss(name: str, path: str) -> None:
+    with gauss_newton_path(path):
+        exact = fit("exact", name)
     assert isinstance(exact, DenseCurvature)
     assert_dense_close(exact.matrix, gauss_newton(name))
 
