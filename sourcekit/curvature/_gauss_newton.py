@@ -34,7 +34,7 @@ from contextvars import ContextVar
 
 import torch
 
-from ..gradients._layers import LayerBlock, block_gradient
+from ..gradients._layers import LayerBlock, block_gradient_of
 from ..gradients._patches import Inputs
 
 __all__ = ["GAUSS_NEWTON_PATHS", "GaussNewtonSum", "choose_pair_path", "gauss_newton_path"]
@@ -121,12 +121,14 @@ class GaussNewtonSum:
 
     def add(self, a: Mapping[str, Inputs], variants: Sequence[Mapping[str, torch.Tensor]]) -> None:
         passes = len(variants)
+        if not passes:  # a batch without counted positions (every target ignored)
+            return
         jacobians: dict[str, torch.Tensor] = {}
         stacked: dict[str, torch.Tensor] = {}
 
         def jacobian(b: LayerBlock) -> torch.Tensor:  # (V n, P_l), formed once per block
             if b.name not in jacobians:
-                rows = [block_gradient(b, a[b.name], v[b.name]) for v in variants]
+                rows = [block_gradient_of(b, a, v) for v in variants]
                 flat = torch.cat([g.reshape(g.shape[0], -1) for g in rows])
                 jacobians[b.name] = flat.to(self.dtype)
             return jacobians[b.name]
@@ -139,9 +141,13 @@ class GaussNewtonSum:
         for i, first in enumerate(self.blocks):
             for j in range(i, len(self.blocks)):
                 second = self.blocks[j]
-                a1, a2 = a[first.name], a[second.name]
                 if (i, j) not in self._sums:
-                    path = choose_pair_path(first, a1, second, a2, passes)
+                    # a tied block's gradient sums its uses, read under their own names
+                    path = (
+                        "jacobian"
+                        if first.uses or second.uses
+                        else choose_pair_path(first, a[first.name], second, a[second.name], passes)
+                    )
                     size = (first.n_params, second.n_params)
                     if path == "kronecker":
                         size = (first.d_out * second.d_out, first.d_in * second.d_in)
@@ -151,6 +157,7 @@ class GaussNewtonSum:
                     )
                 path, acc = self._sums[i, j]
                 if path == "kronecker":
+                    a1, a2 = a[first.name], a[second.name]
                     assert isinstance(a1, torch.Tensor) and isinstance(a2, torch.Tensor)
                     _add_kronecker(
                         acc, a1.to(self.dtype), outputs(first), a2.to(self.dtype), outputs(second)
