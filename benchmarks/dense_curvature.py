@@ -1,6 +1,6 @@
 """The dense curvatures ("exact", "hessian"): the cost of each part, in both forms, side by side.
 
-Run:  python benchmarks/dense_curvature.py [--checkpoints 12] [--repeats 3] [--queries 100]
+Run:  python benchmarks/dense_curvature.py [--checkpoints 12] [--repeats 3] [--queries 100] [--threads 1]
 
 On the digits MLP (3,466 parameters, 1,437 training examples; the ``early`` recipe
 recorded with ``--checkpoints`` checkpoints) it times, interleaved and repeated
@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     task = sourcekit.datasets.load_digits_task()
     stages = [dataclasses.replace(s, n_checkpoints=args.checkpoints) for s in task.stages("early")]
