@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,3 +185,40 @@ def recorder_options(
         "checkpoint_steps": checkpoint_steps,
         "verify": verify,
     }
+
+
+class RecordingCallback:
+    """What the trainers' callbacks share: the dataset that notes each batch's example
+    indices, the recorder's keywords, and the trajectory once training has ended.
+
+    The trainer-specific callbacks (``sourcekit.integrations.hf`` and ``.lightning``)
+    derive from it and from their trainer's callback type; their docstrings describe
+    the parameters.
+    """
+
+    def __init__(
+        self,
+        train: Examples,
+        *,
+        loss: str | Callable = "cross_entropy",
+        measurement: str | Callable = "margin",
+        architecture: str | Callable | None = None,
+        architecture_kwargs: dict | None = None,
+        checkpoint_every: int | None = None,
+        checkpoint_steps: Sequence[int] | None = None,
+        verify: bool = True,
+        targets_key: str = "labels",
+    ) -> None:
+        super().__init__()
+        self.dataset = IndexedDataset(train, targets_key)
+        self._options = recorder_options(
+            loss,
+            measurement,
+            architecture,
+            architecture_kwargs,
+            checkpoint_every,
+            checkpoint_steps,
+            verify,
+        )
+        self._recording: Recording | None = None
+        self.trajectory: Trajectory | None = None

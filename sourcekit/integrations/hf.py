@@ -25,7 +25,6 @@ the same when every sequence of a batch counts as many tokens).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,8 +38,7 @@ except ImportError as err:
     ) from err
 
 from .._imports import import_object, importable_name
-from ..trajectory import Examples, Trajectory
-from ._recording import IndexedDataset, Recording, recorder_options
+from ._recording import Recording, RecordingCallback
 
 __all__ = ["TrajectoryCallback", "from_config"]
 
@@ -74,7 +72,7 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     }
 
 
-class TrajectoryCallback(TrainerCallback):
+class TrajectoryCallback(RecordingCallback, TrainerCallback):
     """Records the :class:`~sourcekit.Trajectory` of a ``transformers.Trainer`` run.
 
     Parameters
@@ -128,32 +126,6 @@ class TrajectoryCallback(TrainerCallback):
     Pass ``train_dataset=callback.dataset, callbacks=[callback]`` to the ``Trainer`` (see
     the documentation's page on Hugging Face and Lightning for a run end to end).
     """
-
-    def __init__(
-        self,
-        train: Examples,
-        *,
-        loss: str | Callable = "cross_entropy",
-        measurement: str | Callable = "margin",
-        architecture: str | Callable | None = None,
-        architecture_kwargs: dict | None = None,
-        checkpoint_every: int | None = None,
-        checkpoint_steps: Sequence[int] | None = None,
-        verify: bool = True,
-        targets_key: str = "labels",
-    ) -> None:
-        self.dataset = IndexedDataset(train, targets_key)
-        self._options = recorder_options(
-            loss,
-            measurement,
-            architecture,
-            architecture_kwargs,
-            checkpoint_every,
-            checkpoint_steps,
-            verify,
-        )
-        self._recording: Recording | None = None
-        self.trajectory: Trajectory | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]

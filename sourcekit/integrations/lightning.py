@@ -22,7 +22,6 @@ clipping) and dropout. Lightning runs the forward and backward passes inside
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,13 +38,12 @@ except ImportError:
         ) from err
 
 from .._imports import importable_name
-from ..trajectory import Examples, Trajectory
-from ._recording import IndexedDataset, Recording, recorder_options
+from ._recording import Recording, RecordingCallback
 
 __all__ = ["TrajectoryCallback"]
 
 
-class TrajectoryCallback(pl.Callback):
+class TrajectoryCallback(RecordingCallback, pl.Callback):
     """Records the :class:`~sourcekit.Trajectory` of a Lightning ``Trainer.fit``.
 
     Parameters
@@ -93,32 +91,6 @@ class TrajectoryCallback(pl.Callback):
     Pass ``callbacks=[callback]`` to the ``Trainer`` and fit on a ``DataLoader`` over
     ``callback.dataset`` (see the documentation's page on Hugging Face and Lightning).
     """
-
-    def __init__(
-        self,
-        train: Examples,
-        *,
-        loss: str | Callable = "cross_entropy",
-        measurement: str | Callable = "margin",
-        architecture: str | Callable | None = None,
-        architecture_kwargs: dict | None = None,
-        checkpoint_every: int | None = None,
-        checkpoint_steps: Sequence[int] | None = None,
-        verify: bool = True,
-        targets_key: str = "labels",
-    ) -> None:
-        self.dataset = IndexedDataset(train, targets_key)
-        self._options = recorder_options(
-            loss,
-            measurement,
-            architecture,
-            architecture_kwargs,
-            checkpoint_every,
-            checkpoint_steps,
-            verify,
-        )
-        self._recording: Recording | None = None
-        self.trajectory: Trajectory | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
