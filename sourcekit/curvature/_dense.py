@@ -21,7 +21,15 @@ from ..gradients._layers import LayerBlock
 from ..gradients._per_example import checkpoint_batches, model_at
 from ..trajectory._inputs import ModelInputs, functional_forward
 from ._gauss_newton import GaussNewtonSum
-from ._objects import Carried, Curvature, Shift, SpectralFunction, shift_of
+from ._objects import (
+    Carried,
+    Curvature,
+    Shift,
+    SpectralFunction,
+    flatten_blocks,
+    shift_of,
+    unflatten_blocks,
+)
 from ._passes import CurvaturePasses, sum_over_ranks
 from ._rates import SegmentRates
 from ._spectral import Inverse
@@ -89,14 +97,10 @@ class DenseCurvature(Curvature):
         return moved
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat(
-            [grads[b.name].reshape(grads[b.name].shape[0], -1) for b in self.blocks], dim=1
-        )
+        return flatten_blocks(self.blocks, grads)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            b.name: flat[:, self._slices[b.name]].reshape(-1, b.d_out, b.d_in) for b in self.blocks
-        }
+        return unflatten_blocks(self.blocks, flat)
 
     def apply_many(
         self,

@@ -44,6 +44,20 @@ Shift = float | dict[str, float]
 SpectralFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
+def flatten_blocks(blocks: Sequence[LayerBlock], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-block matrices {name: (Q, d_out, d_in)} as flat vectors (Q, P), block by block."""
+    return torch.cat([grads[b.name].reshape(grads[b.name].shape[0], -1) for b in blocks], dim=1)
+
+
+def unflatten_blocks(blocks: Sequence[LayerBlock], flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flatten_blocks`."""
+    out, start = {}, 0
+    for b in blocks:
+        out[b.name] = flat[:, start : start + b.n_params].reshape(-1, b.d_out, b.d_in)
+        start += b.n_params
+    return out
+
+
 def shift_of(shift: Shift, name: str) -> float:
     """The shift of block ``name``: ``shift`` itself, or its entry for the block."""
     return float(shift[name]) if isinstance(shift, dict) else float(shift)

@@ -35,23 +35,10 @@ from ..gradients._layers import LayerBlock, squared_gradient_sum
 from ..gradients._per_example import FisherNoise, checkpoint_batches, model_at, position_weights
 from ..trajectory import Trajectory
 from ..trajectory._inputs import ModelInputs, call_model, functional_forward, n_rows
+from ._objects import flatten_blocks, unflatten_blocks
 from ._passes import fisher_seed, sum_over_ranks
 
 __all__ = ["GaussNewtonProducts", "flatten_blocks", "unflatten_blocks"]
-
-
-def flatten_blocks(blocks: Sequence[LayerBlock], grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-block matrices {name: (Q, d_out, d_in)} as flat vectors (Q, P), block by block."""
-    return torch.cat([grads[b.name].reshape(grads[b.name].shape[0], -1) for b in blocks], dim=1)
-
-
-def unflatten_blocks(blocks: Sequence[LayerBlock], flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`flatten_blocks`."""
-    out, start = {}, 0
-    for b in blocks:
-        out[b.name] = flat[:, start : start + b.n_params].reshape(-1, b.d_out, b.d_in)
-        start += b.n_params
-    return out
 
 
 def _block_matrix(block: LayerBlock, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,8 +25,15 @@ import torch
 
 from ..gradients._layers import LayerBlock
 from ._krylov import Operator, conjugate_gradients, lanczos
-from ._objects import Carried, Curvature, Shift, SpectralFunction, shift_of
-from ._products import flatten_blocks, unflatten_blocks
+from ._objects import (
+    Carried,
+    Curvature,
+    Shift,
+    SpectralFunction,
+    flatten_blocks,
+    shift_of,
+    unflatten_blocks,
+)
 from ._rates import SegmentRates
 from ._spectral import Inverse
 
@@ -43,7 +50,7 @@ class RefinedCurvature(Curvature):
         and mean eigenvalues are this curvature's).
     products : callable
         x ↦ H̄ x on flat float64 vectors of shape (Q, P), blocks in ``base.blocks``
-        order (:func:`~sourcekit.curvature._products.flatten_blocks`).
+        order (:func:`~sourcekit.curvature._objects.flatten_blocks`).
     steps : int
         Products per application: conjugate-gradient iterations for the inverse,
         Lanczos steps for the other functions.
