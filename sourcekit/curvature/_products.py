@@ -67,9 +67,12 @@ class GaussNewtonProducts:
         The attributed blocks: the parameters the vectors live on.
     steps : sequence of int
         The checkpoints to average over.
-    indices : ndarray of int
+    indices : ndarray of int, or dict of int to ndarray of int
         The examples to average over (this rank's shard under ``torch.distributed``:
-        the products are then summed over the ranks).
+        the products are then summed over the ranks): the same at every checkpoint, or
+        a subset per checkpoint, keyed by step (each checkpoint then weighs 1/C, its
+        examples equally within it: the estimate of H̄ from (checkpoint, example) pairs
+        that ``refine_examples`` streams).
     batch_size : int
         Examples per pass.
     device : torch.device
@@ -90,7 +93,7 @@ class GaussNewtonProducts:
     Attributes
     ----------
     n_products : int
-        Products applied so far (one pass over ``indices`` at every checkpoint each).
+        Products applied so far (one pass over each checkpoint's examples each).
 
     Examples
     --------
@@ -118,7 +121,7 @@ class GaussNewtonProducts:
         trajectory: Trajectory,
         blocks: Sequence[LayerBlock],
         steps: Sequence[int],
-        indices: np.ndarray,
+        indices: np.ndarray | dict[int, np.ndarray],
         *,
         batch_size: int,
         device: torch.device,
@@ -132,7 +135,12 @@ class GaussNewtonProducts:
         self.random_state = random_state
         self.blocks = list(blocks)
         self.steps = list(steps)
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = {
+            step: np.asarray(
+                indices[step] if isinstance(indices, dict) else indices, dtype=np.int64
+            )
+            for step in self.steps
+        }
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
@@ -141,7 +149,8 @@ class GaussNewtonProducts:
         self._models: dict[int, nn.Module] = {}
         self._activations: int | None = None
         self._diagonal: dict[str, torch.Tensor] | None = None
-        (self._n_examples,) = sum_over_ranks([], [len(self.indices)])
+        counts = sum_over_ranks([], [len(self.indices[step]) for step in self.steps])
+        self._n_examples = dict(zip(self.steps, counts, strict=True))
 
     def _model(self, step: int) -> nn.Module:
         if step not in self._models:
@@ -186,11 +195,12 @@ class GaussNewtonProducts:
                 for b in self.blocks
             }
             for step in self.steps:
+                part = {b.name: torch.zeros_like(total[b.name]) for b in self.blocks}
                 for batch in checkpoint_batches(
                     self._model(step),
                     self.blocks,
                     self.trajectory.train,
-                    self.indices,
+                    self.indices[step],
                     self.trajectory.loss,
                     fisher=self.fisher,
                     want_loss=False,
@@ -203,10 +213,12 @@ class GaussNewtonProducts:
                     for variant in batch.fisher:
                         for b in self.blocks:
                             s = variant[b.name].to(torch.float64)
-                            total[b.name] += squared_gradient_sum(b, batch.a[b.name], s)
-            all_reduce_sum(list(total.values()))
-            scale = 1.0 / (self._n_examples * len(self.steps))
-            self._diagonal = {k: t * scale for k, t in total.items()}
+                            part[b.name] += squared_gradient_sum(b, batch.a[b.name], s)
+                all_reduce_sum(list(part.values()))
+                weight = 1.0 / (max(self._n_examples[step], 1.0) * len(self.steps))
+                for name, t in part.items():
+                    total[name] += t * weight
+            self._diagonal = total
         return self._diagonal
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +227,8 @@ class GaussNewtonProducts:
         total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         tangents_by_block = unflatten_blocks(self.blocks, x.to(self.device, self.dtype))
         for step in self.steps:
+            indices = self.indices[step]
+            at_step = torch.zeros_like(total)
             model = self._model(step)
             params = {
                 name: p.detach()
@@ -228,8 +242,8 @@ class GaussNewtonProducts:
             for b in self.blocks:
                 tangents.update(b.split(tangents_by_block[b.name], shapes))
                 _drop_padding_row(model, b, tangents)
-            for start in range(0, len(self.indices), self.batch_size):
-                idx = self.indices[start : start + self.batch_size]
+            for start in range(0, len(indices), self.batch_size):
+                idx = indices[start : start + self.batch_size]
                 batch = self.trajectory.train[idx].to(self.device, self.dtype)
                 per_pair = 4 * self.dtype.itemsize * self._activation_numbers(model, batch.inputs)
                 pairs = max(1, self.memory_limit // per_pair)
@@ -248,15 +262,16 @@ class GaussNewtonProducts:
                             sub,
                             self.trajectory.loss,
                         )
-                        total[q : q + chunk] += torch.cat(
+                        at_step[q : q + chunk] += torch.cat(
                             [
                                 _block_matrix(b, out).reshape(out[b.weight].shape[0], -1)
                                 for b in self.blocks
                             ],
                             dim=1,
                         ).to(device=x.device, dtype=torch.float64)
-        all_reduce_sum([total])
-        return total / (self._n_examples * len(self.steps))
+            all_reduce_sum([at_step])
+            total += at_step / (max(self._n_examples[step], 1.0) * len(self.steps))
+        return total
 
 
 def _drop_padding_row(

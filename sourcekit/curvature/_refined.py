@@ -1,17 +1,32 @@
 """A fitted curvature refined with exact curvature products (``refine_steps``).
 
-:class:`RefinedCurvature` wraps a fitted curvature (EK-FAC by default) and an operator
-x ↦ H̄x that applies the exact curvature it approximates
-(:class:`~sourcekit.curvature._products.GaussNewtonProducts`), and applies spectral
-functions of H̄ itself by Krylov iterations (``sourcekit.curvature._krylov``), the
-fitted curvature serving where it helps:
+:class:`RefinedCurvature` wraps a fitted curvature B (EK-FAC by default, fitted on all
+of the segment's examples) and an operator x ↦ H̃x that applies the exact Gauss-Newton
+matrix of a subset of them (:class:`~sourcekit.curvature._products.GaussNewtonProducts`),
+and applies spectral functions of their blend
+
+    A = (1 − w) B + w H̃,    w = ``weight`` in (0, 1],
+
+by Krylov iterations (``sourcekit.curvature._krylov``). H̃ is unbiased for the segment's
+exact matrix H̄ but, from a few hundred examples, noisy (of low rank: flat where no
+example of the subset reaches, where SOURCE's residual is largest); B is biased (its
+Kronecker eigenbasis, no coupling between layers) but estimated from every example.
+The blend is a shrinkage estimate of H̄ between them; with w = 1 and every example it
+is H̄ itself.
 
 - the inverse (influence functions, Adam's residual): preconditioned conjugate
-  gradients on (H̄ + shift) x = v, with the fitted curvature's own inverse as the
-  preconditioner, ``steps`` products;
-- every other function (SOURCE's decay e^{−sσ} and residual (1 − e^{−sσ})/σ, their
-  finite-product forms): the Lanczos approximation of F(H̄ + shift) v from ``steps``
-  products, one Krylov basis for all the functions of a call.
+  gradients on (A + shift) x = v, with B's own inverse as the preconditioner,
+  ``steps`` products;
+- every other function F (SOURCE's decay e^{−sσ} and residual (1 − e^{−sσ})/σ, their
+  finite-product forms): F(B) v, which B applies exactly, corrected by the difference
+  of the Lanczos approximations of F(A) v and F(B) v from the same start v,
+  ``steps`` products each (B's are cheap):
+
+      F(B) v + [L_k(A) v − L_k(B) v].
+
+  The two Lanczos approximations err alike where A and B agree, so their difference
+  carries what A adds to B with far less of the truncation error of a few steps; as k
+  grows L_k(B) v → F(B) v and the result → F(A) v.
 
 The operator is any symmetric product callable on flat (Q, P) vectors, so a curvature
 of another form (Adam's preconditioned P^½ H̄ P^½, for instance) plugs in the same way.
@@ -41,19 +56,21 @@ __all__ = ["RefinedCurvature"]
 
 
 class RefinedCurvature(Curvature):
-    """The curvature H̄ applied exactly through products, a fitted one as its guide.
+    """A fitted curvature B blended with exact products H̃ (see the module notes).
 
     Parameters
     ----------
     base : Curvature
-        The fitted approximation of H̄ (the preconditioner of the inverse; its diagonal
+        The fitted approximation B of H̄ (the preconditioner of the inverse; its diagonal
         and mean eigenvalues are this curvature's).
     products : callable
-        x ↦ H̄ x on flat float64 vectors of shape (Q, P), blocks in ``base.blocks``
+        x ↦ H̃ x on flat float64 vectors of shape (Q, P), blocks in ``base.blocks``
         order (:func:`~sourcekit.curvature._objects.flatten_blocks`).
     steps : int
         Products per application: conjugate-gradient iterations for the inverse,
         Lanczos steps for the other functions.
+    weight : float, default=1.0
+        w, the exact products' share of the blend A = (1 − w) B + w H̃, in (0, 1].
     exact_diagonal : callable, optional
         Returns the diagonal of H̄ per block (d_out, d_in), computed on first use;
         :meth:`diagonal` returns it (Adam's diagonal decay), or ``base``'s diagonal
@@ -72,7 +89,7 @@ class RefinedCurvature(Curvature):
     >>> diagonal = EigenbasisCurvature(
     ...     "diagonal", [block], {"fc": KroneckerFactors(None, None, torch.diagonal(h)[None])}
     ... )
-    >>> refined = RefinedCurvature(diagonal, lambda x: x @ h, steps=3)
+    >>> refined = RefinedCurvature(diagonal, lambda x: x @ h, steps=3)  # w = 1: A = H
     >>> v = {"fc": torch.ones(1, 1, 3, dtype=torch.float64)}
     >>> u = refined.apply(Inverse(), v, shift=0.1)["fc"]  # (H + 0.1)⁻¹ v in 3 CG steps
     >>> bool(torch.allclose(u.reshape(1, 3) @ (h + 0.1 * torch.eye(3)), v["fc"].reshape(1, 3)))
@@ -85,13 +102,30 @@ class RefinedCurvature(Curvature):
         products: Operator,
         steps: int,
         exact_diagonal: Callable[[], dict[str, torch.Tensor]] | None = None,
+        weight: float = 1.0,
     ) -> None:
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight={weight!r} must lie in (0, 1].")
         self.kind = base.kind
         self.blocks: list[LayerBlock] = list(base.blocks)
         self.base = base
         self.products = products
         self.steps = int(steps)
         self.exact_diagonal = exact_diagonal
+        self.weight = float(weight)
+
+    def _base_product(self, x: torch.Tensor, shift: Shift) -> torch.Tensor:
+        """(B + shift) x for flat (Q, P) vectors, through B's eigenbasis."""
+        applied = self.base.apply(_Identity(), unflatten_blocks(self.blocks, x), shift)
+        return flatten_blocks(self.blocks, applied).to(torch.float64)
+
+    def _blend(self, shift: Shift, like: torch.Tensor) -> Operator:
+        """x ↦ (A + shift) x = (1 − w)(B + shift) x + w (H̃ + shift) x."""
+        diag = self._shift_vector(shift, like)
+        w = self.weight
+        if w == 1.0:
+            return lambda x: self.products(x) + diag * x
+        return lambda x: w * (self.products(x) + diag * x) + (1 - w) * self._base_product(x, shift)
 
     def _shift_vector(self, shift: Shift, like: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -112,16 +146,13 @@ class RefinedCurvature(Curvature):
     ) -> list[dict[str, torch.Tensor]]:
         """``[apply(fn, grads, shift) for fn in fns]`` by Krylov iterations, in float64.
 
-        The inverse takes ``steps`` conjugate-gradient iterations preconditioned by the
-        fitted curvature's inverse; the other functions share one Lanczos basis of
-        ``steps`` products. ``dtype`` is accepted for the common interface: the
-        iterations run in float64.
+        The inverse takes ``steps`` conjugate-gradient iterations on A preconditioned by
+        B's inverse; the other functions are F(B) v + L_k(A) v − L_k(B) v, one Lanczos
+        basis of ``steps`` products for all of them. ``dtype`` is accepted for the
+        common interface: the iterations run in float64.
         """
         v = flatten_blocks(self.blocks, grads).to(torch.float64)
-        diag = self._shift_vector(shift, v)
-
-        def operator(x: torch.Tensor) -> torch.Tensor:
-            return self.products(x) + diag * x
+        operator = self._blend(shift, v)
 
         def precondition(r: torch.Tensor) -> torch.Tensor:
             applied = self.base.apply(Inverse(), unflatten_blocks(self.blocks, r), shift)
@@ -133,9 +164,12 @@ class RefinedCurvature(Curvature):
             if isinstance(fn, Inverse):
                 results[i] = conjugate_gradients(operator, v, self.steps, precondition)
         if spectral:
-            basis = lanczos(operator, v, self.steps)
-            for i, out in zip(spectral, basis.apply([fns[i] for i in spectral]), strict=True):
-                results[i] = out
+            wanted = [fns[i] for i in spectral]
+            blended = lanczos(operator, v, self.steps).apply(wanted)
+            guide = lanczos(lambda x: self._base_product(x, shift), v, self.steps).apply(wanted)
+            exact = self.base.apply_many(wanted, grads, shift)
+            for i, a, b, f in zip(spectral, blended, guide, exact, strict=True):
+                results[i] = flatten_blocks(self.blocks, f).to(torch.float64) + (a - b)
         return [unflatten_blocks(self.blocks, results[i]) for i in range(len(fns))]
 
     def apply_rates(
@@ -150,7 +184,8 @@ class RefinedCurvature(Curvature):
         With P = s_p / s (each parameter's learning-rate sum relative to the fastest
         one's), Λ the coupled decays plus ``shift`` and R the residual of the fastest
         sequence: u = P^½ R(K) P^½ v by ``steps`` Lanczos steps on the operator
-        K = P^½ (H̄ + Λ) P^½, and v_next = v − (H̄ + Λ) u by one more product.
+        K = P^½ (A + Λ) P^½, and v_next = v − (A + Λ) u by one more product (no
+        correction by B here: B's own form for these rates is per block, not R(K_B)).
         """
         sums, decays = [], []
         for b in self.blocks:
@@ -163,8 +198,10 @@ class RefinedCurvature(Curvature):
         total, residual = rates.reference()
         root = (s_p / total).sqrt() if total > 0 else torch.zeros_like(s_p)
 
+        blend = self._blend(0.0, v)
+
         def shifted(x: torch.Tensor) -> torch.Tensor:
-            return self.products(x) + diag * x
+            return blend(x) + diag * x
 
         (scaled,) = lanczos(lambda x: root * shifted(root * x), root * v, self.steps).apply(
             [residual]
@@ -176,11 +213,13 @@ class RefinedCurvature(Curvature):
         )
 
     def diagonal(self) -> dict[str, torch.Tensor]:
-        """The exact diagonal of H̄ where given (``exact_diagonal``), else the fitted
-        curvature's."""
-        if self.exact_diagonal is not None:
-            return self.exact_diagonal()
-        return self.base.diagonal()
+        """The diagonal of A: (1 − w) B's + w H̃'s where the latter is given
+        (``exact_diagonal``), else B's."""
+        fitted = self.base.diagonal()
+        if self.exact_diagonal is None:
+            return fitted
+        w = self.weight
+        return {k: w * t + (1 - w) * fitted[k] for k, t in self.exact_diagonal().items()}
 
     def mean_eigenvalues(self) -> dict[str, float]:
         """The fitted curvature's mean eigenvalues (the influence function's default damping)."""
@@ -188,8 +227,15 @@ class RefinedCurvature(Curvature):
 
     def to(self, device: torch.device) -> RefinedCurvature:
         return RefinedCurvature(
-            self.base.to(device), self.products, self.steps, self.exact_diagonal
+            self.base.to(device), self.products, self.steps, self.exact_diagonal, self.weight
         )
 
     def __repr__(self) -> str:
-        return f"RefinedCurvature(base={self.base!r}, steps={self.steps})"
+        return f"RefinedCurvature(base={self.base!r}, steps={self.steps}, weight={self.weight:g})"
+
+
+class _Identity:
+    """σ ↦ σ: with a shift, the product (B + shift) x through B's eigenbasis."""
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma

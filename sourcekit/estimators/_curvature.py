@@ -2,11 +2,12 @@
 
 Their shared parameters (``curvature``, a kind of the registry
 ``sourcekit.curvature.CURVATURES``; ``fisher``; ``curvature_examples``;
-``refine_steps``; ``random_state``), the settings of the curvature passes, the fit of
+``refine_steps``, ``refine_examples``, ``refine_weight``; ``random_state``), the settings of the curvature passes, the fit of
 one curvature per job (a segment's checkpoints and stage, or the final step) with one
 byte budget and one cache of training-loss factors for all of them, and, when scoring
-with ``refine_steps``, the fitted curvature of a job refined by exact products over the
-same checkpoints and curvature subset (:meth:`CurvatureAttributor._refined`).
+with ``refine_steps``, the fitted curvature of a job blended with the exact matrix of
+``refine_examples`` (checkpoint, example) pairs of the job, applied by Krylov
+iterations on exact products (:meth:`CurvatureAttributor._refined`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..gradients._training import CacheBudget, LossCache
 from ..trajectory import Trajectory
 from ._gradient import GradientAttributor, resolve_seed
 
-__all__ = ["CurvatureAttributor", "CurvatureJob", "curvature_subset"]
+__all__ = ["CurvatureAttributor", "CurvatureJob", "curvature_subset", "refinement_pairs"]
 
 # (checkpoints to average over, the examples to estimate from, the key of their subset)
 CurvatureJob = tuple[Sequence[int], np.ndarray, int]
@@ -51,6 +52,32 @@ def curvature_subset(
     return np.sort(rng.choice(examples, size=limit, replace=False))
 
 
+def refinement_pairs(
+    examples: np.ndarray, steps: Sequence[int], limit: int | None, seed: int | None, stage: int
+) -> dict[int, np.ndarray]:
+    """The examples each checkpoint of ``steps`` streams for the refinement's products.
+
+    ``limit`` (checkpoint, example) pairs in all, dealt evenly to the checkpoints (the
+    first ``limit mod C`` take one more), each checkpoint drawing its share of
+    ``examples`` without replacement (all of them when its share is not smaller) from
+    a seed of its own: an unbiased sample of the pairs the segment's exact curvature
+    averages over, at the cost of ``limit`` example passes per product however many
+    checkpoints the segment has. None: every example at every checkpoint.
+    """
+    examples = np.asarray(examples, dtype=np.int64)
+    if limit is None:
+        return {step: examples for step in steps}
+    out = {}
+    for i, step in enumerate(steps):
+        share = limit // len(steps) + (1 if i < limit % len(steps) else 0)
+        if share >= len(examples):
+            out[step] = examples
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([seed or 0, 104729, stage, step]))
+        out[step] = np.sort(rng.choice(examples, size=max(share, 1), replace=False))
+    return out
+
+
 class CurvatureAttributor(GradientAttributor):
     """The base of the gradient attributors that fit a curvature (see the module notes)."""
 
@@ -59,6 +86,8 @@ class CurvatureAttributor(GradientAttributor):
         "fisher": [Options(*FISHER)],
         "curvature_examples": [None, POSITIVE_INT],
         "refine_steps": [Interval(int, 0, None)],
+        "refine_examples": [None, POSITIVE_INT],
+        "refine_weight": [Interval(float, 0.0, 1.0, closed="right")],
         "random_state": [None, Interval(int, 0, None)],
         **GradientAttributor._parameter_constraints,
     }
@@ -67,6 +96,8 @@ class CurvatureAttributor(GradientAttributor):
     fisher: str
     curvature_examples: int | None
     refine_steps: int
+    refine_examples: int | None
+    refine_weight: float
     random_state: int | None
 
     def _fresh_each_fit(self) -> bool:
@@ -130,12 +161,14 @@ class CurvatureAttributor(GradientAttributor):
     def _refined(
         self, curvature: Curvature, trajectory: Trajectory, steps: Sequence[int], job: CurvatureJob
     ) -> Curvature:
-        """``curvature``, or with ``refine_steps`` the exact curvature it approximates, applied
-        by Krylov iterations with it as guide (:class:`~sourcekit.curvature._refined.RefinedCurvature`).
+        """``curvature``, or with ``refine_steps`` its blend with the exact curvature it
+        approximates, applied by Krylov iterations with it as guide
+        (:class:`~sourcekit.curvature._refined.RefinedCurvature`).
 
-        The products average over ``steps`` (the checkpoints the curvature was fitted at,
-        built through ``trajectory``: SOURCE's averaged view or the run) and over the
-        curvature subset of ``job``'s examples that the fit drew.
+        The products average over ``refine_examples`` (checkpoint, example) pairs of the
+        job (:func:`refinement_pairs`): its ``steps`` (the checkpoints the curvature was
+        fitted at, built through ``trajectory``: SOURCE's averaged view or the run) and
+        its examples.
         """
         if not self.refine_steps:
             return curvature
@@ -146,14 +179,14 @@ class CurvatureAttributor(GradientAttributor):
                 "matrix. Use refine_steps=0 with curvature='hessian', or another curvature."
             )
         _, examples, key = job
-        subset = curvature_subset(
-            examples, self.curvature_examples, resolve_seed(self.random_state), key
+        pairs = refinement_pairs(
+            examples, steps, self.refine_examples, resolve_seed(self.random_state), key
         )
         products = GaussNewtonProducts(
             trajectory,
             curvature.blocks,
             steps,
-            local_examples(self.trajectory_, subset),
+            {step: local_examples(self.trajectory_, subset) for step, subset in pairs.items()},
             batch_size=self.batch_size,
             device=self._device(),
             dtype=self._torch_dtype(),
@@ -161,4 +194,6 @@ class CurvatureAttributor(GradientAttributor):
             fisher=self.fisher,
             random_state=resolve_seed(self.random_state),
         )
-        return RefinedCurvature(curvature, products, self.refine_steps, products.diagonal)
+        return RefinedCurvature(
+            curvature, products, self.refine_steps, products.diagonal, self.refine_weight
+        )

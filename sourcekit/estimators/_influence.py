@@ -64,13 +64,22 @@ class InfluenceAttributor(CurvatureAttributor):
         the training gradients are computed when scoring instead of being kept from
         fitting.
     refine_steps : int, default=0
-        Refine the fitted curvature with exact curvature products: the scores then use
-        (H + λ)⁻¹ of the exact Gauss-Newton matrix H (the one ``curvature="exact"`` forms
-        densely) over the ``curvature_examples``, solved for all queries at once by
-        ``refine_steps`` iterations of conjugate gradients preconditioned by the fitted
-        curvature. Each iteration is one pass over the curvature subset at the final
-        checkpoint. 0 (the default) applies the fitted curvature's inverse. Read only
-        by ``transform``; not with ``curvature="hessian"``.
+        Refine the fitted curvature B with exact curvature products: the scores then use
+        (A + λ)⁻¹ of the blend A = (1 − w) B + w H̃, H̃ the exact Gauss-Newton matrix (the
+        one ``curvature="exact"`` forms densely) over ``refine_examples`` examples and
+        w = ``refine_weight``, solved for all queries at once by ``refine_steps``
+        iterations of conjugate gradients preconditioned by B. Each iteration is one
+        pass over those examples at the final checkpoint. 0 (the default) applies the
+        fitted curvature's inverse. Read only by ``transform``; not with
+        ``curvature="hessian"``.
+    refine_examples : int or None, default=256
+        The examples the exact products of ``refine_steps`` average over, drawn from
+        ``random_state``; None takes every example. Read only with ``refine_steps``.
+    refine_weight : float in (0, 1], default=0.25
+        w, the exact matrix's share of the refined curvature A = (1 − w) B + w H̃. With
+        w = 1 and ``refine_examples=None`` the refinement approaches
+        ``curvature="exact"`` as ``refine_steps`` grows. Read only with
+        ``refine_steps``.
     modules : list of str, optional
         Attribute through these layers only (names from ``model.named_modules()``);
         required when the model has parameters outside the supported layer types
@@ -155,6 +164,8 @@ class InfluenceAttributor(CurvatureAttributor):
         fisher: str = "true",
         curvature_examples: int | None = None,
         refine_steps: int = 0,
+        refine_examples: int | None = 256,
+        refine_weight: float = 0.25,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,
         random_state: int | None = 0,
@@ -171,6 +182,8 @@ class InfluenceAttributor(CurvatureAttributor):
         self.fisher = fisher
         self.curvature_examples = curvature_examples
         self.refine_steps = refine_steps
+        self.refine_examples = refine_examples
+        self.refine_weight = refine_weight
         self.modules = modules
         self.query_rank = query_rank
         self.random_state = random_state

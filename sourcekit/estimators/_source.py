@@ -126,17 +126,30 @@ class SourceAttributor(CurvatureAttributor):
         the training gradients are computed when scoring instead of being kept from
         fitting.
     refine_steps : int, default=0
-        Refine each segment's fitted curvature with exact curvature products: its
-        matrix functions are then those of the exact Gauss-Newton matrix H̄ (the one
-        ``curvature="exact"`` forms densely), averaged over the segment's checkpoints
-        and its ``curvature_examples``, applied to the query-side vectors by
-        ``refine_steps`` Lanczos steps (the residual and the decay share them). Runs
-        with Adam or AdamW segments are refused: their functions are of the
-        preconditioned curvature P^½ H̄ P^½, which the refinement does not form. Each step is one pass over the curvature subset at each of the
-        segment's checkpoints, carrying all the queries at once. 0 (the default)
-        applies the fitted curvature's own functions. Read only by ``transform``; not
-        with ``curvature="hessian"``. The curvature page of the documentation gives the
-        iterations, their error bounds and their cost.
+        Refine each segment's fitted curvature B with exact curvature products: its
+        matrix functions are then those of the blend A = (1 − w) B + w H̃, H̃ the exact
+        Gauss-Newton matrix (the one ``curvature="exact"`` forms densely) over
+        ``refine_examples`` (checkpoint, example) pairs of the segment and w =
+        ``refine_weight``, applied to the query-side vectors as F(B) v corrected by
+        ``refine_steps`` Lanczos steps on A and on B (the residual and the decay share
+        them). Each step is one pass over the ``refine_examples`` pairs carrying all the
+        queries at once. Runs with Adam or AdamW segments are refused: their functions
+        are of the preconditioned curvature P^½ H̄ P^½, which the refinement does not
+        form. 0 (the default) applies the fitted curvature's own functions. Read only
+        by ``transform``; not with ``curvature="hessian"``. The curvature page of the
+        documentation gives the iterations, their error bounds, their cost and the
+        measurements behind the defaults.
+    refine_examples : int or None, default=256
+        The (checkpoint, example) pairs the exact products of ``refine_steps`` average
+        over in each segment, dealt evenly to its checkpoints, each drawing its share of
+        the stage's examples from ``random_state``; None takes every example at every
+        checkpoint. Read only with ``refine_steps``.
+    refine_weight : float in (0, 1], default=0.25
+        w, the exact matrix's share of the refined curvature A = (1 − w) B + w H̃: a
+        shrinkage of the noisy exact matrix of a few hundred examples towards the fitted
+        curvature of all of them. With w = 1 and ``refine_examples=None`` the refinement
+        approaches ``curvature="exact"`` as ``refine_steps`` grows. Read only with
+        ``refine_steps``.
     average_checkpoints : bool, default=False
         SOURCE's fast variant: average the parameters (and batch-norm statistics) of each
         segment's checkpoints and take its curvature and training gradients once, at the
@@ -261,6 +274,8 @@ class SourceAttributor(CurvatureAttributor):
         fisher: str = "true",
         curvature_examples: int | None = None,
         refine_steps: int = 0,
+        refine_examples: int | None = 256,
+        refine_weight: float = 0.25,
         average_checkpoints: bool = False,
         adam_response: bool = False,
         boundaries: Sequence[int] | None = None,
@@ -282,6 +297,8 @@ class SourceAttributor(CurvatureAttributor):
         self.fisher = fisher
         self.curvature_examples = curvature_examples
         self.refine_steps = refine_steps
+        self.refine_examples = refine_examples
+        self.refine_weight = refine_weight
         self.average_checkpoints = average_checkpoints
         self.adam_response = adam_response
         self.boundaries = boundaries

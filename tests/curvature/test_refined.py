@@ -36,7 +36,8 @@ from sourcekit.curvature import (
 )
 from sourcekit.curvature._products import GaussNewtonProducts, flatten_blocks, unflatten_blocks
 from sourcekit.curvature._rates import BlockRates, SegmentRates
-from sourcekit.curvature._refined import RefinedCurvature
+from sourcekit.curvature._refined import RefinedCurvature, _Identity
+from sourcekit.estimators._curvature import refinement_pairs
 
 from .. import _cases
 from .test_fit import CPU, blocks_of, examples_of, settings
@@ -74,7 +75,13 @@ def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curv
     want = exact.transform(queries)
     n_params = sum(b.n_params for b in exact.state_.blocks)
     refined = SourceAttributor(
-        n_segments=2, damping=1e-3, refine_steps=2 * n_params, fisher="expected", **KW
+        n_segments=2,
+        damping=1e-3,
+        refine_steps=2 * n_params,
+        refine_examples=None,
+        refine_weight=1.0,
+        fisher="expected",
+        **KW,
     ).fit(run)
     got = refined.transform(queries)
     kappa = _conditioning(exact, 1e-3)
@@ -92,7 +99,9 @@ def test_influence_with_twice_as_many_steps_as_parameters_is_influence_with_exac
     exact = InfluenceAttributor(curvature="exact", damping=1e-2, **KW).fit(run)
     want = exact.transform(queries)
     n_params = sum(b.n_params for b in exact.state_.blocks)
-    refined = InfluenceAttributor(damping=1e-2, refine_steps=2 * n_params, **KW).fit(run)
+    refined = InfluenceAttributor(
+        damping=1e-2, refine_steps=2 * n_params, refine_examples=None, refine_weight=1.0, **KW
+    ).fit(run)
     kappa = _conditioning(exact, 1e-2)
     assert _relative_error(refined.transform(queries), want) <= 1e3 * n_params * EPS64 * kappa
     assert _relative_error(refined.set_params(refine_steps=0).transform(queries), want) > 1e-2
@@ -180,6 +189,118 @@ def test_lanczos_on_the_real_products_matches_the_dense_functions() -> None:
     for g, w in zip(got, dense.apply_many(fns, v, shift), strict=True):
         for name in w:
             torch.testing.assert_close(g[name], w[name], rtol=0, atol=1e3 * n * EPS64)
+
+
+def _fitted_matrix(curvature: object, blocks: list, n: int) -> torch.Tensor:
+    """A fitted curvature's matrix B, from its action on the unit vectors."""
+    eye = unflatten_blocks(blocks, torch.eye(n, dtype=torch.float64))
+    m = flatten_blocks(blocks, curvature.apply(_Identity(), eye))  # type: ignore[attr-defined]
+    return 0.5 * (m + m.T)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.7])
+def test_the_blend_with_as_many_steps_as_parameters_is_the_dense_function_of_the_blend(
+    weight: float,
+) -> None:
+    # A = (1 − w) B + w H̃: with n steps both Lanczos approximations are exact, so
+    # F(B) v + L_n(A) v − L_n(B) v = F(A) v up to rounding; conjugate gradients on A
+    # reach (A + shift)⁻¹ v within their attainable accuracy (2n steps, see the notes)
+    matrix, products, ekfac = _dense_and_products("mlp_momentum")
+    n, shift = matrix.shape[0], 1e-3
+    blocks = products.blocks
+    b = _fitted_matrix(ekfac, blocks, n)
+    blend = DenseCurvature("exact", blocks, (1 - weight) * b + weight * matrix)
+    v = unflatten_blocks(
+        blocks, torch.randn(2, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    )
+    rates = [0.3, 0.2, 0.2, 0.1]
+    fns = [Decay(2.0), Residual(2.0), DiscreteDecay(rates), DiscreteResidual(rates)]
+    refined = RefinedCurvature(ekfac, products, n, weight=weight)  # type: ignore[arg-type]
+    for g, w in zip(
+        refined.apply_many(fns, v, shift), blend.apply_many(fns, v, shift), strict=True
+    ):
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=0, atol=1e3 * n * EPS64)
+    kappa = _kappa(blend, shift)
+    inverse = RefinedCurvature(ekfac, products, 2 * n, weight=weight)  # type: ignore[arg-type]
+    got = flatten_blocks(blocks, inverse.apply(Inverse(), v, shift))
+    want = flatten_blocks(blocks, blend.apply(Inverse(), v, shift))
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e3 * n * EPS64 * kappa
+
+
+def test_where_the_products_agree_with_the_fitted_curvature_the_correction_vanishes() -> None:
+    # H̃ = B: the blend is B, both Lanczos approximations are the same, and two steps
+    # return B's own functions F(B) v (Lanczos alone, two steps, is far from them)
+    _, products, ekfac = _dense_and_products("mlp_momentum")
+    blocks = products.blocks
+    n = sum(b.n_params for b in blocks)
+    b = _fitted_matrix(ekfac, blocks, n)
+    v = unflatten_blocks(
+        blocks, torch.randn(3, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    )
+    fns = [Decay(20.0), Residual(20.0)]
+    want = ekfac.apply_many(fns, v, 1e-3)  # type: ignore[attr-defined]
+    refined = RefinedCurvature(ekfac, lambda x: x @ b, 2, weight=0.5)  # type: ignore[arg-type]
+    for g, w in zip(refined.apply_many(fns, v, 1e-3), want, strict=True):
+        for name in w:
+            scale = float(w[name].abs().max())
+            torch.testing.assert_close(g[name], w[name], rtol=0, atol=1e6 * EPS64 * scale)
+    plain = RefinedCurvature(ekfac, lambda x: x @ b, 2, weight=1.0)  # type: ignore[arg-type]
+    lanczos_only = lanczos_alone(plain, fns, v, 1e-3)
+    gap = max(float((lanczos_only[0][k] - want[0][k]).abs().max()) for k in want[0])
+    assert gap > 1e-3 * max(float(t.abs().max()) for t in want[0].values())
+
+
+def lanczos_alone(refined: RefinedCurvature, fns: list, v: dict, shift: float) -> list:
+    """The plain Lanczos approximation of F(A) v that the correction improves on."""
+    from sourcekit.curvature._krylov import lanczos
+
+    x = flatten_blocks(refined.blocks, v).to(torch.float64)
+    op = refined._blend(shift, x)
+    return [unflatten_blocks(refined.blocks, o) for o in lanczos(op, x, refined.steps).apply(fns)]
+
+
+def test_refinement_pairs_deal_the_pairs_evenly_to_the_checkpoints() -> None:
+    examples = np.arange(100, 200)
+    pairs = refinement_pairs(examples, [3, 6, 9], 32, seed=0, stage=1)
+    assert [len(pairs[s]) for s in (3, 6, 9)] == [11, 11, 10]
+    for subset in pairs.values():
+        assert len(np.unique(subset)) == len(subset) and set(subset) <= set(examples)
+    again = refinement_pairs(examples, [3, 6, 9], 32, seed=0, stage=1)
+    assert all(np.array_equal(pairs[s], again[s]) for s in pairs)
+    assert not np.array_equal(pairs[3], pairs[6])  # each checkpoint draws its own
+    every = refinement_pairs(examples, [3, 6], None, seed=0, stage=1)
+    assert all(np.array_equal(every[s], examples) for s in (3, 6))
+    assert np.array_equal(refinement_pairs(examples, [3], 500, 0, 1)[3], examples)
+
+
+def test_products_over_a_subset_per_checkpoint_weigh_each_checkpoint_equally() -> None:
+    run = _cases.trajectory("mlp_momentum")
+    blocks = blocks_of(run)
+    steps = [run.n_steps // 2, run.n_steps]
+    subsets = {steps[0]: np.arange(0, 5), steps[1]: np.arange(3, 12)}
+    kw = {"batch_size": 5, "device": CPU, "dtype": torch.float64, "memory_limit": 2**26}
+    both = GaussNewtonProducts(run, blocks, steps, subsets, **kw)  # type: ignore[arg-type]
+    one = [GaussNewtonProducts(run, blocks, [s], subsets[s], **kw) for s in steps]  # type: ignore[arg-type]
+    n = sum(b.n_params for b in blocks)
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = 0.5 * (one[0](x) + one[1](x))
+    torch.testing.assert_close(both(x), want, rtol=1e3 * n * EPS64, atol=0)
+    diag = both.diagonal()
+    for name, t in diag.items():
+        torch.testing.assert_close(
+            t, 0.5 * (one[0].diagonal()[name] + one[1].diagonal()[name]), rtol=1e-12, atol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("param", "value"), [("refine_weight", 0.0), ("refine_weight", 1.5), ("refine_examples", 0)]
+)
+def test_the_refinement_settings_are_checked(param: str, value: float) -> None:
+    run = _cases.trajectory("mlp_sgd")
+    for cls in (SourceAttributor, InfluenceAttributor):
+        with pytest.raises(ValueError, match=f"'{param}' parameter"):
+            cls(refine_steps=2, **{param: value}, **KW).fit(run)
 
 
 @pytest.mark.parametrize("matrix_function", ["exp", "discrete"])
