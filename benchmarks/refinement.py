@@ -1,15 +1,19 @@
 """Refining EK-FAC with exact Gauss-Newton products (``refine_steps``): LDS, agreement, time.
 
 Run:  python benchmarks/refinement.py lds [--recipes standard early two_stage] [--queries 100]
-                                          [--settings 4:128 4:256 8:256] [--repeats 3]
+                                          [--settings 2:512 3:512 3:256 4:all:1] [--repeats 3]
+      python benchmarks/refinement.py blend [--recipes standard two_stage] [--examples 128 256]
+                                            [--weights 1 0.75 0.5 0.25]
       python benchmarks/refinement.py scale [--scale cpu] [--queries 100]
                                             [--workloads conv transformer]
                                             [--settings 2:N/8 4:N/8] [--reference 16]
 
 ``lds``: on the digits recipes, SOURCE (3 segments, damping 1e-3, the defaults
 otherwise) with EK-FAC (the default), with ``curvature="exact"`` (the dense
-Gauss-Newton matrix) and refined (``refine_steps=k``, ``curvature_examples=m``, written
-``k:m``; ``k:all`` refines over every example). For each it prints the LDS against
+Gauss-Newton matrix) and refined (``refine_steps=k``, ``refine_examples=m``,
+``refine_weight=w``, written ``k:m:w``, or ``k:m`` for the default weight; m = ``all``
+takes every example at every checkpoint, and ``k:all:1`` is the plain refinement
+towards exact curvature). For each it prints the LDS against
 retraining on ``--subsets`` random halves with ``--seeds`` seeds (the ground truth of
 ``benchmarks/evaluate_lds.py``, read from the same cache), the fraction of the LDS gap
 between EK-FAC and exact curvature that it closes, (LDS − LDS_EK-FAC) / (LDS_exact −
@@ -21,13 +25,21 @@ refined settings are the best of ``--repeats`` runs, interleaved; exact curvatur
 timed once, and its scores and time are kept under ``--cache`` (a rerun reads them). With ``--influence`` the same rows for ``InfluenceAttributor``
 (damping 1e-3).
 
+``blend``: what the blend A = (1 − w) B + w H̃ of ``refine_weight`` is worth without
+the Krylov error: on the digits recipes, SOURCE (3 segments, damping 1e-3) with each
+segment's curvature replaced by the dense matrix A, B the EK-FAC fit on all examples and
+H̃ the dense exact Gauss-Newton matrix of ``--examples`` m examples at every checkpoint
+of the segment (``curvature="exact"`` with ``curvature_examples=m``); the LDS and the
+gap closed as in ``lds``, for each weight w (w = 1 is H̃ alone). Each row
+eigendecomposes three P × P matrices (about a minute on the digits MLP).
+
 ``scale``: on the conv net and the transformer of ``benchmarks/scale.py`` (the same
 training recipes and sizes), SOURCE's time with the defaults and refined at ``--settings``
 (``k:m``, m a number of examples or N/d, a fraction of the training set), against the
 floor of ``benchmarks/scale.py`` (C forward and backward passes over the training set),
 and the Pearson correlation (mean over queries) of each one's scores with those of a
 long refinement (``--reference`` steps over the same curvature subset as the first
-setting). A run with Adam or AdamW stages (the transformer) is measured with
+setting, with the same pairs and weight). A run with Adam or AdamW stages (the transformer) is measured with
 ``InfluenceAttributor`` instead: SOURCE refuses ``refine_steps`` there. Everything runs in
 this one process, one setting after the other.
 """
@@ -35,6 +47,7 @@ this one process, one setting after the other.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import time
@@ -56,14 +69,27 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / np.where(den == 0, 1.0, den)))
 
 
-def parse_setting(text: str, n_train: int) -> tuple[int, int | None]:
-    """``k:m`` -> (refine_steps, curvature_examples); m is a number, ``N/d`` or ``all``."""
-    steps, examples = text.split(":")
+def parse_setting(text: str, n_train: int) -> dict[str, Any]:
+    """``k:m`` or ``k:m:w`` -> the refinement's parameters; m is a number, ``N/d`` or ``all``."""
+    steps, examples, *weight = text.split(":")
+    settings: dict[str, Any] = {"refine_steps": int(steps)}
     if examples == "all":
-        return int(steps), None
-    if examples.startswith("N/"):
-        return int(steps), n_train // int(examples[2:])
-    return int(steps), int(examples)
+        settings["refine_examples"] = None
+    elif examples.startswith("N/"):
+        settings["refine_examples"] = n_train // int(examples[2:])
+    else:
+        settings["refine_examples"] = int(examples)
+    if weight:
+        settings["refine_weight"] = float(weight[0])
+    return settings
+
+
+def setting_name(settings: dict[str, Any]) -> str:
+    m = settings["refine_examples"]
+    w = settings.get("refine_weight")
+    return f"refined k={settings['refine_steps']}, m={'all' if m is None else m}" + (
+        "" if w is None else f", w={w:g}"
+    )
 
 
 def timed(make: Any, trajectory: sourcekit.Trajectory, queries: Any) -> tuple[np.ndarray, float]:
@@ -90,7 +116,9 @@ def exact_scores(
 
 def run_lds(args: argparse.Namespace) -> None:
     task = sourcekit.datasets.load_digits_task()
-    families = {"SOURCE": lambda **kw: sourcekit.SourceAttributor(n_segments=3, **kw)}
+    families = {
+        "SOURCE": lambda **kw: sourcekit.SourceAttributor(n_segments=3, damping=1e-3, **kw)
+    }
     if args.influence:
         families["influence"] = lambda **kw: sourcekit.InfluenceAttributor(damping=1e-3, **kw)
     rows = []
@@ -110,9 +138,8 @@ def run_lds(args: argparse.Namespace) -> None:
         for family, make in families.items():
             settings = {"EK-FAC": {}}
             for text in args.settings:
-                k, m = parse_setting(text, trajectory.n_train)
-                name = f"refined k={k}, m={'all' if m is None else m}"
-                settings[name] = {"refine_steps": k, "curvature_examples": m}
+                refine = parse_setting(text, trajectory.n_train)
+                settings[setting_name(refine)] = refine
             scores: dict[str, np.ndarray] = {}
             seconds = {name: np.inf for name in settings}
             for _ in range(args.repeats):  # interleaved, best of the repeats
@@ -159,6 +186,68 @@ def run_lds(args: argparse.Namespace) -> None:
         )
 
 
+def dense_fitted(curvature: Any) -> torch.Tensor:
+    """A fitted eigenbasis curvature's matrix, block-diagonal, in the flat block layout."""
+    blocks = []
+    for b in curvature.blocks:
+        f = curvature.factors[b.name]
+        q = torch.kron(
+            torch.eye(b.d_out, dtype=torch.float64) if f.q_s is None else f.q_s,
+            torch.eye(b.d_in, dtype=torch.float64) if f.q_a is None else f.q_a,
+        )
+        blocks.append((q * f.eigenvalues.reshape(-1)) @ q.T)
+    return torch.block_diag(*blocks)
+
+
+def run_blend(args: argparse.Namespace) -> None:
+    from sourcekit.curvature import DenseCurvature
+
+    task = sourcekit.datasets.load_digits_task()
+    print(f"{'recipe':<10} {'H~ examples':>11} {'w':>5} {'LDS':>7} {'gap closed':>11}")
+    for recipe in args.recipes:
+        trajectory = task.record(recipe, progress=False)
+        queries = task.test[: args.queries]
+        masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
+        truth = retrain_measurements(
+            trajectory,
+            queries,
+            masks,
+            seeds=range(args.seeds),
+            n_jobs=args.n_jobs,
+            cache_dir=args.cache,
+            progress=False,
+        ).outputs
+        make = functools.partial(sourcekit.SourceAttributor, n_segments=3, damping=1e-3)
+        fitted = make().fit(trajectory)
+        base = linear_datamodeling_score(fitted.transform(queries), masks, truth, random_state=0)
+        exact, _ = exact_scores(
+            args.cache, f"SOURCE-{recipe}-{args.queries}", make, trajectory, queries
+        )
+        top = linear_datamodeling_score(exact, masks, truth, random_state=0).mean
+        print(f"{recipe:<10} {'EK-FAC':>11} {'':>5} {base.mean:>+7.3f}; exact {top:+.3f}")
+        fitted_b = [dense_fitted(m.curvature) for m in fitted.state_.segments]
+        for m in args.examples:
+            subset = make(curvature="exact", curvature_examples=m).fit(trajectory)
+            for w in args.weights:
+                blended = make().fit(trajectory)
+                blended.state_.segments[:] = [
+                    dataclasses.replace(
+                        seg,
+                        curvature=DenseCurvature(
+                            "exact", seg.curvature.blocks, (1 - w) * b + w * h.curvature.matrix
+                        ),
+                    )
+                    for seg, b, h in zip(
+                        blended.state_.segments, fitted_b, subset.state_.segments, strict=True
+                    )
+                ]
+                lds = linear_datamodeling_score(
+                    blended.transform(queries), masks, truth, random_state=0
+                ).mean
+                closed = (lds - base.mean) / (top - base.mean)
+                print(f"{recipe:<10} {m:>11} {w:>5g} {lds:>+7.3f} {closed:>11.2f}", flush=True)
+
+
 def run_scale(args: argparse.Namespace) -> None:
     import scale
     import workloads
@@ -191,17 +280,14 @@ def run_scale(args: argparse.Namespace) -> None:
         results: dict[str, tuple[np.ndarray, float]] = {
             "default": timed(make, trajectory, queries)
         }
-        for k, m in settings:
-            results[f"refined k={k}, m={m}"] = timed(
-                functools.partial(make, refine_steps=k, curvature_examples=m), trajectory, queries
+        for refine in settings:
+            results[setting_name(refine)] = timed(
+                functools.partial(make, **refine), trajectory, queries
             )
-        k_ref, m_ref = args.reference, settings[0][1]
-        results[f"long: k={k_ref}, m={m_ref}"] = timed(
-            functools.partial(make, refine_steps=k_ref, curvature_examples=m_ref),
-            trajectory,
-            queries,
-        )
-        long = results[f"long: k={k_ref}, m={m_ref}"][0]
+        reference = {**settings[0], "refine_steps": args.reference}
+        name = "long: " + setting_name(reference).removeprefix("refined ")
+        results[name] = timed(functools.partial(make, **reference), trajectory, queries)
+        long = results[name][0]
         method = "influence" if adaptive else "SOURCE"
         print(
             workloads.describe(workload),
@@ -228,9 +314,16 @@ def main() -> None:
     lds.add_argument("--seeds", type=int, default=3)
     lds.add_argument("--n-jobs", type=int, default=2)
     lds.add_argument("--cache", default=".cache/sourcekit-lds")
-    lds.add_argument("--settings", nargs="+", default=["4:128", "4:256", "8:256"])
+    lds.add_argument("--settings", nargs="+", default=["2:512", "3:512", "3:256", "4:all:1"])
     lds.add_argument("--repeats", type=int, default=3)
     lds.add_argument("--influence", action="store_true")
+    blend = sub.add_parser("blend")
+    blend.add_argument("--recipes", nargs="+", default=["standard", "two_stage"])
+    blend.add_argument("--examples", type=int, nargs="+", default=[128, 256])
+    blend.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    for name, default in [("--queries", 100), ("--subsets", 100), ("--seeds", 3), ("--n-jobs", 2)]:
+        blend.add_argument(name, type=int, default=default)
+    blend.add_argument("--cache", default=".cache/sourcekit-lds")
     big = sub.add_parser("scale")
     big.add_argument("--scale", default="cpu")
     big.add_argument("--queries", type=int, default=100)
@@ -242,6 +335,9 @@ def main() -> None:
     if args.part == "lds":
         torch.set_num_threads(1)
         run_lds(args)
+    elif args.part == "blend":
+        torch.set_num_threads(1)
+        run_blend(args)
     else:
         run_scale(args)
 

@@ -72,7 +72,7 @@ class InfluenceAttributor(CurvatureAttributor):
         pass over those examples at the final checkpoint. 0 (the default) applies the
         fitted curvature's inverse. Read only by ``transform``; not with
         ``curvature="hessian"``.
-    refine_examples : int or None, default=256
+    refine_examples : int or None, default=512
         The examples the exact products of ``refine_steps`` average over, drawn from
         ``random_state``; None takes every example. Read only with ``refine_steps``.
     refine_weight : float in (0, 1], default=0.25
@@ -164,7 +164,7 @@ class InfluenceAttributor(CurvatureAttributor):
         fisher: str = "true",
         curvature_examples: int | None = None,
         refine_steps: int = 0,
-        refine_examples: int | None = 256,
+        refine_examples: int | None = 512,
         refine_weight: float = 0.25,
         modules: Sequence[str] | None = None,
         query_rank: int | None = None,

@@ -139,7 +139,7 @@ class SourceAttributor(CurvatureAttributor):
         by ``transform``; not with ``curvature="hessian"``. The curvature page of the
         documentation gives the iterations, their error bounds, their cost and the
         measurements behind the defaults.
-    refine_examples : int or None, default=256
+    refine_examples : int or None, default=512
         The (checkpoint, example) pairs the exact products of ``refine_steps`` average
         over in each segment, dealt evenly to its checkpoints, each drawing its share of
         the stage's examples from ``random_state``; None takes every example at every
@@ -274,7 +274,7 @@ class SourceAttributor(CurvatureAttributor):
         fisher: str = "true",
         curvature_examples: int | None = None,
         refine_steps: int = 0,
-        refine_examples: int | None = 256,
+        refine_examples: int | None = 512,
         refine_weight: float = 0.25,
         average_checkpoints: bool = False,
         adam_response: bool = False,
