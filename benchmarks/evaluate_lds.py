@@ -28,14 +28,20 @@ with). The damping of an ensemble is chosen on its averaged scores. ``--table fi
 each Fisher (``fisher="true"``, with two seeds of its sampled targets, ``"expected"``,
 ``"empirical"``) and the time of fitting each one's state (the Fisher's cost) beside the
 time of the damping search; ``--table fisher-cost`` times those fits alone, interleaved
-and repeated (``--repeats``), without the ground truth.
+and repeated (``--repeats``), without the ground truth. ``--table damping`` prints, for
+SOURCE with 3 segments and each curvature of ``--curvatures`` (EK-FAC and the dense
+Gauss-Newton matrix), the LDS at every damping of a grid from 0 to 10, the best of them
+(chosen on the queries it is scored on), the LDS of ``damping="auto"`` and its gap to the
+best, and per segment the learning-rate sum s, the spectrum of the matrix the damping
+shifts (mean m, median, largest eigenvalue, effective rank tr²/‖·‖²) and the damping
+``"auto"`` took (docs/source.md, "Damping").
 
 Damped methods choose their damping by ``GridSearchCV`` with ``LDSScorer`` on held-out
 query folds: the queries are split into 5 outer folds, and each fold's scores come from
 an estimator whose damping was chosen by an inner 4-fold search on the other queries,
 so no query's LDS is measured with a damping chosen on that query. The table lists the
 dampings chosen in the outer folds. SOURCE also runs with its default damping
-(``damping="auto"``, 0.01/s per segment), which needs no search; and where exact unrolling
+(``damping="auto"``, 0.01/s per segment for EK-FAC), which needs no search; and where exact unrolling
 runs, a second table gives each method's per-query Pearson correlation with it.
 """
 
@@ -66,6 +72,9 @@ GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 SOURCE_GRID = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 
 Methods = dict[str, tuple[Callable[[], Any], list[float] | None]]
+
+# ``--table damping``: SOURCE over this grid, against its default ``damping="auto"``.
+DAMPING_GRID = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]
 
 
 def methods() -> Methods:
@@ -306,6 +315,60 @@ def fisher_costs(task: Any, recipes: list[str], repeats: int) -> None:
             print(f"{recipe:<10} {name:<44} {median:7.2f} s  {median / true:5.1f} x true")
 
 
+def shifted_spectrum(model: Any) -> np.ndarray:
+    """The eigenvalues of the matrix a segment's damping shifts: H̄ + λ_c under SGD (its
+    coupled decay), the preconditioned K̄ under Adam and AdamW."""
+    if model.adam is not None:
+        curvature, decay = model.adam.curvature, 0.0
+    else:
+        curvature, decay = model.curvature, model.weight_decay
+    if isinstance(curvature, sourcekit.curvature.DenseCurvature):
+        values = curvature.eigenvalues
+    else:
+        values = torch.cat(
+            [curvature.factors[b.name].eigenvalues.reshape(-1) for b in curvature.blocks]
+        )
+    return values.double().cpu().numpy() + decay
+
+
+def damping_table(
+    recipe: str, curvatures: list[str], trajectory: Any, queries: Any, masks: Any, y: Any
+) -> None:
+    """SOURCE's LDS over ``DAMPING_GRID`` and at ``damping="auto"``, per curvature kind."""
+    for kind in curvatures:
+        sourcekit.base.clear_state_cache()
+        source, seconds = timed(
+            lambda kind=kind: sourcekit.SourceAttributor(n_segments=3, curvature=kind).fit(
+                trajectory
+            )
+        )
+        values = [
+            linear_datamodeling_score(scores, masks, y, random_state=0).mean
+            for scores in scores_at(source, DAMPING_GRID, "damping", queries)
+        ]
+        automatic = linear_datamodeling_score(
+            source.set_params(damping="auto").transform(queries), masks, y, random_state=0
+        ).mean
+        best = max(values)
+        at = [f"{d:g}" for d, v in zip(DAMPING_GRID, values, strict=True) if v >= best - 5e-4]
+        print(f"{recipe:<10} {kind:<6} fit {seconds:6.1f} s")
+        print("  damping " + " ".join(f"{d:>6g}" for d in DAMPING_GRID))
+        print("  LDS     " + " ".join(f"{v:>6.3f}" for v in values))
+        print(
+            f"  best {best:.3f} (at {', '.join(at)})   auto {automatic:.3f}   gap {best - automatic:.3f}"
+        )
+        for index, (model, used) in enumerate(
+            zip(source.state_.segments, source.damping_, strict=True)
+        ):
+            ev = shifted_spectrum(model)
+            rank = ev.sum() ** 2 / (ev**2).sum()
+            print(
+                f"  segment {index + 1}: s {model.lr_sum:8.3g}  m {ev.mean():8.3g}  median {np.median(ev):8.3g}"
+                f"  largest {ev.max():8.3g}  effective rank {rank:6.1f} of {ev.size}   auto {used:8.3g}"
+            )
+        print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,10 +390,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only the methods whose names contain these")
     parser.add_argument(
         "--table",
-        choices=["methods", "ensembles", "fisher", "fisher-cost"],
+        choices=["methods", "ensembles", "fisher", "fisher-cost", "damping"],
         default="methods",
         help="every method (default), ensembles over runs, the Fisher of SOURCE and influence, "
-        "or the time of fitting each Fisher",
+        "the time of fitting each Fisher, or SOURCE's LDS over a grid of dampings against "
+        '"auto"',
+    )
+    parser.add_argument(
+        "--curvatures",
+        nargs="+",
+        default=["ekfac", "exact"],
+        help="the curvatures of SOURCE (--table damping)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="interleaved repeats (--table fisher-cost)"
@@ -371,6 +441,10 @@ def main() -> None:
         )
         truth_seconds = time.perf_counter() - started
         y = truth.outputs
+        if args.table == "damping":
+            bound = trajectory.bind(queries)
+            damping_table(recipe, args.curvatures, bound, bound, masks, y)
+            continue
         if args.table == "ensembles":
             results = ensemble_results(task, recipe, queries, sorted(args.runs), masks, y)
         else:
@@ -406,6 +480,8 @@ def main() -> None:
                 if name != "exact unrolling"
             }
 
+    if args.table == "damping":
+        return
     print(
         f"\n{args.task} task, {args.queries} test queries, {args.subsets} subsets of {args.alpha:.0%} of the "
         f"training set, {args.seeds} seeds per subset; LDS mean over queries with a 95 % bootstrap interval\n"

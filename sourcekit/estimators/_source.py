@@ -97,12 +97,15 @@ class SourceAttributor(CurvatureAttributor):
         means 3, or the segments ``boundaries`` define. Giving both is refused.
     damping : float or "auto", default="auto"
         Added to every eigenvalue of each segment's curvature (σ → σ + damping): of H̄
-        under SGD, of the preconditioned K̄ under Adam and AdamW. ``"auto"`` takes
-        0.01 / s_ℓ for segment ℓ, s_ℓ its learning-rate sum (a 1 % change of what the
-        segment carries, whatever the learning rate or the optimiser; the SOURCE page
-        of the documentation derives it and measures it against the best damping of a
-        grid), recorded in ``damping_``. Read only by ``transform``, so
-        ``set_params(damping=...)`` needs no refit.
+        under SGD, of the preconditioned K̄ under Adam and AdamW. ``"auto"`` takes,
+        for segment ℓ with learning-rate sum s_ℓ, 0.01 / s_ℓ with the eigenbasis
+        curvatures (a 1 % change of what the segment carries, whatever the learning
+        rate or the optimiser), and max(m_ℓ, 0.01 / s_ℓ) with the dense ones
+        (``"exact"``, ``"hessian"``), m_ℓ the mean eigenvalue of the matrix the damping
+        shifts (the shrinkage of a sample matrix towards its mean eigenvalue); the
+        SOURCE page of the documentation derives both and measures them against the
+        best damping of a grid. Recorded in ``damping_``. Read only by ``transform``,
+        so ``set_params(damping=...)`` needs no refit.
     curvature : {"ekfac", "kfac", "diagonal", "identity", "exact", "hessian"}, default="ekfac"
         The approximation of each segment's curvature H̄ ("exact": the dense Gauss-Newton
         matrix, i.e. the expected Fisher computed exactly, so ``fisher`` does not apply;

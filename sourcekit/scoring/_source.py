@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..curvature import Carried, Curvature
+from ..curvature import Carried, Curvature, DenseCurvature
 from ..curvature._preconditioner import AdamForm
 from ..curvature._rates import BlockRates, SegmentRates
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Residual
@@ -47,7 +47,13 @@ from ..gradients._training import GradientSource
 from ..trajectory import Segment
 from ._contraction import gradient_dot, query_matrices
 
-__all__ = ["SegmentModel", "default_damping", "precondition", "source_scores"]
+__all__ = [
+    "SegmentModel",
+    "default_damping",
+    "precondition",
+    "shifted_matrix_mean",
+    "source_scores",
+]
 
 
 @dataclass
@@ -107,31 +113,82 @@ class SegmentModel:
 
 
 AUTO_DAMPING = 0.01
-"""c in the default damping δ_ℓ = c / s_ℓ (``damping="auto"``; docs/source.md, "Damping")."""
+"""c in the eigenbasis kinds' default damping δ_ℓ = c / s_ℓ (``damping="auto"``;
+docs/source.md, "Damping")."""
+
+DENSE_SHRINKAGE = 1.0
+"""ρ/(1 − ρ) in the dense kinds' default damping δ_ℓ = ρ/(1 − ρ) · m_ℓ, m_ℓ the mean
+eigenvalue: the shrinkage (1 − ρ)H + ρ m I of the sample matrix towards its mean
+eigenvalue, with ρ = ½ (docs/source.md, "Damping")."""
+
+
+def shifted_matrix_mean(model: SegmentModel) -> float | None:
+    """m_ℓ, the mean eigenvalue (trace / P) of the matrix the damping shifts, where the
+    curvature is dense: H̄ + λ_c under SGD (λ_c the coupled decay), K̄ under Adam and
+    AdamW (its decays included). None for the other kinds.
+
+    Where parameters train at their own rates, λ_c is the first block's decay (as
+    ``weight_decay`` reports it).
+    """
+    if model.adam is not None:
+        shifted = model.adam.curvature
+        return (
+            float(torch.diagonal(shifted.matrix).mean())
+            if isinstance(shifted, DenseCurvature)
+            else None
+        )
+    if not isinstance(model.curvature, DenseCurvature):
+        return None
+    return float(torch.diagonal(model.curvature.matrix).mean()) + model.weight_decay
 
 
 def default_damping(segments: Sequence[SegmentModel]) -> list[float]:
-    """The default damping of each segment: δ_ℓ = 0.01 / s_ℓ, s_ℓ its learning-rate sum.
+    """The default damping of each segment (``damping="auto"``).
 
     The damping shifts the curvature the segment's updates see (H̄ under SGD, K̄ under
     Adam), and SOURCE's matrix functions read it only through s_ℓ σ:
-    F_S(σ + δ) = e^{−sδ} F_S(σ) and F_r(σ + δ) = (1 − e^{−s(σ+δ)})/(σ + δ). So δ_ℓ = c/s_ℓ
-    means the same under SGD and Adam, for any learning rate or loss scale: every
-    carried effect is multiplied by e^{−c}, and directions flatter than 1/s_ℓ keep a
-    residual of s_ℓ (1 − e^{−c})/c instead of s_ℓ; with c = 0.01 a 1 % and a 0.5 %
-    change. A segment with s_ℓ = 0 (no training) gets 0.
+    F_S(σ + δ) = e^{−sδ} F_S(σ) and F_r(σ + δ) = (1 − e^{−s(σ+δ)})/(σ + δ).
+
+    - The eigenbasis kinds (EK-FAC, K-FAC, diagonal, identity, and their refinement)
+      take δ_ℓ = 0.01 / s_ℓ, s_ℓ the segment's learning-rate sum: every carried effect
+      is multiplied by e^{−0.01} and directions flatter than 1/s_ℓ keep a residual of
+      s_ℓ (1 − e^{−0.01})/0.01 instead of s_ℓ, the same under SGD and Adam, for any
+      learning rate or loss scale. Their eigenvalues are the diagonal of the curvature
+      in a basis fitted to the Kronecker factors only, already averaged towards the
+      mean (Schur-Horn), so they need no more than that.
+    - The dense kinds (``"exact"``, ``"hessian"``) take δ_ℓ = max(m_ℓ, 0.01 / s_ℓ), m_ℓ
+      the mean eigenvalue of the matrix the damping shifts
+      (:func:`shifted_matrix_mean`). Their eigenvectors are fitted to the same examples
+      as their eigenvalues, so the small eigenvalues of the sample matrix lie below
+      those of the matrix it estimates (the spread of a sample covariance's spectrum);
+      shrinking it towards its mean eigenvalue, (1 − ρ)H + ρ m I, is up to the factor
+      1 − ρ a damping by ρ/(1 − ρ) · m, and ρ = ½ gives m. The floor keeps the
+      eigenbasis rule where m is not positive (a Hessian's trace can be negative).
+
+    A segment with s_ℓ = 0 (no training) gets 0.
 
     Examples
     --------
     >>> from types import SimpleNamespace
     >>> from sourcekit.scoring._source import default_damping
     >>> import numpy as np
-    >>> segments = [SimpleNamespace(sequence=lambda r=r: np.array(r)) for r in ([1.0, 1.0], [0.25])]
+    >>> segments = [
+    ...     SimpleNamespace(sequence=lambda r=r: np.array(r), adam=None, curvature=None)
+    ...     for r in ([1.0, 1.0], [0.25])
+    ... ]
     >>> default_damping(segments)
     [0.005, 0.04]
     """
-    sums = [float(np.sum(m.sequence())) for m in segments]
-    return [AUTO_DAMPING / s if s > 0 else 0.0 for s in sums]
+    dampings = []
+    for model in segments:
+        s = float(np.sum(model.sequence()))
+        if s <= 0:
+            dampings.append(0.0)
+            continue
+        floor = AUTO_DAMPING / s
+        mean = shifted_matrix_mean(model)
+        dampings.append(floor if mean is None else max(DENSE_SHRINKAGE * mean, floor))
+    return dampings
 
 
 def precondition(

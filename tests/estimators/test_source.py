@@ -366,3 +366,54 @@ def test_auto_damping_is_a_hundredth_of_each_segments_learning_rate_sum(case: st
     assert source.set_params(damping=0.5).damping_ == [0.5, 0.5, 0.5]
     np.testing.assert_array_equal(source.set_params(damping="auto").transform(queries), automatic)
     assert not np.allclose(source.set_params(damping=0.0).transform(queries), automatic)
+
+
+def test_auto_damping_of_the_dense_gauss_newton_is_its_mean_eigenvalue_with_the_decay():
+    # Linear regression with the squared error: every checkpoint's Gauss-Newton matrix is
+    # the mean over examples of [x; 1][x; 1]ᵀ, so the mean eigenvalue of H̄ + λ_c is
+    # (mean ‖x‖² + 1) / (d + 1) + λ_c, whatever the parameters (docs/source.md, "Damping").
+    data = _cases.regression_data(10, seed=0)
+    sgd = OptimizerSpec("sgd", lr=0.1, weight_decay=0.05)
+    stage = TrainingStage(sgd, epochs=3, batch_size=5, n_checkpoints=3)
+    run = sourcekit.train(
+        _cases.make_linear,
+        data,
+        [stage],
+        loss="squared_error",
+        measurement="output",
+        progress=False,
+    )
+    source = SourceAttributor(n_segments=3, curvature="exact", device="cpu", dtype="float64")
+    source.fit(run)
+    x = data.inputs.double()
+    mean = (x.pow(2).sum(dim=1).mean() + 1.0) / (x.shape[1] + 1) + 0.05
+    floors = [0.01 / m.lr_sum for m in source.state_.segments]
+    assert all(float(mean) > floor for floor in floors)  # the mean, not the floor, is taken
+    # float32 inputs multiplied in float64: the sums round at eps64 of ‖x‖², far below 1e-12
+    assert source.damping_ == pytest.approx([float(mean)] * 3, rel=1e-12)
+    # the EK-FAC fit of the same run keeps 0.01/s
+    ekfac = SourceAttributor(n_segments=3, device="cpu", dtype="float64").fit(run)
+    assert ekfac.damping_ == pytest.approx(floors, rel=1e-12)
+
+
+def test_auto_damping_of_the_dense_curvature_under_adamw_is_the_mean_of_the_preconditioned():
+    # K̄ = p^½ (H̄ + λ_c) p^½ + λ_w: its mean eigenvalue is its trace over P, the mean of
+    # p (diag H̄ + λ_c) + λ_w, formed here from the fitted P̄ and H̄'s diagonal.
+    run = _cases.trajectory("mlp_adamw")
+    source = SourceAttributor(n_segments=3, curvature="exact", device="cpu", dtype="float64")
+    source.fit(run)
+    expected = []
+    for model in source.state_.segments:
+        assert model.preconditioner is not None and model.decoupled_decay > 0
+        diagonal = model.curvature.diagonal()
+        entries = torch.cat(
+            [
+                (model.preconditioner[name].double() * (h + model.weight_decay)).reshape(-1)
+                for name, h in diagonal.items()
+            ]
+        )
+        mean = float(entries.mean()) + model.decoupled_decay
+        expected.append(max(mean, 0.01 / model.lr_sum))
+    assert source.damping_ == pytest.approx(expected, rel=1e-10)
+    # a float applies to every segment, as before
+    assert source.set_params(damping=0.25).damping_ == [0.25] * 3

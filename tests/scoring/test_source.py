@@ -494,3 +494,41 @@ def test_unrolling_and_source_leave_the_trajectory_unchanged():
             assert torch.equal(value, params[name])
     run._fingerprint = None
     assert run.fingerprint == before
+
+
+def test_default_damping_of_dense_segments_is_the_mean_eigenvalue_of_what_it_shifts():
+    from sourcekit.curvature import DenseCurvature
+    from sourcekit.curvature._preconditioner import preconditioned_curvature
+    from sourcekit.gradients._layers import LayerBlock
+    from sourcekit.scoring._source import SegmentModel, default_damping
+
+    block = LayerBlock("layer", "linear", "weight", None, 2, 2)
+    rates = np.array([0.5, 0.5])  # s = 1: the floor 0.01 / s is 0.01
+    spectrum = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)  # mean 2
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).double())
+    rotated = q @ torch.diag(spectrum) @ q.T  # the trace, not the diagonal's entries, counts
+    negative = torch.diag(torch.tensor([1.0, -3.0, -1.0, 0.5], dtype=torch.float64))  # mean −0.625
+    p = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    plain = DenseCurvature("exact", [block], torch.diag(spectrum))
+    adam = preconditioned_curvature(plain, {"layer": p}, coupled=0.5, decoupled=0.1)
+    segments = [
+        # SGD: H̄ + λ_c, mean 2 + 0.5
+        SegmentModel(None, DenseCurvature("exact", [block], rotated), rates, 4, weight_decay=0.5),
+        # a Hessian whose trace is negative: the floor
+        SegmentModel(None, DenseCurvature("hessian", [block], negative), rates, 4),
+        # no training: nothing
+        SegmentModel(None, plain, np.zeros(2), 4),
+        # AdamW: K̄ = p^½ (H̄ + λ_c) p^½ + λ_w, diagonal p (h + 0.5) + 0.1 = 4.6, 5.1, 4.6, 6.1,
+        # its decays counted once (weight_decay records the same coupled decay)
+        SegmentModel(
+            None,
+            plain,
+            rates,
+            4,
+            weight_decay=0.5,
+            decoupled_decay=0.1,
+            preconditioner={"layer": p},
+            adam=adam,
+        ),
+    ]
+    assert default_damping(segments) == pytest.approx([2.5, 0.01, 0.0, 5.1], rel=1e-12)
