@@ -41,9 +41,9 @@ training recipes and sizes), SOURCE's time with the defaults and refined at ``--
 floor of ``benchmarks/scale.py`` (C forward and backward passes over the training set),
 and the Pearson correlation (mean over queries) of each one's scores with those of a
 long refinement (``--reference`` steps over the same curvature subset as the first
-setting, with the same pairs and weight). A run with Adam or AdamW stages (the transformer) is measured with
-``InfluenceAttributor`` instead: SOURCE refuses ``refine_steps`` there. Everything runs in
-this one process, one setting after the other.
+setting, with the same pairs and weight); the transformer, trained with AdamW, takes the
+refinement of SOURCE's Adam form. Everything runs in this one process, one setting after
+the other.
 """
 
 from __future__ import annotations
@@ -116,6 +116,26 @@ def exact_scores(
     return scores, seconds
 
 
+def digits_recipe(
+    task: Any, recipe: str, args: argparse.Namespace
+) -> tuple[sourcekit.Trajectory, Any, np.ndarray, np.ndarray]:
+    """A digits recipe's run, its queries, and the LDS ground truth (masks, retrained
+    outputs) of ``benchmarks/evaluate_lds.py``, read from its cache."""
+    trajectory = task.record(recipe, progress=False)
+    queries = task.test[: args.queries]
+    masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
+    truth = retrain_measurements(
+        trajectory,
+        queries,
+        masks,
+        seeds=range(args.seeds),
+        n_jobs=args.n_jobs,
+        cache_dir=args.cache,
+        progress=False,
+    ).outputs
+    return trajectory, queries, masks, truth
+
+
 def run_lds(args: argparse.Namespace) -> None:
     task = sourcekit.datasets.load_digits_task()
     families = {
@@ -125,18 +145,7 @@ def run_lds(args: argparse.Namespace) -> None:
         families["influence"] = lambda **kw: sourcekit.InfluenceAttributor(damping=1e-3, **kw)
     rows = []
     for recipe in args.recipes:
-        trajectory = task.record(recipe, progress=False)
-        queries = task.test[: args.queries]
-        masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
-        truth = retrain_measurements(
-            trajectory,
-            queries,
-            masks,
-            seeds=range(args.seeds),
-            n_jobs=args.n_jobs,
-            cache_dir=args.cache,
-            progress=False,
-        ).outputs
+        trajectory, queries, masks, truth = digits_recipe(task, recipe, args)
         for family, make in families.items():
             settings = {"EK-FAC": {}}
             for text in args.settings:
@@ -207,18 +216,7 @@ def run_blend(args: argparse.Namespace) -> None:
     task = sourcekit.datasets.load_digits_task()
     print(f"{'recipe':<10} {'H~ examples':>11} {'w':>5} {'LDS':>7} {'gap closed':>11}")
     for recipe in args.recipes:
-        trajectory = task.record(recipe, progress=False)
-        queries = task.test[: args.queries]
-        masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
-        truth = retrain_measurements(
-            trajectory,
-            queries,
-            masks,
-            seeds=range(args.seeds),
-            n_jobs=args.n_jobs,
-            cache_dir=args.cache,
-            progress=False,
-        ).outputs
+        trajectory, queries, masks, truth = digits_recipe(task, recipe, args)
         make = functools.partial(sourcekit.SourceAttributor, n_segments=3, damping=1e-3)
         fitted = make().fit(trajectory)
         base = linear_datamodeling_score(fitted.transform(queries), masks, truth, random_state=0)
@@ -266,18 +264,9 @@ def run_scale(args: argparse.Namespace) -> None:
         n = trajectory.n_train
         settings = [parse_setting(text, n) for text in args.settings]
 
-        # SOURCE's functions under Adam are of the preconditioned curvature, which the
-        # refinement does not form (refine_steps is refused there): such runs are
-        # measured with influence functions, whose refined inverse serves any optimiser.
-        adaptive = any(stage.optimizer.is_adaptive for stage in trajectory.stages)
-        if adaptive:
-            make = functools.partial(
-                sourcekit.InfluenceAttributor, damping=1e-3, modules=workload.modules
-            )
-        else:
-            make = functools.partial(
-                sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
-            )
+        make = functools.partial(
+            sourcekit.SourceAttributor, n_segments=3, modules=workload.modules
+        )
 
         results: dict[str, tuple[np.ndarray, float]] = {
             "default": timed(make, trajectory, queries)
@@ -290,10 +279,9 @@ def run_scale(args: argparse.Namespace) -> None:
         name = "long: " + setting_name(reference).removeprefix("refined ")
         results[name] = timed(functools.partial(make, **reference), trajectory, queries)
         long = results[name][0]
-        method = "influence" if adaptive else "SOURCE"
         print(
             workloads.describe(workload),
-            f"; {method}; floor {floor['floor_s']:.2f} s",
+            f"; floor {floor['floor_s']:.2f} s",
             flush=True,
         )
         for name, (scores, secs) in results.items():

@@ -250,6 +250,7 @@ class EigenbasisAdam:
 
     def __init__(self, curvature: EigenbasisCurvature, diagonals: _Diagonals) -> None:
         self.hessian = curvature
+        self.diagonals = diagonals
         factors, self.weights = {}, {}
         for block in curvature.blocks:
             f = curvature.factors[block.name]

@@ -28,8 +28,10 @@ is H̄ itself.
   carries what A adds to B with far less of the truncation error of a few steps; as k
   grows L_k(B) v → F(B) v and the result → F(A) v.
 
-The operator is any symmetric product callable on flat (Q, P) vectors, so a curvature
-of another form (Adam's preconditioned P^½ H̄ P^½, for instance) plugs in the same way.
+Under Adam and AdamW (:class:`RefinedAdam`) the functions are of the preconditioned
+K_A = p^½ (A + c) p^½ + w (``sourcekit.curvature._preconditioner``), the guide is the
+eigenbasis form of B, whose K̃ is diagonal in B's eigenbasis, and the correction is taken
+between the two in the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from ._objects import (
     shift_of,
     unflatten_blocks,
 )
+from ._preconditioner import EigenbasisAdam
+from ._preconditioner import SpectralFunction as _Function
 from ._rates import SegmentRates
 from ._spectral import Inverse
 
@@ -239,3 +243,91 @@ class _Identity:
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma
+
+
+class RefinedAdam:
+    """A segment under Adam or AdamW whose curvature is refined: SOURCE's functions of
+    K_A = p^½ (A + c) p^½ + w, A the blend of a :class:`RefinedCurvature`.
+
+    The guide is the eigenbasis form of the fitted curvature B
+    (:class:`~sourcekit.curvature._preconditioner.EigenbasisAdam`): in B's eigenbasis Q its
+    K̃ = Q diag(κ) Qᵀ, κ = π (Λ + c̃) + w̃, and it scores with u_B = p̃^½ F_r(K̃ + δ) p̃^½ v,
+    p̃ = Q diag(π) Qᵀ. The refined residual is
+
+        u = u_B + p^½ L_k(K_A + δ)(p^½ v) − p̃^½ L_k(K̃ + δ)(p̃^½ v),
+
+    k = ``refined.steps`` products with A (the second Lanczos runs in B's eigenbasis,
+    where K̃ is diagonal); as k grows it tends to p^½ F_r(K_A + δ) p^½ v. The carried
+    vector is v − (A + c + (w + δ)/p) u, as for the dense form, with one more product.
+
+    Parameters
+    ----------
+    refined : RefinedCurvature
+        The blend A, around the fitted eigenbasis curvature B.
+    guide : EigenbasisAdam
+        B's Adam form, built from the same p, c and w.
+    """
+
+    def __init__(self, refined: RefinedCurvature, guide: EigenbasisAdam) -> None:
+        self.refined = refined
+        self.guide = guide
+        self.curvature = guide.curvature
+        blocks = refined.blocks
+        d = guide.diagonals
+        self.p = flatten_blocks(blocks, {b.name: d.p[b.name][None] for b in blocks})[0]
+        self.c = flatten_blocks(blocks, {b.name: d.c[b.name][None] for b in blocks})[0]
+        self.w = flatten_blocks(blocks, {b.name: d.w[b.name][None] for b in blocks})[0]
+        self.root = self.p.clamp_min(0).sqrt()
+
+    def apply(
+        self,
+        fns: tuple[_Function, _Function],
+        carried: Carried,
+        damping: float,
+        carry: bool,
+    ) -> tuple[dict[str, torch.Tensor], Carried | None]:
+        """(u, v_next) in parameter coordinates, in float64 (see the class notes)."""
+        blocks, refined, guide = self.refined.blocks, self.refined, self.guide
+        v = flatten_blocks(blocks, carried.in_parameters()).to(torch.float64)
+        p, c, w, root = (t.to(v.device) for t in (self.p, self.c, self.w, self.root))
+        blend = refined._blend(0.0, v)
+
+        def shifted(x: torch.Tensor) -> torch.Tensor:  # (A + c) x
+            return blend(x) + c * x
+
+        residual = fns[0]
+        (scaled,) = lanczos(
+            lambda x: root * shifted(root * x) + (w + damping) * x, root * v, refined.steps
+        ).apply([residual])
+        u_blend = root * scaled
+
+        # the guide: u_B by B's own form, and its Lanczos approximation in B's eigenbasis
+        u_fitted, _ = guide.apply((residual, residual), carried, damping, carry=False)
+        u_guide = self._guide_lanczos(residual, carried, damping)
+        u = flatten_blocks(blocks, u_fitted).to(torch.float64) + u_blend - u_guide
+        if not carry:
+            return unflatten_blocks(blocks, u), None
+        safe = torch.where(p > 0, p, torch.ones_like(p))
+        own = torch.where(p > 0, (w + damping) / safe, torch.zeros_like(p))
+        after = v - shifted(u) - own * u
+        return unflatten_blocks(blocks, u), Carried(unflatten_blocks(blocks, after))
+
+    def _guide_lanczos(self, fn: _Function, carried: Carried, damping: float) -> torch.Tensor:
+        """p̃^½ L_k(K̃ + δ)(p̃^½ v), flat, run where K̃ is diagonal: in B's eigenbasis."""
+        curvature = self.guide.curvature
+        blocks = curvature.blocks
+        rotated = curvature.rotate(carried.in_parameters(), torch.float64)
+        kappa = flatten_blocks(
+            blocks, {b.name: curvature.factors[b.name].eigenvalues[None] for b in blocks}
+        )[0].to(torch.float64)
+        half = (
+            flatten_blocks(blocks, {b.name: self.guide.weights[b.name][None] for b in blocks})[0]
+            .to(torch.float64)
+            .clamp_min(0)
+            .sqrt()
+        )
+        z = half * flatten_blocks(blocks, rotated).to(torch.float64)
+        z = z.to(kappa.device)
+        (approx,) = lanczos(lambda x: (kappa + damping) * x, z, self.refined.steps).apply([fn])
+        back = curvature.unrotate(unflatten_blocks(blocks, half.to(approx.device) * approx))
+        return flatten_blocks(blocks, back).to(torch.float64)

@@ -16,8 +16,13 @@ from .._distributed import is_main
 from .._validation import InstanceOf, Interval, Options
 from ..base import FittedState
 from ..curvature import Curvature
-from ..curvature._preconditioner import adam_preconditioner, preconditioned_curvature
+from ..curvature._preconditioner import (
+    EigenbasisAdam,
+    adam_preconditioner,
+    preconditioned_curvature,
+)
 from ..curvature._rates import block_rates
+from ..curvature._refined import RefinedAdam, RefinedCurvature
 from ..gradients._layers import LayerBlock
 from ..gradients._training import TrainingGradients
 from ..scoring._source import SegmentModel, default_damping, source_scores
@@ -136,9 +141,9 @@ class SourceAttributor(CurvatureAttributor):
         ``refine_weight``, applied to the query-side vectors as F(B) v corrected by
         ``refine_steps`` Lanczos steps on A and on B (the residual and the decay share
         them). Each step is one pass over the ``refine_examples`` pairs carrying all the
-        queries at once. Runs with Adam or AdamW segments are refused: their functions
-        are of the preconditioned curvature P^½ H̄ P^½, which the refinement does not
-        form. 0 (the default) applies the fitted curvature's own functions. Read only
+        queries at once. Under Adam and AdamW the functions are of the preconditioned
+        K_A = p^½ (A + c) p^½ + w, corrected by the EK-FAC form's own (refused with a
+        dense curvature, whose form is exact already). 0 (the default) applies the fitted curvature's own functions. Read only
         by ``transform``; not with ``curvature="hessian"``. The curvature page of the
         documentation gives the iterations, their error bounds, their cost and the
         measurements behind the defaults.
@@ -404,29 +409,29 @@ class SourceAttributor(CurvatureAttributor):
         variant, or every checkpoint of the segment)."""
         if not self.refine_steps:
             return self.state_.segments
-        adaptive = [m.segment.stage for m in self.state_.segments if m.adam is not None]
-        if adaptive:
-            raise ValueError(
-                f"refine_steps={self.refine_steps} refines the curvature of segments trained "
-                f"with SGD, but stage {adaptive[0]} was trained with Adam or AdamW, whose "
-                "segments are functions of the preconditioned curvature P^1/2 H P^1/2, which "
-                "the refinement does not form. Use refine_steps=0 (EK-FAC), or "
-                "curvature='exact' for a dense reference."
-            )
         trajectory = self._passes_trajectory()
         stages = self.trajectory_.stages
-        return [
-            replace(
-                m,
-                curvature=self._refined(
-                    m.curvature,
-                    trajectory,
-                    m.segment.checkpoints,
-                    (m.segment.checkpoints, stages[m.segment.stage].examples, m.segment.stage),
-                ),
+        segments = []
+        for m in self.state_.segments:
+            refined = self._refined(
+                m.curvature,
+                trajectory,
+                m.segment.checkpoints,
+                (m.segment.checkpoints, stages[m.segment.stage].examples, m.segment.stage),
             )
-            for m in self.state_.segments
-        ]
+            if m.adam is None:
+                segments.append(replace(m, curvature=refined))
+                continue
+            if not isinstance(m.adam, EigenbasisAdam) or not isinstance(refined, RefinedCurvature):
+                raise ValueError(
+                    f"refine_steps={self.refine_steps} under Adam or AdamW (stage "
+                    f"{m.segment.stage}) refines an eigenbasis curvature's Adam form, but "
+                    f"curvature={self.curvature!r} forms K = P^1/2 H P^1/2 densely already. "
+                    "Use refine_steps=0 with a dense curvature, or an eigenbasis kind "
+                    "('ekfac', 'kfac', 'diagonal')."
+                )
+            segments.append(replace(m, curvature=refined, adam=RefinedAdam(refined, m.adam)))
+        return segments
 
 
 def _segment_model(

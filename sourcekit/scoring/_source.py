@@ -42,6 +42,7 @@ import torch
 from ..curvature import Carried, Curvature, DenseCurvature
 from ..curvature._preconditioner import AdamForm
 from ..curvature._rates import BlockRates, SegmentRates
+from ..curvature._refined import RefinedAdam
 from ..curvature._spectral import Decay, DiscreteDecay, DiscreteResidual, Residual
 from ..gradients._training import GradientSource
 from ..trajectory import Segment
@@ -94,7 +95,7 @@ class SegmentModel:
     decoupled_decay: float = 0.0
     preconditioner: dict[str, torch.Tensor] | None = None
     rates: dict[str, BlockRates] | None = None
-    adam: AdamForm | None = None
+    adam: AdamForm | RefinedAdam | None = None
 
     @property
     def lr_sum(self) -> float:

@@ -34,9 +34,11 @@ from sourcekit.curvature import (
     Residual,
     fit_curvature,
 )
+from sourcekit.curvature._krylov import lanczos
+from sourcekit.curvature._preconditioner import EigenbasisAdam, preconditioned_curvature
 from sourcekit.curvature._products import GaussNewtonProducts, flatten_blocks, unflatten_blocks
 from sourcekit.curvature._rates import BlockRates, SegmentRates
-from sourcekit.curvature._refined import RefinedCurvature, _Identity
+from sourcekit.curvature._refined import RefinedAdam, RefinedCurvature, _Identity
 from sourcekit.estimators._curvature import refinement_pairs
 
 from .. import _cases
@@ -59,17 +61,25 @@ def _kappa(curvature: DenseCurvature, shift: float) -> float:
 
 
 def _conditioning(attributor: SourceAttributor | InfluenceAttributor, shift: float) -> float:
+    """The largest condition number of the matrices the functions take: H̄ (SOURCE under
+    SGD, influence functions), K̄ (SOURCE under Adam, its dense form's)."""
     state = attributor.state_
     curvatures = (
-        [m.curvature for m in state.segments] if hasattr(state, "segments") else [state.curvature]
+        [m.curvature if m.adam is None else m.adam.curvature for m in state.segments]
+        if hasattr(state, "segments")
+        else [state.curvature]
     )
     return max(_kappa(c, shift) for c in curvatures)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", SGD_CASES)
+@pytest.mark.parametrize("name", [*SGD_CASES, "mlp_adam", "mlp_adamw", "mlp_two_stage"])
 def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curvature(
     name: str,
 ) -> None:
+    # With w = 1, every example and 2P steps both Lanczos approximations are exact up to
+    # rounding, and the scores are those of curvature="exact": its functions of H̄ under
+    # SGD, and under Adam its dense form's of K = p^½ (H̄ + c) p^½ + w, the matrix the
+    # refinement's Lanczos takes there (corrected by the EK-FAC form's own)
     run, queries = _cases.trajectory(name), _cases.queries(name)
     exact = SourceAttributor(n_segments=2, curvature="exact", damping=1e-3, **KW).fit(run)
     want = exact.transform(queries)
@@ -345,10 +355,50 @@ def test_refining_the_hessian_is_refused() -> None:
         source.transform(queries)
 
 
-@pytest.mark.parametrize("name", ["mlp_adam", "mlp_two_stage"])
-def test_refining_source_under_adam_is_refused(name: str) -> None:
-    run, queries = _cases.trajectory(name), _cases.queries(name)
-    source = SourceAttributor(n_segments=2, refine_steps=2, **KW).fit(run)
-    with pytest.raises(ValueError, match="refine_steps=2 refines the curvature of segments"):
+def test_under_adam_where_the_products_agree_with_the_fitted_form_the_correction_vanishes() -> (
+    None
+):
+    # H̃ = B and p, c, w constant on each block: K_A = p^½ (B + c) p^½ + w is the guide's
+    # K̃ itself, the two Lanczos approximations are the same, and two steps give the EK-FAC
+    # form's own u and v_next (two steps of Lanczos alone are far from them)
+    _, products, ekfac = _dense_and_products("mlp_momentum")
+    blocks = products.blocks
+    n = sum(b.n_params for b in blocks)
+    b = _fitted_matrix(ekfac, blocks, n)
+    levels = {blk.name: 10.0 ** (i + 1) for i, blk in enumerate(blocks)}
+    pre = {
+        blk.name: torch.full((blk.d_out, blk.d_in), levels[blk.name], dtype=torch.float64)
+        for blk in blocks
+    }
+    guide = preconditioned_curvature(ekfac, pre, coupled=1e-3, decoupled=1e-2)
+    assert isinstance(guide, EigenbasisAdam)
+    refined = RefinedAdam(RefinedCurvature(ekfac, lambda x: x @ b, 2, weight=0.5), guide)  # type: ignore[arg-type]
+    v = unflatten_blocks(
+        blocks, torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    )
+    fns = (Residual(0.5), Decay(0.5))
+    got_u, got_next = refined.apply(fns, Carried(v), 1e-3, carry=True)
+    want_u, want_next = guide.apply(fns, Carried(v), 1e-3, carry=True)
+    assert got_next is not None and want_next is not None
+    for got, want in ((got_u, want_u), (got_next.in_parameters(), want_next.in_parameters())):
+        for name in want:
+            scale = float(want[name].abs().max())
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e6 * EPS64 * scale)
+    x = flatten_blocks(blocks, v)
+    root = flatten_blocks(blocks, {k: t[None] for k, t in pre.items()})[0].sqrt()
+    op = refined.refined._blend(0.0, x)
+    (alone,) = lanczos(
+        lambda y: root * (op(root * y) + 1e-3 * root * y) + (1e-2 + 1e-3) * y,
+        root * x,
+        2,
+    ).apply([fns[0]])
+    gap = float((root * alone - flatten_blocks(blocks, want_u)).abs().max())
+    assert gap > 1e-3 * float(flatten_blocks(blocks, want_u).abs().max())
+
+
+def test_refining_a_dense_adam_form_is_refused() -> None:
+    run, queries = _cases.trajectory("mlp_adam"), _cases.queries("mlp_adam")
+    source = SourceAttributor(n_segments=2, curvature="exact", refine_steps=2, **KW).fit(run)
+    with pytest.raises(ValueError, match="forms K = P\\^1/2 H P\\^1/2 densely already"):
         source.transform(queries)
     source.set_params(refine_steps=0).transform(queries)  # the fitted curvature still serves
