@@ -58,28 +58,43 @@ class Lanczos:
 
     Attributes
     ----------
-    basis : tensor of shape (Q, P, k)
-        Orthonormal columns W_k per vector (columns past an invariant subspace are 0).
+    columns : list of tensors of shape (Q, P)
+        The orthonormal columns of W_k, one tensor per step, each holding that column of
+        every vector's basis (columns past an invariant subspace are 0). Kept apart
+        rather than stacked: every use is a sum over the k columns, and a (Q, P, k)
+        stack would be copied at every step and read across its last axis.
     projection : tensor of shape (Q, k, k)
         T_k = W_kᵀ A W_k (symmetric).
     norms : tensor of shape (Q,)
         ‖v‖ of each starting vector.
     """
 
-    basis: torch.Tensor
+    columns: list[torch.Tensor]
     projection: torch.Tensor
     norms: torch.Tensor
 
     def leading(self, steps: int) -> Lanczos:
         """The decomposition after the first ``steps`` products (the leading part of this one)."""
-        return Lanczos(self.basis[:, :, :steps], self.projection[:, :steps, :steps], self.norms)
+        return Lanczos(self.columns[:steps], self.projection[:, :steps, :steps], self.norms)
 
     def apply(self, fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> list[torch.Tensor]:
         """‖v‖ W_k f(T_k) e₁ for each spectral function f: a list of (Q, P) tensors."""
         ritz, vectors = torch.linalg.eigh(self.projection)
         weights = vectors[:, 0, :] * self.norms[:, None]  # (Q, k): e₁ in the Ritz basis, scaled
-        rotated = torch.einsum("qpk,qki->qpi", self.basis, vectors)  # the Ritz vectors
-        return [torch.einsum("qpi,qi->qp", rotated, weights * fn(ritz)) for fn in fns]
+        out = []
+        for fn in fns:
+            # the coordinates of the result in W_k: V (weights ∘ f(ritz)), (Q, k)
+            coordinates = torch.einsum("qki,qi->qk", vectors, weights * fn(ritz))
+            out.append(_combine(self.columns, coordinates))
+        return out
+
+
+def _combine(columns: list[torch.Tensor], coordinates: torch.Tensor) -> torch.Tensor:
+    """Σ_j coordinates[:, j] · columns[j]: (Q, P)."""
+    total = coordinates[:, :1] * columns[0]
+    for j in range(1, len(columns)):
+        total = torch.addcmul(total, coordinates[:, j : j + 1], columns[j])
+    return total
 
 
 def lanczos(operator: Operator, v: torch.Tensor, steps: int) -> Lanczos:
@@ -112,11 +127,10 @@ def lanczos(operator: Operator, v: torch.Tensor, steps: int) -> Lanczos:
     projection = torch.zeros(n_vectors, steps, steps, dtype=v.dtype, device=v.device)
     for j in range(steps):
         x = operator(columns[j])
-        basis = torch.stack(columns, dim=2)  # (Q, P, j + 1)
         for _ in range(2):  # full reorthogonalisation: classical Gram-Schmidt, twice
-            coefficients = torch.einsum("qpk,qp->qk", basis, x)
+            coefficients = torch.stack([_dot(c, x) for c in columns], dim=1)  # (Q, j + 1)
             projection[:, : j + 1, j] += coefficients
-            x = x - torch.einsum("qpk,qk->qp", basis, coefficients)
+            x = x - _combine(columns, coefficients)
         if j == steps - 1:
             break
         beta = x.norm(dim=1)
@@ -127,7 +141,7 @@ def lanczos(operator: Operator, v: torch.Tensor, steps: int) -> Lanczos:
         projection[:, j + 1, j] = beta
         columns.append(torch.where(alive[:, None], x / _nonzero(beta)[:, None], 0.0))
     projection = 0.5 * (projection + projection.transpose(1, 2))
-    return Lanczos(torch.stack(columns, dim=2), projection, norms)
+    return Lanczos(columns, projection, norms)
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:

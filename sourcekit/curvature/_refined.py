@@ -45,6 +45,7 @@ from ._krylov import Operator, conjugate_gradients, lanczos
 from ._objects import (
     Carried,
     Curvature,
+    EigenbasisCurvature,
     Shift,
     SpectralFunction,
     flatten_blocks,
@@ -170,11 +171,37 @@ class RefinedCurvature(Curvature):
         if spectral:
             wanted = [fns[i] for i in spectral]
             blended = lanczos(operator, v, self.steps).apply(wanted)
-            guide = lanczos(lambda x: self._base_product(x, shift), v, self.steps).apply(wanted)
-            exact = self.base.apply_many(wanted, grads, shift)
-            for i, a, b, f in zip(spectral, blended, guide, exact, strict=True):
-                results[i] = flatten_blocks(self.blocks, f).to(torch.float64) + (a - b)
+            for i, a, c in zip(spectral, blended, self._guide(wanted, grads, shift), strict=True):
+                results[i] = a + c
         return [unflatten_blocks(self.blocks, results[i]) for i in range(len(fns))]
+
+    def _guide(
+        self, fns: Sequence[SpectralFunction], grads: dict[str, torch.Tensor], shift: Shift
+    ) -> list[torch.Tensor]:
+        """F(B) v − L_k(B) v for each function, flat: what B's exact functions correct in
+        its Lanczos approximation. Where B has an eigenbasis both are taken in it, where
+        B is diagonal: one rotation there and one back, no product."""
+        if not isinstance(self.base, EigenbasisCurvature):
+            v = flatten_blocks(self.blocks, grads).to(torch.float64)
+            guide = lanczos(lambda x: self._base_product(x, shift), v, self.steps).apply(list(fns))
+            exact = self.base.apply_many(fns, grads, shift)
+            return [
+                flatten_blocks(self.blocks, f).to(torch.float64) - g
+                for f, g in zip(exact, guide, strict=True)
+            ]
+        base = self.base
+        z = flatten_blocks(self.blocks, base.rotate(grads, torch.float64))
+        sigma = flatten_blocks(
+            self.blocks, {k: t[None] for k, t in base.spectrum(_Identity(), shift).items()}
+        )[0].to(z)
+        approx = lanczos(lambda x: sigma * x, z, self.steps).apply(list(fns))
+        return [
+            flatten_blocks(
+                self.blocks,
+                base.unrotate(unflatten_blocks(self.blocks, fn(sigma) * z - a)),
+            )
+            for fn, a in zip(fns, approx, strict=True)
+        ]
 
     def apply_rates(
         self,
