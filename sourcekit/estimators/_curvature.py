@@ -2,12 +2,13 @@
 
 Their shared parameters (``curvature``, a kind of the registry
 ``sourcekit.curvature.CURVATURES``; ``fisher``; ``curvature_examples``;
-``refine_steps``, ``refine_examples``, ``refine_weight``; ``random_state``), the settings of the curvature passes, the fit of
-one curvature per job (a segment's checkpoints and stage, or the final step) with one
-byte budget and one cache of training-loss factors for all of them, and, when scoring
-with ``refine_steps``, the fitted curvature of a job blended with the exact matrix of
-``refine_examples`` (checkpoint, example) pairs of the job, applied by Krylov
-iterations on exact products (:meth:`CurvatureAttributor._refined`).
+``refine_steps``, ``refine_examples``, ``refine_weight``; ``random_state``), the
+settings of the curvature passes, the fit of one curvature per job (a segment's
+checkpoints and stage, or the final step) with one byte budget and one cache of
+training-loss factors for all of them, and, when scoring with ``refine_steps``, the
+fitted curvature of a job blended with the exact matrix of ``refine_examples``
+(checkpoint, example) pairs of the job, applied by Krylov iterations on exact products
+(:meth:`CurvatureAttributor._refined`).
 """
 
 from __future__ import annotations

@@ -143,10 +143,11 @@ class SourceAttributor(CurvatureAttributor):
         them). Each step is one pass over the ``refine_examples`` pairs carrying all the
         queries at once. Under Adam and AdamW the functions are of the preconditioned
         K_A = p^½ (A + c) p^½ + w, corrected by the EK-FAC form's own (refused with a
-        dense curvature, whose form is exact already). 0 (the default) applies the fitted curvature's own functions. Read only
-        by ``transform``; not with ``curvature="hessian"``. The curvature page of the
-        documentation gives the iterations, their error bounds, their cost and the
-        measurements behind the defaults.
+        dense curvature, whose form is exact already). 0 (the default) applies the
+        fitted curvature's own functions. Read only by ``transform``; not with
+        ``curvature="hessian"``. The curvature page of the documentation gives the
+        iterations, their error bounds, their cost and the measurements behind the
+        defaults.
     refine_examples : int or None, default=512
         The (checkpoint, example) pairs the exact products of ``refine_steps`` average
         over in each segment, dealt evenly to its checkpoints, each drawing its share of
