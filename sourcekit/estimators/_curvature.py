@@ -155,9 +155,10 @@ class CurvatureAttributor(GradientAttributor):
 
     # --- scoring -----------------------------------------------------------------------
     def _query_extra_bytes(self) -> int:
-        # a refinement holds, per query, its Krylov basis (refine_steps vectors) and the
-        # vectors of one product and of conjugate gradients, in float64
-        return 8 * (self.refine_steps + 4) if self.refine_steps else 0
+        # a refinement holds, per query, its two Krylov bases (on the blend and on the
+        # fitted curvature, refine_steps vectors each) and the vectors of one product and
+        # of conjugate gradients, in float64
+        return 8 * (2 * self.refine_steps + 4) if self.refine_steps else 0
 
     def _refined(
         self, curvature: Curvature, trajectory: Trajectory, steps: Sequence[int], job: CurvatureJob
