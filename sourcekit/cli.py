@@ -60,6 +60,16 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "random subset",
         "all of them",
     ),
+    "refine_steps": (
+        "refine the fitted curvature with this many Krylov steps of exact Gauss-Newton "
+        "products (0: off)",
+        "",
+    ),
+    "refine_examples": (
+        "(checkpoint, example) pairs the refinement's exact products average over",
+        "every example at every checkpoint",
+    ),
+    "refine_weight": ("the exact matrix's share of the refined curvature, in (0, 1]", ""),
     "average_checkpoints": (
         "SOURCE's fast variant: curvature and gradients once per segment, at the mean of "
         "its checkpoints' weights",

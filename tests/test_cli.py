@@ -194,6 +194,21 @@ def test_attribute_passes_the_precision_and_the_curvature_subset(
     np.testing.assert_array_equal(np.load(out), expected)
 
 
+def test_attribute_passes_the_refinement(saved: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.npy"
+    argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
+    options = ["--refine-steps", "2", "--refine-examples", "8", "--refine-weight", "0.5"]
+    assert main([*argv, *options, "--quiet", "--out", str(out)]) == 0
+    expected = (
+        SourceAttributor(refine_steps=2, refine_examples=8, refine_weight=0.5, device="cpu")
+        .fit(Trajectory.load(saved))
+        .transform(_cases.queries("mlp_momentum"))
+    )
+    np.testing.assert_array_equal(np.load(out), expected)
+    plain = SourceAttributor(device="cpu").fit(Trajectory.load(saved))
+    assert not np.array_equal(plain.transform(_cases.queries("mlp_momentum")), expected)
+
+
 def test_attribute_runs_sources_fast_variant(saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.npy"
     argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
