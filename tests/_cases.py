@@ -410,9 +410,20 @@ def record(name: str, random_state: int = 0) -> Trajectory:
 
 
 @functools.cache
+def seeded_trajectory(name: str, random_state: int) -> Trajectory:
+    """The recording of case ``name`` with seed ``random_state``, shared by all tests:
+    never modify it."""
+    return record(name, random_state)
+
+
 def trajectory(name: str) -> Trajectory:
     """The recording of case ``name`` with seed 0, shared by all tests: never modify it."""
-    return record(name)
+    return seeded_trajectory(name, 0)
+
+
+def runs(name: str, seeds: tuple[int, ...] = (0, 1, 2)) -> sourcekit.Runs:
+    """Several runs of case ``name``, one shared recording per seed."""
+    return sourcekit.Runs([seeded_trajectory(name, s) for s in seeds])
 
 
 def queries(name: str, n: int | None = None) -> Examples:

@@ -182,7 +182,7 @@ class GaussNewtonProducts:
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         """The diagonal of H̄ per block (d_out, d_in), in float64, computed once, on first
-        use (Adam's diagonal decay needs it, the other paths do not).
+        use (what :meth:`RefinedCurvature.diagonal` blends in; no scoring path reads it).
 
         With ``fisher="expected"`` exactly, Σ_m Σ_c (J_mᵀ M_m e_c)² from one backward
         pass per output (and position) of each example, M_m M_mᵀ the loss's output

@@ -77,9 +77,8 @@ class RefinedCurvature(Curvature):
     weight : float, default=1.0
         w, the exact products' share of the blend A = (1 − w) B + w H̃, in (0, 1].
     exact_diagonal : callable, optional
-        Returns the diagonal of H̄ per block (d_out, d_in), computed on first use;
-        :meth:`diagonal` returns it (Adam's diagonal decay), or ``base``'s diagonal
-        without it.
+        Returns the diagonal of H̃ per block (d_out, d_in), computed on first use;
+        :meth:`diagonal` blends it with ``base``'s (``base``'s alone without it).
 
     Examples
     --------
@@ -191,9 +190,7 @@ class RefinedCurvature(Curvature):
             ]
         base = self.base
         z = flatten_blocks(self.blocks, base.rotate(grads, torch.float64))
-        sigma = flatten_blocks(
-            self.blocks, {k: t[None] for k, t in base.spectrum(_Identity(), shift).items()}
-        )[0].to(z)
+        sigma = _flat(self.blocks, base.spectrum(_Identity(), shift)).to(z)
         approx = lanczos(lambda x: sigma * x, z, self.steps).apply(list(fns))
         return [
             flatten_blocks(
@@ -265,6 +262,11 @@ class RefinedCurvature(Curvature):
         return f"RefinedCurvature(base={self.base!r}, steps={self.steps}, weight={self.weight:g})"
 
 
+def _flat(blocks: Sequence[LayerBlock], per_block: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One (d_out, d_in) tensor per block as a single flat vector, in the blocks' layout."""
+    return flatten_blocks(blocks, {b.name: per_block[b.name][None] for b in blocks})[0]
+
+
 class _Identity:
     """σ ↦ σ: with a shift, the product (B + shift) x through B's eigenbasis."""
 
@@ -279,7 +281,8 @@ class RefinedAdam:
     The guide is the eigenbasis form of the fitted curvature B
     (:class:`~sourcekit.curvature._preconditioner.EigenbasisAdam`): in B's eigenbasis Q its
     K̃ = Q diag(κ) Qᵀ, κ = π (Λ + c̃) + w̃, and it scores with u_B = p̃^½ F_r(K̃ + δ) p̃^½ v,
-    p̃ = Q diag(π) Qᵀ. The refined residual is
+    p̃ = Q diag(π) Qᵀ (what :meth:`EigenbasisAdam.apply` returns, formed here in the same
+    rotation as its Lanczos approximation). The refined residual is
 
         u = u_B + p^½ L_k(K_A + δ)(p^½ v) − p̃^½ L_k(K̃ + δ)(p̃^½ v),
 
@@ -299,11 +302,8 @@ class RefinedAdam:
         self.refined = refined
         self.guide = guide
         self.curvature = guide.curvature
-        blocks = refined.blocks
         d = guide.diagonals
-        self.p = flatten_blocks(blocks, {b.name: d.p[b.name][None] for b in blocks})[0]
-        self.c = flatten_blocks(blocks, {b.name: d.c[b.name][None] for b in blocks})[0]
-        self.w = flatten_blocks(blocks, {b.name: d.w[b.name][None] for b in blocks})[0]
+        self.p, self.c, self.w = (_flat(refined.blocks, x) for x in (d.p, d.c, d.w))
         self.root = self.p.clamp_min(0).sqrt()
 
     def apply(
@@ -314,8 +314,9 @@ class RefinedAdam:
         carry: bool,
     ) -> tuple[dict[str, torch.Tensor], Carried | None]:
         """(u, v_next) in parameter coordinates, in float64 (see the class notes)."""
-        blocks, refined, guide = self.refined.blocks, self.refined, self.guide
-        v = flatten_blocks(blocks, carried.in_parameters()).to(torch.float64)
+        blocks, refined = self.refined.blocks, self.refined
+        vectors = carried.in_parameters()
+        v = flatten_blocks(blocks, vectors).to(torch.float64)
         p, c, w, root = (t.to(v.device) for t in (self.p, self.c, self.w, self.root))
         blend = refined._blend(0.0, v)
 
@@ -328,10 +329,7 @@ class RefinedAdam:
         ).apply([residual])
         u_blend = root * scaled
 
-        # the guide: u_B by B's own form, and its Lanczos approximation in B's eigenbasis
-        u_fitted, _ = guide.apply((residual, residual), carried, damping, carry=False)
-        u_guide = self._guide_lanczos(residual, carried, damping)
-        u = flatten_blocks(blocks, u_fitted).to(torch.float64) + u_blend - u_guide
+        u = u_blend + self._guide(residual, vectors, damping)
         if not carry:
             return unflatten_blocks(blocks, u), None
         safe = torch.where(p > 0, p, torch.ones_like(p))
@@ -339,22 +337,19 @@ class RefinedAdam:
         after = v - shifted(u) - own * u
         return unflatten_blocks(blocks, u), Carried(unflatten_blocks(blocks, after))
 
-    def _guide_lanczos(self, fn: _Function, carried: Carried, damping: float) -> torch.Tensor:
-        """p̃^½ L_k(K̃ + δ)(p̃^½ v), flat, run where K̃ is diagonal: in B's eigenbasis."""
+    def _guide(
+        self, fn: _Function, vectors: dict[str, torch.Tensor], damping: float
+    ) -> torch.Tensor:
+        """u_B − p̃^½ L_k(K̃ + δ)(p̃^½ v), flat: the EK-FAC form's residual Q π^½ F_r(κ + δ) z
+        less its Lanczos approximation, z = π^½ Qᵀ v, both taken where K̃ is diagonal (in
+        B's eigenbasis): one rotation there and one back, no product."""
         curvature = self.guide.curvature
         blocks = curvature.blocks
-        rotated = curvature.rotate(carried.in_parameters(), torch.float64)
-        kappa = flatten_blocks(
-            blocks, {b.name: curvature.factors[b.name].eigenvalues[None] for b in blocks}
-        )[0].to(torch.float64)
-        half = (
-            flatten_blocks(blocks, {b.name: self.guide.weights[b.name][None] for b in blocks})[0]
-            .to(torch.float64)
-            .clamp_min(0)
-            .sqrt()
-        )
-        z = half * flatten_blocks(blocks, rotated).to(torch.float64)
-        z = z.to(kappa.device)
-        (approx,) = lanczos(lambda x: (kappa + damping) * x, z, self.refined.steps).apply([fn])
-        back = curvature.unrotate(unflatten_blocks(blocks, half.to(approx.device) * approx))
-        return flatten_blocks(blocks, back).to(torch.float64)
+        kappa = _flat(blocks, {b.name: curvature.factors[b.name].eigenvalues for b in blocks})
+        half = _flat(blocks, self.guide.weights).to(torch.float64).clamp_min(0).sqrt()
+        half = half.to(kappa.device)
+        z = half * flatten_blocks(blocks, curvature.rotate(vectors, torch.float64)).to(kappa)
+        sigma = (kappa + damping).to(torch.float64)
+        (approx,) = lanczos(lambda x: sigma * x, z, self.refined.steps).apply([fn])
+        corrected = half * (fn(sigma) * z - approx)
+        return flatten_blocks(blocks, curvature.unrotate(unflatten_blocks(blocks, corrected)))

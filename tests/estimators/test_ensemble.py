@@ -18,7 +18,6 @@ from sourcekit import (
     EnsembleAttributor,
     InfluenceAttributor,
     LDSScorer,
-    Runs,
     SourceAttributor,
     TopKProponents,
     TracInAttributor,
@@ -32,17 +31,9 @@ CASE = "mlp_momentum"
 SEEDS = (0, 1, 2)
 
 
-@functools.cache
-def run(seed: int) -> sourcekit.Trajectory:
-    return _cases.record(CASE, random_state=seed)
-
-
-def runs(seeds: tuple[int, ...] = SEEDS) -> Runs:
-    return Runs([run(s) for s in seeds])
-
-
-def queries() -> sourcekit.Examples:
-    return _cases.queries(CASE, 6)
+run = functools.partial(_cases.seeded_trajectory, CASE)
+runs = functools.partial(_cases.runs, CASE)
+queries = functools.partial(_cases.queries, CASE, 6)
 
 
 def source() -> SourceAttributor:
