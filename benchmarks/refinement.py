@@ -1,7 +1,8 @@
 """Refining EK-FAC with exact Gauss-Newton products (``refine_steps``): LDS, agreement, time.
 
 Run:  python benchmarks/refinement.py lds [--recipes standard early two_stage] [--queries 100]
-                                          [--settings 2:512 3:512 3:256 3:512:1 4:all:1]
+                                          [--settings 2:512 3:512 2:512:0.25:32 2:512:0.25:all
+                                                      3:512:1 4:all:1:all]
                                           [--repeats 3] [--random-state 0]
       python benchmarks/refinement.py blend [--recipes standard two_stage] [--examples 128 256]
                                             [--weights 1 0.75 0.5 0.25]
@@ -12,9 +13,9 @@ Run:  python benchmarks/refinement.py lds [--recipes standard early two_stage] [
 ``lds``: on the digits recipes, SOURCE (3 segments, damping 1e-3, the defaults
 otherwise) with EK-FAC (the default), with ``curvature="exact"`` (the dense
 Gauss-Newton matrix) and refined (``refine_steps=k``, ``refine_examples=m``,
-``refine_weight=w``, written ``k:m:w``, or ``k:m`` for the default weight; m = ``all``
-takes every example at every checkpoint, and ``k:all:1`` is the plain refinement
-towards exact curvature; ``--random-state`` seeds the refined settings: their
+``refine_weight=w``, ``refine_rank=r``, written ``k:m:w:r``, ``k:m:w`` or ``k:m`` for
+the defaults; m = ``all`` takes every example at every checkpoint, r = ``all`` starts
+from every query, and ``k:all:1:all`` is the plain refinement towards exact curvature; ``--random-state`` seeds the refined settings: their
 EK-FAC fit's Fisher targets and their draw of pairs). For each it prints the LDS against
 retraining on ``--subsets`` random halves with ``--seeds`` seeds (the ground truth of
 ``benchmarks/evaluate_lds.py``, read from the same cache), the fraction of the LDS gap
@@ -72,7 +73,8 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def parse_setting(text: str, n_train: int) -> dict[str, Any]:
-    """``k:m`` or ``k:m:w`` -> the refinement's parameters; m is a number, ``N/d`` or ``all``."""
+    """``k:m``, ``k:m:w`` or ``k:m:w:r`` -> the refinement's parameters; m is a number,
+    ``N/d`` or ``all``, r a number or ``all`` (every query)."""
     steps, examples, *weight = text.split(":")
     settings: dict[str, Any] = {"refine_steps": int(steps)}
     if examples == "all":
@@ -83,15 +85,21 @@ def parse_setting(text: str, n_train: int) -> dict[str, Any]:
         settings["refine_examples"] = int(examples)
     if weight:
         settings["refine_weight"] = float(weight[0])
+    if len(weight) > 1:
+        settings["refine_rank"] = None if weight[1] == "all" else int(weight[1])
     return settings
 
 
 def setting_name(settings: dict[str, Any]) -> str:
     m = settings["refine_examples"]
     w = settings.get("refine_weight")
-    return f"refined k={settings['refine_steps']}, m={'all' if m is None else m}" + (
+    name = f"refined k={settings['refine_steps']}, m={'all' if m is None else m}" + (
         "" if w is None else f", w={w:g}"
     )
+    if "refine_rank" in settings:
+        r = settings["refine_rank"]
+        name += f", r={'all' if r is None else r}"
+    return name
 
 
 def timed(make: Any, trajectory: sourcekit.Trajectory, queries: Any) -> tuple[np.ndarray, float]:
@@ -305,7 +313,9 @@ def main() -> None:
     lds.add_argument("--n-jobs", type=int, default=2)
     lds.add_argument("--cache", default=".cache/sourcekit-lds")
     lds.add_argument(
-        "--settings", nargs="+", default=["2:512", "3:512", "3:256", "3:512:1", "4:all:1"]
+        "--settings",
+        nargs="+",
+        default=["2:512", "3:512", "2:512:0.25:32", "2:512:0.25:all", "3:512:1", "4:all:1:all"],
     )
     lds.add_argument(
         "--random-state", type=int, default=0, help="seed of the refined settings' pairs"

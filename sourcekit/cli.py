@@ -70,6 +70,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "every example at every checkpoint",
     ),
     "refine_weight": ("the exact matrix's share of the refined curvature, in (0, 1]", ""),
+    "refine_rank": (
+        "query combinations that start the refinement's shared Krylov spaces",
+        "every query",
+    ),
     "average_checkpoints": (
         "SOURCE's fast variant: curvature and gradients once per segment, at the mean of "
         "its checkpoints' weights",

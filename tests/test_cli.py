@@ -198,9 +198,12 @@ def test_attribute_passes_the_refinement(saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.npy"
     argv = ["attribute", str(saved), "--queries", str(_queries_file(tmp_path, ".npz"))]
     options = ["--refine-steps", "2", "--refine-examples", "8", "--refine-weight", "0.5"]
+    options += ["--refine-rank", "3"]
     assert main([*argv, *options, "--quiet", "--out", str(out)]) == 0
     expected = (
-        SourceAttributor(refine_steps=2, refine_examples=8, refine_weight=0.5, device="cpu")
+        SourceAttributor(
+            refine_steps=2, refine_examples=8, refine_weight=0.5, refine_rank=3, device="cpu"
+        )
         .fit(Trajectory.load(saved))
         .transform(_cases.queries("mlp_momentum"))
     )

@@ -18,20 +18,27 @@ is H̄ itself.
   gradients on (A + shift) x = v, with B's own inverse as the preconditioner,
   ``steps`` products;
 - every other function F (SOURCE's decay e^{−sσ} and residual (1 − e^{−sσ})/σ, their
-  finite-product forms): F(B) v, which B applies exactly, corrected by the difference
-  of the Lanczos approximations of F(A) v and F(B) v from the same start v,
-  ``steps`` products each (B's are cheap):
+  finite-product forms): F(B) v, which B applies exactly, corrected by block Krylov
+  spaces shared by the whole block of query vectors
+  (:func:`~sourcekit.curvature._krylov.krylov_subspace`): W_A of A and W_B of B, both
+  started from the same r combinations of the vectors that carry most of their energy
+  (``rank``, :func:`~sourcekit.curvature._krylov.principal_combinations`):
 
-      F(B) v + [L_k(A) v − L_k(B) v].
+      F(B) v + W_A F(W_A A W_Aᵀ) W_Aᵀ v − W_B F(W_B B W_Bᵀ) W_Bᵀ v.
 
-  The two Lanczos approximations err alike where A and B agree, so their difference
-  carries what A adds to B with far less of the truncation error of a few steps; as k
-  grows L_k(B) v → F(B) v and the result → F(A) v.
+  The two Rayleigh-Ritz approximations err alike where A and B agree, so their
+  difference carries what A adds to B with far less of the truncation error of a few
+  steps; as the spaces grow the result → F(A) v, and where A = B the two are the same
+  and the result is F(B) v. A step is one product carrying r vectors, whatever the
+  number of queries Q: the refinement costs r·k products' worth of passes per segment
+  instead of Q·k (B's products are rotations). The part of a query outside the span of
+  the r combinations is corrected only through its projections (with r ≥ Q nothing is
+  outside, and W_A holds every query's own Krylov space K_k(A, v)).
 
 Under Adam and AdamW (:class:`RefinedAdam`) the functions are of the preconditioned
 K_A = p^½ (A + c) p^½ + w (``sourcekit.curvature._preconditioner``), the guide is the
 eigenbasis form of B, whose K̃ is diagonal in B's eigenbasis, and the correction is taken
-between the two in the same way.
+between the two in the same way, their spaces started from the same combinations.
 """
 
 from __future__ import annotations
@@ -41,7 +48,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..gradients._layers import LayerBlock
-from ._krylov import Operator, conjugate_gradients, lanczos
+from ._krylov import (
+    Operator,
+    conjugate_gradients,
+    krylov_subspace,
+    lanczos,
+    principal_combinations,
+)
 from ._objects import (
     Carried,
     Curvature,
@@ -73,12 +86,15 @@ class RefinedCurvature(Curvature):
         order (:func:`~sourcekit.curvature._objects.flatten_blocks`).
     steps : int
         Products per application: conjugate-gradient iterations for the inverse,
-        Lanczos steps for the other functions.
+        block Krylov steps for the other functions.
     weight : float, default=1.0
         w, the exact products' share of the blend A = (1 − w) B + w H̃, in (0, 1].
     exact_diagonal : callable, optional
         Returns the diagonal of H̃ per block (d_out, d_in), computed on first use;
         :meth:`diagonal` blends it with ``base``'s (``base``'s alone without it).
+    rank : int or None, default=None
+        r, the combinations of a block of query vectors that start the shared Krylov
+        space of the functions other than the inverse; None: every vector of the block.
 
     Examples
     --------
@@ -107,9 +123,12 @@ class RefinedCurvature(Curvature):
         steps: int,
         exact_diagonal: Callable[[], dict[str, torch.Tensor]] | None = None,
         weight: float = 1.0,
+        rank: int | None = None,
     ) -> None:
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight={weight!r} must lie in (0, 1].")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank={rank!r} must be a positive integer or None.")
         self.kind = base.kind
         self.blocks: list[LayerBlock] = list(base.blocks)
         self.base = base
@@ -117,6 +136,7 @@ class RefinedCurvature(Curvature):
         self.steps = int(steps)
         self.exact_diagonal = exact_diagonal
         self.weight = float(weight)
+        self.rank = rank
 
     def _base_product(self, x: torch.Tensor, shift: Shift) -> torch.Tensor:
         """(B + shift) x for flat (Q, P) vectors, through B's eigenbasis."""
@@ -151,9 +171,10 @@ class RefinedCurvature(Curvature):
         """``[apply(fn, grads, shift) for fn in fns]`` by Krylov iterations, in float64.
 
         The inverse takes ``steps`` conjugate-gradient iterations on A preconditioned by
-        B's inverse; the other functions are F(B) v + L_k(A) v − L_k(B) v, one Lanczos
-        basis of ``steps`` products for all of them. ``dtype`` is accepted for the
-        common interface: the iterations run in float64.
+        B's inverse; the other functions are F(B) v + W_A F(T_A) W_Aᵀ v − W_B F(T_B) W_Bᵀ v,
+        one block Krylov space of A of ``steps`` products (r vectors each) for all of
+        them and all the vectors, and one of B. ``dtype`` is accepted for the common
+        interface: the iterations run in float64.
         """
         v = flatten_blocks(self.blocks, grads).to(torch.float64)
         operator = self._blend(shift, v)
@@ -169,35 +190,45 @@ class RefinedCurvature(Curvature):
                 results[i] = conjugate_gradients(operator, v, self.steps, precondition)
         if spectral:
             wanted = [fns[i] for i in spectral]
-            blended = lanczos(operator, v, self.steps).apply(wanted)
-            for i, a, c in zip(spectral, blended, self._guide(wanted, grads, shift), strict=True):
+            combinations = principal_combinations(v, self.rank)
+            space = krylov_subspace(operator, combinations @ v, self.steps)
+            blended = space.apply(wanted, v)
+            guide = self._guide(wanted, grads, combinations, shift)
+            for i, a, c in zip(spectral, blended, guide, strict=True):
                 results[i] = a + c
         return [unflatten_blocks(self.blocks, results[i]) for i in range(len(fns))]
 
     def _guide(
-        self, fns: Sequence[SpectralFunction], grads: dict[str, torch.Tensor], shift: Shift
+        self,
+        fns: Sequence[SpectralFunction],
+        grads: dict[str, torch.Tensor],
+        combinations: torch.Tensor,
+        shift: Shift,
     ) -> list[torch.Tensor]:
-        """F(B) v − L_k(B) v for each function, flat: what B's exact functions correct in
-        its Lanczos approximation. Where B has an eigenbasis both are taken in it, where
-        B is diagonal: one rotation there and one back, no product."""
+        """F(B) v − W_B F(W_B B W_Bᵀ) W_Bᵀ v for each function, flat: what B's exact
+        functions correct in their projection on B's own block Krylov space W_B, started
+        from the same ``combinations`` of the vectors. Where B has an eigenbasis both are
+        taken in it, where B is diagonal: one rotation there and one back, no product."""
         if not isinstance(self.base, EigenbasisCurvature):
             v = flatten_blocks(self.blocks, grads).to(torch.float64)
-            guide = lanczos(lambda x: self._base_product(x, shift), v, self.steps).apply(list(fns))
+            space = krylov_subspace(
+                lambda x: self._base_product(x, shift), combinations @ v, self.steps
+            )
             exact = self.base.apply_many(fns, grads, shift)
             return [
                 flatten_blocks(self.blocks, f).to(torch.float64) - g
-                for f, g in zip(exact, guide, strict=True)
+                for f, g in zip(exact, space.apply(list(fns), v), strict=True)
             ]
         base = self.base
-        z = flatten_blocks(self.blocks, base.rotate(grads, torch.float64))
+        z = flatten_blocks(self.blocks, base.rotate(grads, torch.float64)).to(torch.float64)
         sigma = _flat(self.blocks, base.spectrum(_Identity(), shift)).to(z)
-        approx = lanczos(lambda x: sigma * x, z, self.steps).apply(list(fns))
+        space = krylov_subspace(lambda x: sigma * x, combinations.to(z) @ z, self.steps)
         return [
             flatten_blocks(
                 self.blocks,
                 base.unrotate(unflatten_blocks(self.blocks, fn(sigma) * z - a)),
             )
-            for fn, a in zip(fns, approx, strict=True)
+            for fn, a in zip(fns, space.apply(list(fns), z), strict=True)
         ]
 
     def apply_rates(
@@ -255,11 +286,19 @@ class RefinedCurvature(Curvature):
 
     def to(self, device: torch.device) -> RefinedCurvature:
         return RefinedCurvature(
-            self.base.to(device), self.products, self.steps, self.exact_diagonal, self.weight
+            self.base.to(device),
+            self.products,
+            self.steps,
+            self.exact_diagonal,
+            self.weight,
+            self.rank,
         )
 
     def __repr__(self) -> str:
-        return f"RefinedCurvature(base={self.base!r}, steps={self.steps}, weight={self.weight:g})"
+        return (
+            f"RefinedCurvature(base={self.base!r}, steps={self.steps}, "
+            f"weight={self.weight:g}, rank={self.rank})"
+        )
 
 
 def _flat(blocks: Sequence[LayerBlock], per_block: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -282,13 +321,18 @@ class RefinedAdam:
     (:class:`~sourcekit.curvature._preconditioner.EigenbasisAdam`): in B's eigenbasis Q its
     K̃ = Q diag(κ) Qᵀ, κ = π (Λ + c̃) + w̃, and it scores with u_B = p̃^½ F_r(K̃ + δ) p̃^½ v,
     p̃ = Q diag(π) Qᵀ (what :meth:`EigenbasisAdam.apply` returns, formed here in the same
-    rotation as its Lanczos approximation). The refined residual is
+    rotation as its correction). With C the r leading combinations of the vectors p^½ v
+    (``refined.rank``), W the block Krylov space of K_A + δ started from C p^½ v
+    (``refined.steps`` products with A of r vectors each) and W̃ that of K̃ + δ started
+    from C p̃^½ v, the refined residual is
 
-        u = u_B + p^½ L_k(K_A + δ)(p^½ v) − p̃^½ L_k(K̃ + δ)(p̃^½ v),
+        u = u_B + p^½ W F_r(W (K_A + δ) Wᵀ) Wᵀ p^½ v − p̃^½ W̃ F_r(W̃ (K̃ + δ) W̃ᵀ) W̃ᵀ p̃^½ v,
 
-    k = ``refined.steps`` products with A (the second Lanczos runs in B's eigenbasis,
-    where K̃ is diagonal); as k grows it tends to p^½ F_r(K_A + δ) p^½ v. The carried
-    vector is v − (A + c + (w + δ)/p) u, as for the dense form, with one more product.
+    the second space built in B's eigenbasis, where K̃ is diagonal (no product). As the
+    spaces grow u tends to p^½ F_r(K_A + δ) p^½ v; where A = B and p = p̃ the two
+    projections are the same and u = u_B.
+    The carried vector is v − (A + c + (w + δ)/p) u, as for the dense form, with one more
+    product.
 
     Parameters
     ----------
@@ -324,12 +368,15 @@ class RefinedAdam:
             return blend(x) + c * x
 
         residual = fns[0]
-        (scaled,) = lanczos(
-            lambda x: root * shifted(root * x) + (w + damping) * x, root * v, refined.steps
-        ).apply([residual])
-        u_blend = root * scaled
-
-        u = u_blend + self._guide(residual, vectors, damping)
+        start = root * v
+        combinations = principal_combinations(start, refined.rank)
+        space = krylov_subspace(
+            lambda x: root * shifted(root * x) + (w + damping) * x,
+            combinations @ start,
+            refined.steps,
+        )
+        (scaled,) = space.apply([residual], start)
+        u = root * scaled + self._guide(residual, vectors, combinations, damping)
         if not carry:
             return unflatten_blocks(blocks, u), None
         safe = torch.where(p > 0, p, torch.ones_like(p))
@@ -338,18 +385,24 @@ class RefinedAdam:
         return unflatten_blocks(blocks, u), Carried(unflatten_blocks(blocks, after))
 
     def _guide(
-        self, fn: _Function, vectors: dict[str, torch.Tensor], damping: float
+        self,
+        fn: _Function,
+        vectors: dict[str, torch.Tensor],
+        combinations: torch.Tensor,
+        damping: float,
     ) -> torch.Tensor:
-        """u_B − p̃^½ L_k(K̃ + δ)(p̃^½ v), flat: the EK-FAC form's residual Q π^½ F_r(κ + δ) z
-        less its Lanczos approximation, z = π^½ Qᵀ v, both taken where K̃ is diagonal (in
-        B's eigenbasis): one rotation there and one back, no product."""
+        """u_B − p̃^½ W̃ F_r(W̃ (K̃ + δ) W̃ᵀ) W̃ᵀ p̃^½ v, flat: the EK-FAC form's residual
+        Q π^½ F_r(κ + δ) z less its projection on the block Krylov space W̃ of K̃ + δ
+        started from the same ``combinations`` of z = π^½ Qᵀ v, both taken where K̃ is
+        diagonal (in B's eigenbasis): one rotation there and one back, no product."""
         curvature = self.guide.curvature
         blocks = curvature.blocks
         kappa = _flat(blocks, {b.name: curvature.factors[b.name].eigenvalues for b in blocks})
         half = _flat(blocks, self.guide.weights).to(torch.float64).clamp_min(0).sqrt()
         half = half.to(kappa.device)
-        z = half * flatten_blocks(blocks, curvature.rotate(vectors, torch.float64)).to(kappa)
+        z = half * flatten_blocks(blocks, curvature.rotate(vectors, torch.float64)).to(half)
         sigma = (kappa + damping).to(torch.float64)
-        (approx,) = lanczos(lambda x: sigma * x, z, self.refined.steps).apply([fn])
+        space = krylov_subspace(lambda x: sigma * x, combinations.to(z) @ z, self.refined.steps)
+        (approx,) = space.apply([fn], z)
         corrected = half * (fn(sigma) * z - approx)
         return flatten_blocks(blocks, curvature.unrotate(unflatten_blocks(blocks, corrected)))

@@ -155,13 +155,21 @@ class CurvatureAttributor(GradientAttributor):
 
     # --- scoring -----------------------------------------------------------------------
     def _query_extra_bytes(self) -> int:
-        # a refinement holds, per query, its two Krylov bases (on the blend and on the
-        # fitted curvature, refine_steps vectors each) and the vectors of one product and
-        # of conjugate gradients, in float64
-        return 8 * (2 * self.refine_steps + 4) if self.refine_steps else 0
+        # a refinement holds, per query and in float64, its vector flat and in the fitted
+        # curvature's eigenbasis and the two functions' results in each (6 vectors), and,
+        # where the iteration runs per query (conjugate gradients, the per-parameter-rate
+        # form), a Krylov basis of refine_steps vectors; the shared Krylov spaces of the
+        # other functions (3 × refine_rank × refine_steps vectors) do not grow with the
+        # queries
+        return 8 * (self.refine_steps + 6) if self.refine_steps else 0
 
     def _refined(
-        self, curvature: Curvature, trajectory: Trajectory, steps: Sequence[int], job: CurvatureJob
+        self,
+        curvature: Curvature,
+        trajectory: Trajectory,
+        steps: Sequence[int],
+        job: CurvatureJob,
+        rank: int | None = None,
     ) -> Curvature:
         """``curvature``, or with ``refine_steps`` its blend with the exact curvature it
         approximates, applied by Krylov iterations with it as guide
@@ -170,7 +178,8 @@ class CurvatureAttributor(GradientAttributor):
         The products average over ``refine_examples`` (checkpoint, example) pairs of the
         job (:func:`refinement_pairs`): its ``steps`` (the checkpoints the curvature was
         fitted at, built through ``trajectory``: SOURCE's averaged view or the run) and
-        its examples.
+        its examples. ``rank``: the query combinations that start the shared Krylov
+        spaces of the functions other than the inverse (None: every query).
         """
         if not self.refine_steps:
             return curvature
@@ -197,5 +206,5 @@ class CurvatureAttributor(GradientAttributor):
             random_state=resolve_seed(self.random_state),
         )
         return RefinedCurvature(
-            curvature, products, self.refine_steps, products.diagonal, self.refine_weight
+            curvature, products, self.refine_steps, products.diagonal, self.refine_weight, rank
         )

@@ -139,11 +139,12 @@ class SourceAttributor(CurvatureAttributor):
         Gauss-Newton matrix (the one ``curvature="exact"`` forms densely) over
         ``refine_examples`` (checkpoint, example) pairs of the segment and w =
         ``refine_weight``, applied to the query-side vectors as F(B) v corrected by
-        ``refine_steps`` Lanczos steps on A and on B (the residual and the decay share
-        them). Each step is one pass over the ``refine_examples`` pairs carrying all the
-        queries at once. Under Adam and AdamW the functions are of the preconditioned
-        K_A = p^½ (A + c) p^½ + w, corrected by the EK-FAC form's own (refused with a
-        dense curvature, whose form is exact already). 0 (the default) applies the
+        block Krylov spaces of ``refine_steps`` steps on A and on B, shared by a block
+        of queries (the residual and the decay share them too). Each step is one pass
+        over the ``refine_examples`` pairs carrying ``refine_rank`` vectors, however
+        many queries there are. Under Adam and AdamW the functions are of the
+        preconditioned K_A = p^½ (A + c) p^½ + w, corrected by the EK-FAC form's own
+        (refused with a dense curvature, whose form is exact already). 0 (the default) applies the
         fitted curvature's own functions. Read only by ``transform``; not with
         ``curvature="hessian"``. The curvature page of the documentation gives the
         iterations, their error bounds, their cost and the measurements behind the
@@ -158,6 +159,13 @@ class SourceAttributor(CurvatureAttributor):
         shrinkage of the noisy exact matrix of a few hundred examples towards the fitted
         curvature of all of them. With w = 1 and ``refine_examples=None`` the refinement
         approaches ``curvature="exact"`` as ``refine_steps`` grows. Read only with
+        ``refine_steps``.
+    refine_rank : int or None, default=16
+        r, the combinations of a block of queries' vectors that start the shared Krylov
+        spaces of ``refine_steps`` (those that carry most of their energy: the leading
+        singular directions); the part of a query outside their span is corrected only
+        through its projection on the spaces. None (or r at least the queries of a
+        block) starts from every query, at Q vectors per product. Read only with
         ``refine_steps``.
     average_checkpoints : bool, default=False
         SOURCE's fast variant: average the parameters (and batch-norm statistics) of each
@@ -252,6 +260,7 @@ class SourceAttributor(CurvatureAttributor):
             InstanceOf((list, tuple), "a strictly increasing list of int steps", _boundaries),
         ],
         "query_rank": [None, Interval(int, 1, None)],
+        "refine_rank": [None, Interval(int, 1, None)],
         "average_checkpoints": [InstanceOf((bool,), "True or False")],
         "adam_response": [InstanceOf((bool,), "True or False")],
         **CurvatureAttributor._parameter_constraints,
@@ -285,6 +294,7 @@ class SourceAttributor(CurvatureAttributor):
         refine_steps: int = 0,
         refine_examples: int | None = 512,
         refine_weight: float = 0.25,
+        refine_rank: int | None = 16,
         average_checkpoints: bool = False,
         adam_response: bool = False,
         boundaries: Sequence[int] | None = None,
@@ -308,6 +318,7 @@ class SourceAttributor(CurvatureAttributor):
         self.refine_steps = refine_steps
         self.refine_examples = refine_examples
         self.refine_weight = refine_weight
+        self.refine_rank = refine_rank
         self.average_checkpoints = average_checkpoints
         self.adam_response = adam_response
         self.boundaries = boundaries
@@ -419,6 +430,7 @@ class SourceAttributor(CurvatureAttributor):
                 trajectory,
                 m.segment.checkpoints,
                 (m.segment.checkpoints, stages[m.segment.stage].examples, m.segment.stage),
+                rank=self.refine_rank,
             )
             if m.adam is None:
                 segments.append(replace(m, curvature=refined))

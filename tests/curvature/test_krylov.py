@@ -5,6 +5,8 @@ within the error bounds of their mathematics:
   approximation error of degree k − 1 on [λ_min, λ_max], bounded here by Chebyshev
   truncation in a Bernstein ellipse (Trefethen, ATAP Theorem 8.2):
   E_n ≤ 2 M_ρ ρ^{−n} / (ρ − 1) for f analytic inside the ellipse E_ρ with |f| ≤ M_ρ there;
+- the block Krylov space of r starting vectors (Rayleigh-Ritz): for any v in their span
+  it contains K_k(A, v), so the Lanczos bound holds for it at every step k;
 - conjugate gradients: ‖x_k − x‖_A ≤ 2 ((√κ − 1)/(√κ + 1))^k ‖x‖_A, κ the condition
   number of the preconditioned operator, and no worse than preconditioned Richardson.
 """
@@ -21,7 +23,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sourcekit.curvature import Decay, DiscreteDecay, DiscreteResidual, Inverse, Residual
-from sourcekit.curvature._krylov import conjugate_gradients, lanczos
+from sourcekit.curvature._krylov import (
+    conjugate_gradients,
+    krylov_subspace,
+    lanczos,
+    principal_combinations,
+)
 
 EPS64 = float(np.finfo(np.float64).eps)
 # Rounding of the iterations: orthogonalisation and products over P ≤ 40 numbers, about
@@ -122,6 +129,71 @@ def test_lanczos_of_an_eigenvector_or_a_zero_vector_is_exact_at_once() -> None:
         assert torch.equal(approx[1], torch.zeros(10, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["decay", "residual"])
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), s=st.floats(0.5, 50.0), rank=st.integers(1, 3))
+def test_a_block_krylov_space_meets_the_lanczos_bound_for_every_vector_of_its_span(
+    name: str, seed: int, s: float, rank: int
+) -> None:
+    a, lam = spd(30, 1e-3, 2.0, seed)
+    low, high = float(lam.min()), float(lam.max())
+    fn, bound = (
+        (Decay(s), decay_bound(s, low, high))
+        if name == "decay"
+        else (Residual(s), residual_bound(s, low, high))
+    )
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(rank, 30, generator=g, dtype=torch.float64)
+    v = torch.randn(5, rank, generator=g, dtype=torch.float64) @ start  # 5 vectors in the span
+    exact = dense_function(a, fn, v)
+    scale = float(v.norm(dim=1).max()) * float(fn(lam).abs().max())
+    for k in range(1, -(-30 // rank) + 1):
+        space = krylov_subspace(lambda x: x @ a, start, k)
+        assert space.basis.shape[0] == min(30, rank * k)
+        (approx,) = space.apply([fn], v)
+        error = float((approx - exact).norm(dim=1).max())
+        limit = 2 * float(v.norm(dim=1).max()) * chebyshev_bound(bound, k - 1)
+        assert error <= limit + ROUNDING * scale, (k, error, limit)
+    assert error <= ROUNDING * scale  # the whole space: exact
+
+
+def test_a_block_krylov_space_drops_repeated_and_zero_directions() -> None:
+    a, _ = spd(12, 1e-2, 1.0, 6)
+    x = torch.randn(12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    start = torch.stack([x, 2 * x, torch.zeros(12, dtype=torch.float64), -x])
+    calls = []
+
+    def product(y: torch.Tensor) -> torch.Tensor:
+        calls.append(y.shape[0])
+        return y @ a
+
+    space = krylov_subspace(product, start, 20)
+    # one direction per step until the space is whole, then no more products
+    assert calls == [1] * 12 and space.basis.shape == (12, 12)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(space.basis @ space.basis.T, eye, rtol=0, atol=1e-13)
+    (approx,) = space.apply([Decay(1.0)], start)
+    torch.testing.assert_close(approx, dense_function(a, Decay(1.0), start), rtol=0, atol=1e-12)
+    empty = krylov_subspace(product, torch.zeros(2, 12, dtype=torch.float64), 3)
+    assert empty.basis.shape == (0, 12) and len(calls) == 12
+    (none,) = empty.apply([Decay(1.0)], start)
+    assert torch.equal(none, torch.zeros_like(start))
+
+
+def test_principal_combinations_span_the_best_approximation_of_their_rank() -> None:
+    v = torch.randn(8, 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    v = v * torch.logspace(0, -3, 8, dtype=torch.float64)[:, None]
+    assert torch.equal(principal_combinations(v, None), torch.eye(8, dtype=torch.float64))
+    assert torch.equal(principal_combinations(v, 8), torch.eye(8, dtype=torch.float64))
+    sigma = torch.linalg.svdvals(v)
+    for rank in (1, 3, 5):
+        rows = principal_combinations(v, rank) @ v
+        q, _ = torch.linalg.qr(rows.T)
+        left = v - (v @ q) @ q.T
+        # Eckart-Young: what is left outside the span is the trailing singular values' part
+        torch.testing.assert_close(left.norm() ** 2, (sigma[rank:] ** 2).sum(), rtol=1e-10, atol=0)
+
+
 def a_norm(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return ((x @ a) * x).sum(dim=1).sqrt()
 
@@ -197,6 +269,8 @@ def test_steps_must_be_positive() -> None:
     v = torch.ones(1, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="at least 1"):
         lanczos(lambda x: x @ a, v, 0)
+    with pytest.raises(ValueError, match="at least 1; got 0"):
+        krylov_subspace(lambda x: x @ a, v, 0)
     with pytest.raises(ValueError, match="at least 1"):
         conjugate_gradients(lambda x: x @ a, v, 0)
     assert Inverse()(torch.tensor(2.0)) == 0.5

@@ -1,9 +1,10 @@
 """The refined curvature (``refine_steps``): a fitted curvature's functions replaced by
 those of the exact Gauss-Newton matrix, applied by Krylov iterations on exact products.
 
-- With as many steps as parameters the Krylov spaces are the whole space, so the
-  estimators' scores equal those of ``curvature="exact"`` up to rounding. The Lanczos
-  basis is reorthogonalised, so P steps suffice in floating point; conjugate gradients
+- With as many steps as parameters the Krylov spaces are the whole space (started from
+  every query, ``refine_rank=None``), so the estimators' scores equal those of
+  ``curvature="exact"`` up to rounding. The Krylov bases are reorthogonalised, so P steps
+  suffice in floating point; conjugate gradients
   (influence functions, Adam's inverse) are not, and in floating point lose their
   termination at P steps (the directions lose conjugacy and convergence is delayed), so
   the estimators get 2P steps, where conjugate gradients reach their attainable accuracy
@@ -76,10 +77,10 @@ def _conditioning(attributor: SourceAttributor | InfluenceAttributor, shift: flo
 def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curvature(
     name: str,
 ) -> None:
-    # With w = 1, every example and 2P steps both Lanczos approximations are exact up to
-    # rounding, and the scores are those of curvature="exact": its functions of H̄ under
-    # SGD, and under Adam its dense form's of K = p^½ (H̄ + c) p^½ + w, the matrix the
-    # refinement's Lanczos takes there (corrected by the EK-FAC form's own)
+    # With w = 1, every example, every query and 2P steps both projections are exact up
+    # to rounding, and the scores are those of curvature="exact": its functions of H̄
+    # under SGD, and under Adam its dense form's of K = p^½ (H̄ + c) p^½ + w, the matrix
+    # the refinement's Krylov space is built on there (corrected by the EK-FAC form's own)
     run, queries = _cases.trajectory(name), _cases.queries(name)
     exact = SourceAttributor(n_segments=2, curvature="exact", damping=1e-3, **KW).fit(run)
     want = exact.transform(queries)
@@ -90,6 +91,7 @@ def test_source_with_twice_as_many_steps_as_parameters_is_source_with_exact_curv
         refine_steps=2 * n_params,
         refine_examples=None,
         refine_weight=1.0,
+        refine_rank=None,
         fisher="expected",
         **KW,
     ).fit(run)
@@ -182,7 +184,7 @@ def test_preconditioned_conjugate_gradients_on_the_real_products_meet_their_boun
     )
 
 
-def test_lanczos_on_the_real_products_matches_the_dense_functions() -> None:
+def test_the_krylov_space_of_the_real_products_matches_the_dense_functions() -> None:
     matrix, products, ekfac = _dense_and_products("mlp_momentum")
     n, shift = matrix.shape[0], 1e-3
     blocks = products.blocks
@@ -195,7 +197,9 @@ def test_lanczos_on_the_real_products_matches_the_dense_functions() -> None:
     refined = RefinedCurvature(ekfac, products, n)  # type: ignore[arg-type]
     before = products.n_products
     got = refined.apply_many(fns, v, shift)
-    assert products.n_products - before == n  # one basis serves the four functions
+    # one space serves the two vectors and the four functions: each product carries the
+    # newest directions of both, and the products stop once the space is invariant
+    assert products.n_products - before <= -(-n // 2)
     for g, w in zip(got, dense.apply_many(fns, v, shift), strict=True):
         for name in w:
             torch.testing.assert_close(g[name], w[name], rtol=0, atol=1e3 * n * EPS64)
@@ -212,8 +216,8 @@ def _fitted_matrix(curvature: object, blocks: list, n: int) -> torch.Tensor:
 def test_the_blend_with_as_many_steps_as_parameters_is_the_dense_function_of_the_blend(
     weight: float,
 ) -> None:
-    # A = (1 − w) B + w H̃: with n steps both Lanczos approximations are exact, so
-    # F(B) v + L_n(A) v − L_n(B) v = F(A) v up to rounding; conjugate gradients on A
+    # A = (1 − w) B + w H̃: with n steps both projections are exact, so
+    # F(B) v + W_A F(T_A) W_Aᵀ v − W_B F(T_B) W_Bᵀ v = F(A) v up to rounding; conjugate gradients on A
     # reach (A + shift)⁻¹ v within their attainable accuracy (2n steps, see the notes)
     matrix, products, ekfac = _dense_and_products("mlp_momentum")
     n, shift = matrix.shape[0], 1e-3
@@ -238,12 +242,14 @@ def test_the_blend_with_as_many_steps_as_parameters_is_the_dense_function_of_the
     assert float((got - want).abs().max() / want.abs().max()) <= 1e3 * n * EPS64 * kappa
 
 
+@pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize("form", ["eigenbasis", "dense"])
 def test_where_the_products_agree_with_the_fitted_curvature_the_correction_vanishes(
-    form: str,
+    form: str, rank: int | None
 ) -> None:
-    # H̃ = B: the blend is B, both Lanczos approximations are the same, and two steps
-    # return B's own functions F(B) v (Lanczos alone, two steps, is far from them); the
+    # H̃ = B: the blend is B, both Krylov spaces and projections are the same, and two
+    # steps return B's own functions F(B) v (Lanczos alone, two steps, is far from them),
+    # whether the spaces start from every vector or from one combination of them; the
     # guide runs in B's eigenbasis for an eigenbasis curvature, on its products otherwise
     _, products, ekfac = _dense_and_products("mlp_momentum")
     blocks = products.blocks
@@ -255,7 +261,7 @@ def test_where_the_products_agree_with_the_fitted_curvature_the_correction_vanis
     )
     fns = [Decay(20.0), Residual(20.0)]
     want = base.apply_many(fns, v, 1e-3)  # type: ignore[attr-defined]
-    refined = RefinedCurvature(base, lambda x: x @ b, 2, weight=0.5)  # type: ignore[arg-type]
+    refined = RefinedCurvature(base, lambda x: x @ b, 2, weight=0.5, rank=rank)  # type: ignore[arg-type]
     for g, w in zip(refined.apply_many(fns, v, 1e-3), want, strict=True):
         for name in w:
             scale = float(w[name].abs().max())
@@ -264,6 +270,38 @@ def test_where_the_products_agree_with_the_fitted_curvature_the_correction_vanis
     lanczos_only = lanczos_alone(plain, fns, v, 1e-3)
     gap = max(float((lanczos_only[0][k] - want[0][k]).abs().max()) for k in want[0])
     assert gap > 1e-3 * max(float(t.abs().max()) for t in want[0].values())
+
+
+def test_queries_within_the_span_of_the_combinations_lose_nothing_to_the_rank() -> None:
+    # six query vectors in a space of two: the two leading combinations span them, so a
+    # refinement from two combinations equals the one from all six vectors, while each
+    # of its products carries two vectors instead of six; one combination does not span
+    # them and differs
+    matrix, products, ekfac = _dense_and_products("mlp_momentum")
+    blocks, n = products.blocks, matrix.shape[0]
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, n, generator=g, dtype=torch.float64
+    )
+    carried: list[int] = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        carried.append(x.shape[0])
+        return products(x)
+
+    fns = [Decay(2.0), Residual(2.0)]
+    every = RefinedCurvature(ekfac, products, 3, weight=0.5)  # type: ignore[arg-type]
+    two = RefinedCurvature(ekfac, counted, 3, weight=0.5, rank=2)  # type: ignore[arg-type]
+    one = RefinedCurvature(ekfac, products, 3, weight=0.5, rank=1)  # type: ignore[arg-type]
+    queries = unflatten_blocks(blocks, v)
+    want = [flatten_blocks(blocks, f) for f in every.apply_many(fns, queries, 1e-3)]
+    got = [flatten_blocks(blocks, f) for f in two.apply_many(fns, queries, 1e-3)]
+    alone = [flatten_blocks(blocks, f) for f in one.apply_many(fns, queries, 1e-3)]
+    assert carried == [2, 2, 2]
+    for g_, w_, a_ in zip(got, want, alone, strict=True):
+        scale = float(w_.abs().max())
+        torch.testing.assert_close(g_, w_, rtol=0, atol=1e3 * n * EPS64 * scale)
+        assert float((a_ - w_).abs().max()) > 1e-4 * scale
 
 
 def lanczos_alone(refined: RefinedCurvature, fns: list, v: dict, shift: float) -> list:
@@ -316,6 +354,21 @@ def test_the_refinement_settings_are_checked(param: str, value: float) -> None:
             cls(refine_steps=2, **{param: value}, **KW).fit(run)
 
 
+def test_the_refinement_rank_is_checked() -> None:
+    run = _cases.trajectory("mlp_sgd")
+    with pytest.raises(ValueError, match="'refine_rank' parameter"):
+        SourceAttributor(refine_steps=2, refine_rank=0, **KW).fit(run)
+    with pytest.raises(ValueError, match="rank=0 must be a positive integer or None"):
+        RefinedCurvature(
+            fit_curvature(
+                "identity", run, blocks_of(run), [run.n_steps], examples_of(run), settings()
+            ),
+            lambda x: x,
+            2,
+            rank=0,
+        )
+
+
 @pytest.mark.parametrize("matrix_function", ["exp", "discrete"])
 def test_per_parameter_rates_match_the_dense_form_on_a_full_matrix(matrix_function: str) -> None:
     # a full (not block-diagonal) symmetric matrix over the two blocks, and a bias that
@@ -358,12 +411,14 @@ def test_refining_the_hessian_is_refused() -> None:
         source.transform(queries)
 
 
-def test_under_adam_where_the_products_agree_with_the_fitted_form_the_correction_vanishes() -> (
-    None
-):
+@pytest.mark.parametrize("rank", [None, 1])
+def test_under_adam_where_the_products_agree_with_the_fitted_form_the_correction_vanishes(
+    rank: int | None,
+) -> None:
     # H̃ = B and p, c, w constant on each block: K_A = p^½ (B + c) p^½ + w is the guide's
-    # K̃ itself, the two Lanczos approximations are the same, and two steps give the EK-FAC
-    # form's own u and v_next (two steps of Lanczos alone are far from them)
+    # K̃ itself, the two Krylov spaces and projections are the same, and two steps give
+    # the EK-FAC form's own u and v_next (two steps of Lanczos alone are far from them),
+    # whether the spaces start from every vector or from one combination of them
     _, products, ekfac = _dense_and_products("mlp_momentum")
     blocks = products.blocks
     n = sum(b.n_params for b in blocks)
@@ -375,7 +430,10 @@ def test_under_adam_where_the_products_agree_with_the_fitted_form_the_correction
     }
     guide = preconditioned_curvature(ekfac, pre, coupled=1e-3, decoupled=1e-2)
     assert isinstance(guide, EigenbasisAdam)
-    refined = RefinedAdam(RefinedCurvature(ekfac, lambda x: x @ b, 2, weight=0.5), guide)  # type: ignore[arg-type]
+    refined = RefinedAdam(
+        RefinedCurvature(ekfac, lambda x: x @ b, 2, weight=0.5, rank=rank),  # type: ignore[arg-type]
+        guide,
+    )
     v = unflatten_blocks(
         blocks, torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     )
