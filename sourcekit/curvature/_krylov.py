@@ -251,15 +251,29 @@ def krylov_subspace(operator: Operator, start: torch.Tensor, steps: int) -> Subs
 
 def principal_combinations(v: torch.Tensor, rank: int | None) -> torch.Tensor:
     """The ``rank`` combinations of the rows of ``v`` (Q, P) that carry most of their
-    energy, as an (r, Q) matrix C: its rows are the leading eigenvectors of the Gram
-    matrix v vᵀ, so that the rows of C v are the leading right singular vectors of v
+    energy, as an (r, Q) matrix C with orthonormal rows: the leading eigenvectors of the
+    Gram matrix v vᵀ, so that the rows of C v are the leading right singular vectors of v
     scaled by their singular values, and their span holds the best rank-r approximation
-    of the rows of v. The identity (every row) where ``rank`` is None or at least Q."""
+    of the rows of v. The identity (every row) where ``rank`` is None or at least Q.
+
+    Up to Q = 4r + 64 rows the Gram matrix is decomposed exactly (Q²P + Q³ operations);
+    beyond, a randomized range finder (Halko, Martinsson and Tropp, 2011) with r + 16
+    Gaussian probes from a fixed seed, applied to v vᵀ (whose eigenvalues, the squared
+    singular values of v, fall off twice as fast as those), finds the same leading space
+    where the energy falls off past r, at about 4 Q (r + 16) P operations."""
     n = v.shape[0]
     if rank is None or rank >= n:
         return torch.eye(n, dtype=v.dtype, device=v.device)
-    _, vectors = torch.linalg.eigh(v @ v.T)
-    return vectors[:, -rank:].T.flip(0)
+    if n <= 4 * rank + 64:
+        _, vectors = torch.linalg.eigh(v @ v.T)
+        return vectors[:, -rank:].T.flip(0)
+    probes = torch.randn(
+        n, rank + 16, generator=torch.Generator().manual_seed(0), dtype=v.dtype
+    ).to(v.device)
+    found, _ = torch.linalg.qr(v @ (v.T @ probes))  # (Q, r + 16): the range of v vᵀ Ω
+    small = found.T @ v
+    _, vectors = torch.linalg.eigh(small @ small.T)
+    return (found @ vectors[:, -rank:]).T.flip(0)
 
 
 def conjugate_gradients(
