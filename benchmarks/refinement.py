@@ -3,7 +3,7 @@
 Run:  python benchmarks/refinement.py lds [--recipes standard early two_stage] [--queries 100]
                                           [--settings 2:512 3:512 2:512:0.25:32 2:512:0.25:all
                                                       3:512:1 4:all:1:all]
-                                          [--repeats 3] [--random-state 0]
+                                          [--repeats 3] [--random-state 0] [--runs 1]
       python benchmarks/refinement.py blend [--recipes standard two_stage] [--examples 128 256]
                                             [--weights 1 0.75 0.5 0.25]
       python benchmarks/refinement.py scale [--scale cpu] [--queries 100]
@@ -26,7 +26,10 @@ ratio to the default's. The damping is fixed at 1e-3 rather than chosen per
 fold, so that every row is one fit and one transform. The times of EK-FAC and of the
 refined settings are the best of ``--repeats`` runs, interleaved; exact curvature is
 timed once, and its scores and time are kept under ``--cache`` (a rerun reads them). With ``--influence`` the same rows for ``InfluenceAttributor``
-(damping 1e-3).
+(damping 1e-3). With ``--runs R`` every method scores the mean of its scores on R runs
+of the recipe (run r trained with ``random_state=r``, the runs of
+``benchmarks/evaluate_lds.py --table ensembles``, what ``EnsembleAttributor`` averages)
+and its time is the sum over the runs.
 
 ``blend``: what the blend A = (1 − w) B + w H̃ of ``refine_weight`` is worth without
 the Krylov error: on the digits recipes, SOURCE (3 segments, damping 1e-3) with each
@@ -145,6 +148,8 @@ def digits_recipe(
 
 
 def run_lds(args: argparse.Namespace) -> None:
+    import evaluate_lds
+
     task = sourcekit.datasets.load_digits_task()
     families = {
         "SOURCE": lambda **kw: sourcekit.SourceAttributor(n_segments=3, damping=1e-3, **kw)
@@ -154,20 +159,31 @@ def run_lds(args: argparse.Namespace) -> None:
     rows = []
     for recipe in args.recipes:
         trajectory, queries, masks, truth = digits_recipe(task, recipe, args)
+        runs = [trajectory, *evaluate_lds.record_runs(task, recipe, range(1, args.runs))]
         for family, make in families.items():
             settings = {"EK-FAC": {}}
             for text in args.settings:
                 refine = parse_setting(text, trajectory.n_train)
                 settings[setting_name(refine)] = {**refine, "random_state": args.random_state}
-            scores: dict[str, np.ndarray] = {}
-            seconds = {name: np.inf for name in settings}
-            for _ in range(args.repeats):  # interleaved, best of the repeats
-                for name, kw in settings.items():
-                    scores[name], t = timed(functools.partial(make, **kw), trajectory, queries)
-                    seconds[name] = min(seconds[name], t)
-            scores["exact"], seconds["exact"] = exact_scores(
-                args.cache, f"{family}-{recipe}-{args.queries}", make, trajectory, queries
-            )
+            # each run's scores and best time; a row scores their mean and sums the times
+            per_run: dict[str, list[np.ndarray]] = {name: [] for name in [*settings, "exact"]}
+            run_seconds: dict[str, list[float]] = {name: [] for name in per_run}
+            for r, run in enumerate(runs):
+                best = {name: np.inf for name in settings}
+                latest: dict[str, np.ndarray] = {}
+                for _ in range(args.repeats):  # interleaved, best of the repeats
+                    for name, kw in settings.items():
+                        latest[name], t = timed(functools.partial(make, **kw), run, queries)
+                        best[name] = min(best[name], t)
+                for name in settings:
+                    per_run[name].append(latest[name])
+                    run_seconds[name].append(best[name])
+                key = f"{family}-{recipe}-{args.queries}" + (f"-run{r}" if r else "")
+                exact, t = exact_scores(args.cache, key, make, run, queries)
+                per_run["exact"].append(exact)
+                run_seconds["exact"].append(t)
+            scores = {name: np.mean(s, axis=0) for name, s in per_run.items()}
+            seconds = {name: float(sum(t)) for name, t in run_seconds.items()}
             lds = {
                 name: linear_datamodeling_score(s, masks, truth, random_state=0)
                 for name, s in scores.items()
@@ -190,8 +206,8 @@ def run_lds(args: argparse.Namespace) -> None:
                 print(f"{recipe:<10} {family} {name:<26} LDS {result.mean:+.3f}", flush=True)
     print(
         f"\ndigits, {args.queries} test queries, {args.subsets} subsets, {args.seeds} seeds; "
-        "damping 1e-3; times: fit + transform, best of "
-        f"{args.repeats} (exact: one run)\n"
+        f"damping 1e-3; {args.runs} run(s) per recipe, scores averaged; times: fit + "
+        f"transform, best of {args.repeats}, summed over the runs (exact: one run each)\n"
     )
     print(
         f"{'recipe':<10} {'method':<38} {'LDS':>7} {'interval':>17} {'gap closed':>11}"
@@ -322,6 +338,9 @@ def main() -> None:
     )
     lds.add_argument("--repeats", type=int, default=3)
     lds.add_argument("--influence", action="store_true")
+    lds.add_argument(
+        "--runs", type=int, default=1, help="score the mean over this many runs of each recipe"
+    )
     blend = sub.add_parser("blend")
     blend.add_argument("--recipes", nargs="+", default=["standard", "two_stage"])
     blend.add_argument("--examples", type=int, nargs="+", default=[128, 256])
