@@ -73,19 +73,25 @@ def residual_bound(s: float, low: float, high: float) -> np.ndarray:
     return math.log(s) + np.maximum(0.0, -s * (c - h * HALF_AXIS))
 
 
+def bounded_problem(
+    name: str, seed: int, s: float
+) -> tuple[torch.Tensor, torch.Tensor, Callable, np.ndarray]:
+    """A 30 × 30 matrix with eigenvalues over [1e-3, 2], SOURCE's decay or residual over
+    s, and log M_ρ of that function on the Bernstein ellipses around the spectrum."""
+    a, lam = spd(30, 1e-3, 2.0, seed)
+    low, high = float(lam.min()), float(lam.max())
+    if name == "decay":
+        return a, lam, Decay(s), decay_bound(s, low, high)
+    return a, lam, Residual(s), residual_bound(s, low, high)
+
+
 @pytest.mark.parametrize("name", ["decay", "residual"])
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2**16), s=st.floats(0.5, 50.0), n_vectors=st.integers(1, 3))
 def test_lanczos_converges_to_the_matrix_function_within_its_bound(
     name: str, seed: int, s: float, n_vectors: int
 ) -> None:
-    a, lam = spd(30, 1e-3, 2.0, seed)
-    low, high = float(lam.min()), float(lam.max())
-    fn, bound = (
-        (Decay(s), decay_bound(s, low, high))
-        if name == "decay"
-        else (Residual(s), residual_bound(s, low, high))
-    )
+    a, lam, fn, bound = bounded_problem(name, seed, s)
     v = torch.randn(
         n_vectors, 30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )
@@ -135,13 +141,7 @@ def test_lanczos_of_an_eigenvector_or_a_zero_vector_is_exact_at_once() -> None:
 def test_a_block_krylov_space_meets_the_lanczos_bound_for_every_vector_of_its_span(
     name: str, seed: int, s: float, rank: int
 ) -> None:
-    a, lam = spd(30, 1e-3, 2.0, seed)
-    low, high = float(lam.min()), float(lam.max())
-    fn, bound = (
-        (Decay(s), decay_bound(s, low, high))
-        if name == "decay"
-        else (Residual(s), residual_bound(s, low, high))
-    )
+    a, lam, fn, bound = bounded_problem(name, seed, s)
     g = torch.Generator().manual_seed(seed)
     start = torch.randn(rank, 30, generator=g, dtype=torch.float64)
     v = torch.randn(5, rank, generator=g, dtype=torch.float64) @ start  # 5 vectors in the span
