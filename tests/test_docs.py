@@ -77,8 +77,8 @@ def test_documentation_site_builds_strictly(tmp_path: Path) -> None:
 def test_the_lds_figure_reads_the_benchmarks_table() -> None:
     plot_lds = runpy.run_path(str(ROOT / "benchmarks" / "plot_lds.py"))
     rows = plot_lds["parse_lds_table"]((ROOT / "docs" / "benchmarks.md").read_text())
-    assert {r.recipe for r in rows} == {"standard", "early", "two_stage"}
-    assert len(rows) == 3 * 8  # three recipes, eight methods
+    assert {r.recipe for r in rows} == {"standard", "early", "two_stage", "adamw"}
+    assert len(rows) == 4 * 9  # four recipes, nine methods
     assert all(r.low <= r.lds <= r.high for r in rows)
     assert (ROOT / "docs" / "img" / "lds.png").is_file()
     assert "](img/lds.png)" in (ROOT / "docs" / "benchmarks.md").read_text()
