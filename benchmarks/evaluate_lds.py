@@ -203,6 +203,31 @@ def choose(
     return held_out_damping(per_damping, grid, masks, y)
 
 
+def ground_truth(
+    task: Any, recipe: str, args: argparse.Namespace, progress: bool = True
+) -> tuple[sourcekit.Trajectory, Any, np.ndarray, np.ndarray, float]:
+    """A recipe's run, its first ``args.queries`` test queries, the random subsets
+    (``args.subsets`` of ``args.alpha`` of the training set, or half where ``args`` has
+    no ``alpha``) and the outputs of retraining on them with ``args.seeds`` seeds (cached
+    under ``args.cache``, shared by every benchmark that reads this ground truth), and
+    the seconds the retraining took."""
+    trajectory = task.record(recipe, progress=False)
+    queries = task.test[: args.queries]
+    alpha = getattr(args, "alpha", 0.5)
+    masks = make_subset_masks(trajectory.n_train, alpha, args.subsets, random_state=0)
+    started = time.perf_counter()
+    truth = retrain_measurements(
+        trajectory,
+        queries,
+        masks,
+        seeds=range(args.seeds),
+        n_jobs=args.n_jobs,
+        cache_dir=args.cache,
+        progress=progress,
+    )
+    return trajectory, queries, masks, truth.outputs, time.perf_counter() - started
+
+
 def record_runs(task: Any, recipe: str, seeds: range) -> list[sourcekit.Trajectory]:
     """The recipe trained with each seed; the stages (a two-stage split) are run 0's."""
     if isinstance(task, sourcekit.datasets.DigitsTask):
@@ -427,20 +452,7 @@ def main() -> None:
     correlations: dict[str, dict[str, float]] = {}
     scratch = tempfile.TemporaryDirectory()
     for recipe in recipes:
-        trajectory = task.record(recipe, progress=False)
-        queries = task.test[: args.queries]
-        masks = make_subset_masks(trajectory.n_train, args.alpha, args.subsets, random_state=0)
-        started = time.perf_counter()
-        truth = retrain_measurements(
-            trajectory,
-            queries,
-            masks,
-            seeds=range(args.seeds),
-            n_jobs=args.n_jobs,
-            cache_dir=args.cache,
-        )
-        truth_seconds = time.perf_counter() - started
-        y = truth.outputs
+        trajectory, queries, masks, y, truth_seconds = ground_truth(task, recipe, args)
         if args.table == "damping":
             bound = trajectory.bind(queries)
             damping_table(recipe, args.curvatures, bound, bound, masks, y)

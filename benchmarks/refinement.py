@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 import sourcekit
-from sourcekit.evaluation import linear_datamodeling_score, make_subset_masks, retrain_measurements
+from sourcekit.evaluation import linear_datamodeling_score
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,18 +132,11 @@ def digits_recipe(
 ) -> tuple[sourcekit.Trajectory, Any, np.ndarray, np.ndarray]:
     """A digits recipe's run, its queries, and the LDS ground truth (masks, retrained
     outputs) of ``benchmarks/evaluate_lds.py``, read from its cache."""
-    trajectory = task.record(recipe, progress=False)
-    queries = task.test[: args.queries]
-    masks = make_subset_masks(trajectory.n_train, 0.5, args.subsets, random_state=0)
-    truth = retrain_measurements(
-        trajectory,
-        queries,
-        masks,
-        seeds=range(args.seeds),
-        n_jobs=args.n_jobs,
-        cache_dir=args.cache,
-        progress=False,
-    ).outputs
+    import evaluate_lds
+
+    trajectory, queries, masks, truth, _ = evaluate_lds.ground_truth(
+        task, recipe, args, progress=False
+    )
     return trajectory, queries, masks, truth
 
 

@@ -219,17 +219,8 @@ class RefinedCurvature(Curvature):
                 flatten_blocks(self.blocks, f).to(torch.float64) - g
                 for f, g in zip(exact, space.apply(list(fns), v), strict=True)
             ]
-        base = self.base
-        z = flatten_blocks(self.blocks, base.rotate(grads, torch.float64)).to(torch.float64)
-        sigma = _flat(self.blocks, base.spectrum(_Identity(), shift)).to(z)
-        space = krylov_subspace(lambda x: sigma * x, combinations.to(z) @ z, self.steps)
-        return [
-            flatten_blocks(
-                self.blocks,
-                base.unrotate(unflatten_blocks(self.blocks, fn(sigma) * z - a)),
-            )
-            for fn, a in zip(fns, space.apply(list(fns), z), strict=True)
-        ]
+        sigma = _flat(self.blocks, self.base.spectrum(_Identity(), shift)).to(torch.float64)
+        return _eigenbasis_correction(self.base, grads, sigma, combinations, fns, self.steps)
 
     def apply_rates(
         self,
@@ -349,6 +340,13 @@ class RefinedAdam:
         d = guide.diagonals
         self.p, self.c, self.w = (_flat(refined.blocks, x) for x in (d.p, d.c, d.w))
         self.root = self.p.clamp_min(0).sqrt()
+        # the EK-FAC form's K̃ and p̃^½ in its eigenbasis: κ and π^½, in its layout
+        blocks = self.curvature.blocks
+        self.kappa = _flat(
+            blocks, {b.name: self.curvature.factors[b.name].eigenvalues for b in blocks}
+        ).to(torch.float64)
+        weights = _flat(blocks, guide.weights).to(torch.float64).clamp_min(0).sqrt()
+        self.half = weights.to(self.kappa.device)
 
     def apply(
         self,
@@ -395,14 +393,41 @@ class RefinedAdam:
         Q π^½ F_r(κ + δ) z less its projection on the block Krylov space W̃ of K̃ + δ
         started from the same ``combinations`` of z = π^½ Qᵀ v, both taken where K̃ is
         diagonal (in B's eigenbasis): one rotation there and one back, no product."""
-        curvature = self.guide.curvature
-        blocks = curvature.blocks
-        kappa = _flat(blocks, {b.name: curvature.factors[b.name].eigenvalues for b in blocks})
-        half = _flat(blocks, self.guide.weights).to(torch.float64).clamp_min(0).sqrt()
-        half = half.to(kappa.device)
-        z = half * flatten_blocks(blocks, curvature.rotate(vectors, torch.float64)).to(half)
-        sigma = (kappa + damping).to(torch.float64)
-        space = krylov_subspace(lambda x: sigma * x, combinations.to(z) @ z, self.refined.steps)
-        (approx,) = space.apply([fn], z)
-        corrected = half * (fn(sigma) * z - approx)
-        return flatten_blocks(blocks, curvature.unrotate(unflatten_blocks(blocks, corrected)))
+        (corrected,) = _eigenbasis_correction(
+            self.curvature,
+            vectors,
+            self.kappa + damping,
+            combinations,
+            [fn],
+            self.refined.steps,
+            self.half,
+        )
+        return corrected
+
+
+def _eigenbasis_correction(
+    curvature: EigenbasisCurvature,
+    vectors: dict[str, torch.Tensor],
+    sigma: torch.Tensor,
+    combinations: torch.Tensor,
+    fns: Sequence[SpectralFunction],
+    steps: int,
+    half: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """h F(σ) z − h W F(W diag(σ) Wᵀ) Wᵀ z rotated back, flat, for each function F: an
+    eigenbasis form's exact function of z = h Qᵀ v less its projection on the block
+    Krylov space W of diag(σ) started from ``combinations`` of z, both taken in the
+    eigenbasis Q of ``curvature`` (σ flat in its layout, h = ``half`` or 1): one rotation
+    there and one back, no product."""
+    blocks = curvature.blocks
+    z = flatten_blocks(blocks, curvature.rotate(vectors, torch.float64)).to(sigma)
+    if half is not None:
+        z = half * z
+    space = krylov_subspace(lambda x: sigma * x, combinations.to(z) @ z, steps)
+    out = []
+    for fn, approx in zip(fns, space.apply(list(fns), z), strict=True):
+        corrected = fn(sigma) * z - approx
+        if half is not None:
+            corrected = half * corrected
+        out.append(flatten_blocks(blocks, curvature.unrotate(unflatten_blocks(blocks, corrected))))
+    return out
